@@ -1,0 +1,68 @@
+"""Cityscapes in its official layout, labelIds mapped on the fly to the 19 training classes."""
+
+from pathlib import Path
+
+import numpy as np
+
+from seg.data.base import DataError, SegmentationDataset, read_image, read_mask
+
+# (labelId, trainId) from cityscapesscripts/helpers/labels.py; every other id maps to ignore.
+LABEL_TO_TRAIN_ID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+
+CITYSCAPES_TREE = """expected (the official layout; get leftImg8bit_trainvaltest.zip and
+gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/ and unzip both into root):
+  <root>/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+  <root>/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png"""
+
+
+def label_to_train_id_table(ignore_index: int) -> np.ndarray:
+    """A 256-entry lookup table from Cityscapes labelIds to trainIds (ignored ids -> ignore_index)."""
+    table = np.full(256, ignore_index, np.uint8)
+    for label_id, train_id in LABEL_TO_TRAIN_ID.items():
+        table[label_id] = train_id
+    return table
+
+
+class Cityscapes(SegmentationDataset):
+    """Fine annotations of one split (train, val or test)."""
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        num_classes: int = 19,
+        ignore_index: int = 255,
+        transform=None,
+    ):
+        if num_classes != len(LABEL_TO_TRAIN_ID):
+            raise ValueError(f"Cityscapes has {len(LABEL_TO_TRAIN_ID)} classes, got {num_classes}")
+        super().__init__(
+            num_classes, ignore_index, transform, label_to_train_id_table(ignore_index)
+        )
+        image_dir = Path(root) / "leftImg8bit" / split
+        label_dir = Path(root) / "gtFine" / split
+        for directory in (image_dir, label_dir):
+            if not directory.is_dir():
+                raise DataError(f"{directory}: not found (data.root={root}).\n{CITYSCAPES_TREE}")
+        self.samples = []
+        for image_path in sorted(image_dir.glob("*/*_leftImg8bit.png")):
+            name = image_path.name.removesuffix("_leftImg8bit.png")
+            label_path = label_dir / image_path.parent.name / f"{name}_gtFine_labelIds.png"
+            if not label_path.is_file():
+                raise DataError(f"{image_path}: no label file {label_path}.\n{CITYSCAPES_TREE}")
+            self.samples.append((image_path, label_path))
+        if not self.samples:
+            raise DataError(f"{image_dir}: no *_leftImg8bit.png images.\n{CITYSCAPES_TREE}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        return str(self.samples[index][1])
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, label_path = self.samples[index]
+        return read_image(image_path), read_mask(label_path)
