@@ -1,0 +1,97 @@
+"""Every option of every config group composes, and its object can be built."""
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+
+from seg.models import Segmenter
+from tests.conftest import CONFIG_GROUPS, compose_config, group_options
+
+
+def test_every_group_has_its_required_options():
+    required = {
+        "model": {"unet", "fcn", "deeplabv3", "deeplabv3plus"},
+        "data": {"synthetic", "folder", "cityscapes"},
+        "loss": {"ce", "dice", "focal", "ce_dice"},
+        "optimizer": {"sgd", "adamw"},
+        "scheduler": {"poly", "cosine"},
+        "debug": {"tiny"},
+        "experiment": {"cityscapes_unet"},
+    }
+    for group, options in required.items():
+        assert options <= set(group_options(group)), group
+
+
+@pytest.mark.parametrize("option", group_options("loss"))
+def test_loss_configs_build(option):
+    cfg = compose_config(f"loss={option}")
+    loss_fn = instantiate(cfg.loss)
+    logits = torch.randn(2, cfg.data.num_classes, 8, 8)
+    assert torch.isfinite(loss_fn(logits, torch.randint(0, cfg.data.num_classes, (2, 8, 8))))
+
+
+@pytest.mark.parametrize("option", group_options("optimizer"))
+@pytest.mark.parametrize("scheduler", group_options("scheduler"))
+def test_optimizer_and_scheduler_configs_build(option, scheduler):
+    cfg = compose_config(f"optimizer={option}", f"scheduler={scheduler}")
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer = instantiate(cfg.optimizer)(params=params)
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer)
+    assert scheduler.get_last_lr()[0] == pytest.approx(cfg.optimizer.lr * _first_factor(cfg))
+
+
+def _first_factor(cfg) -> float:
+    return cfg.scheduler.warmup_ratio if cfg.scheduler.warmup_iters > 0 else 1.0
+
+
+def test_data_configs_build(folder_root, cityscapes_root):
+    roots = {"folder": folder_root, "cityscapes": cityscapes_root, "synthetic": None}
+    assert set(roots) == set(group_options("data"))
+    for option, root in roots.items():
+        cfg = compose_config(f"data={option}", *([f"data.root={root}"] if root else []))
+        for split, transform in (("train", "train_transform"), ("val", "val_transform")):
+            dataset = instantiate(
+                cfg.data.dataset, split=split, transform=instantiate(cfg.data[transform])
+            )
+            image, mask = dataset[0]
+            assert image.dtype == torch.float32 and image.shape[0] == 3
+            assert mask.dtype == torch.int64 and mask.shape == image.shape[1:]
+        assert len(cfg.data.class_names) == len(cfg.data.palette) == cfg.data.num_classes
+
+
+@pytest.mark.parametrize("option", group_options("experiment") + group_options("debug"))
+def test_experiment_and_debug_configs_compose_and_build(option):
+    group = "experiment" if option in group_options("experiment") else "debug"
+    cfg = compose_config(f"{group}={option}")
+    # No download in tests: the experiment's pretrained encoder is switched off here.
+    model = instantiate(cfg.model, pretrained=False)
+    assert isinstance(model, Segmenter)
+    instantiate(cfg.trainer, _partial_=True)  # every trainer key is a Trainer argument
+    instantiate(cfg.data.train_transform)
+
+
+def test_cityscapes_experiment_is_a_real_recipe():
+    cfg = compose_config("experiment=cityscapes_unet")
+    assert cfg.data.dataset._target_.endswith("Cityscapes")
+    assert list(cfg.data.train_transform.crop_size) == [512, 1024]
+    assert list(cfg.data.train_transform.scale_range) == [0.5, 2.0]
+    assert cfg.scheduler._target_.endswith("poly")
+    assert 40_000 <= cfg.trainer.max_iters <= 80_000
+
+
+def test_unknown_group_option_lists_the_options():
+    with pytest.raises(MissingConfigException, match=r"Available options") as error:
+        compose_config("model=unet3000")
+    assert "deeplabv3plus" in str(error.value)
+
+
+def test_unknown_key_fails_before_any_work():
+    with pytest.raises(ConfigCompositionException, match=r"trainer.max_iter"):
+        compose_config("trainer.max_iter=5")
+
+
+def test_groups_are_all_in_the_train_defaults():
+    cfg = compose_config()
+    for group in CONFIG_GROUPS[:6]:
+        assert group in cfg

@@ -1,0 +1,129 @@
+"""Datasets read what is on disk correctly and refuse what is wrong, naming the file."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seg.data.base import DataError
+from seg.data.cityscapes import Cityscapes
+from seg.data.folder import FolderDataset
+from seg.data.sampler import InfiniteSampler
+from seg.data.synthetic import SyntheticScenes
+from tests.conftest import CITYSCAPES_IDS, write_png
+
+
+def test_cityscapes_maps_label_ids_to_train_ids(cityscapes_root):
+    dataset = Cityscapes(str(cityscapes_root), "train")
+    assert len(dataset) == 2
+    _, mask = dataset[0]
+    raw = np.asarray(Image.open(dataset.samples[0][1]))
+    for label_id, train_id in CITYSCAPES_IDS.items():
+        assert (mask.numpy()[raw == label_id] == train_id).all()
+    assert set(np.unique(mask.numpy())) == set(CITYSCAPES_IDS.values())
+
+
+def test_cityscapes_missing_root_names_the_path_and_where_to_get_it(tmp_path):
+    with pytest.raises(DataError, match=r"cityscapes-dataset.com") as error:
+        Cityscapes(str(tmp_path / "nowhere"), "train")
+    assert str(tmp_path / "nowhere" / "leftImg8bit" / "train") in str(error.value)
+
+
+def test_cityscapes_image_without_labels(cityscapes_root):
+    next((cityscapes_root / "gtFine" / "val").rglob("*_labelIds.png")).unlink()
+    with pytest.raises(DataError, match=r"no label file"):
+        Cityscapes(str(cityscapes_root), "val")
+
+
+def test_folder_pairs_by_stem_and_reads_palette_pngs_as_indices(folder_root):
+    mask = np.zeros((40, 48), np.uint8)
+    mask[:, 20:] = 1
+    palette = [0, 0, 0, 255, 0, 0] + [0] * 762  # index 1 is drawn red
+    write_png(folder_root / "masks" / "train" / "img0.png", mask, palette=palette)
+    dataset = FolderDataset(str(folder_root), "train", num_classes=2)
+    assert [p.stem for p, _ in dataset.samples] == ["img0", "img1", "img2"]
+    _, loaded = dataset[0]
+    assert torch.equal(loaded, torch.from_numpy(mask).long())
+
+
+def test_folder_unmatched_files_are_named(folder_root):
+    (folder_root / "masks" / "train" / "img1.png").unlink()
+    with pytest.raises(DataError, match=r"img1.png"):
+        FolderDataset(str(folder_root), "train", num_classes=2)
+
+
+def test_folder_missing_split_shows_the_expected_tree(folder_root):
+    with pytest.raises(DataError, match=r"<root>/masks/<split>"):
+        FolderDataset(str(folder_root), "test", num_classes=2)
+
+
+def test_label_values_outside_the_classes_are_refused_with_the_file(folder_root):
+    bad = np.full((40, 48), 7, np.uint8)
+    write_png(folder_root / "masks" / "val" / "img1.png", bad)
+    dataset = FolderDataset(str(folder_root), "val", num_classes=2)
+    with pytest.raises(DataError, match=r"img1.png: label values \[7\]"):
+        dataset[1]
+
+
+def test_rgb_mask_is_refused(folder_root):
+    write_png(folder_root / "masks" / "val" / "img0.png", np.zeros((40, 48, 3), np.uint8))
+    with pytest.raises(DataError, match=r"single-channel index PNG"):
+        FolderDataset(str(folder_root), "val", num_classes=2)[0]
+
+
+def test_image_and_mask_size_mismatch(folder_root):
+    write_png(folder_root / "masks" / "val" / "img0.png", np.zeros((20, 48), np.uint8))
+    with pytest.raises(DataError, match=r"img0.png: image is 48x40 but mask is 48x20"):
+        FolderDataset(str(folder_root), "val", num_classes=2)[0]
+
+
+def test_unreadable_image_is_named(folder_root):
+    (folder_root / "images" / "val" / "img0.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"img0.png: cannot read image"):
+        FolderDataset(str(folder_root), "val", num_classes=2)[0]
+
+
+def test_synthetic_is_deterministic_per_seed_split_and_index():
+    a, b = SyntheticScenes("train", image_size=64), SyntheticScenes("train", image_size=64)
+    for x, y in zip(a.load(3), b.load(3), strict=True):
+        assert np.array_equal(x, y)
+    assert not np.array_equal(a.load(3)[0], a.load(4)[0])
+    assert not np.array_equal(a.load(3)[0], SyntheticScenes("val", image_size=64).load(3)[0])
+    assert not np.array_equal(
+        a.load(3)[0], SyntheticScenes("train", image_size=64, seed=1).load(3)[0]
+    )
+
+
+def test_synthetic_has_every_class_and_colour_does_not_give_the_class_away():
+    dataset = SyntheticScenes("train", image_size=64)
+    images, masks = zip(*(dataset.load(i) for i in range(40)), strict=True)
+    pixels, labels = (
+        np.concatenate([i.reshape(-1, 3) for i in images]),
+        np.concatenate(masks).ravel(),
+    )
+    assert set(np.unique(labels)) == set(range(6))
+    for label in range(6):
+        # every class spans most of the colour range in every channel
+        spread = np.percentile(pixels[labels == label], 95, axis=0) - np.percentile(
+            pixels[labels == label], 5, axis=0
+        )
+        assert (spread > 120).all(), (label, spread)
+
+
+def test_synthetic_rejects_unknown_splits_and_class_counts():
+    with pytest.raises(ValueError, match=r"num_samples"):
+        SyntheticScenes("holdout")
+    with pytest.raises(ValueError, match=r"2 to 6 classes"):
+        SyntheticScenes("train", num_classes=9)
+
+
+def test_sampler_order_is_a_function_of_seed_and_position():
+    sampler = InfiniteSampler(5, seed=3)
+    stream = [next(it) for it in [iter(sampler)] for _ in range(17)]
+    assert sorted(i for i, _, _ in stream[:5]) == list(range(5))  # each epoch a permutation
+    assert sorted(i for i, _, _ in stream[5:10]) == list(range(5))
+    assert [p for _, _, p in stream] == list(range(17))
+    resumed = iter(InfiniteSampler(5, seed=3, start=7))
+    assert [next(resumed) for _ in range(10)] == stream[7:]
+    other = iter(InfiniteSampler(5, seed=4))
+    assert [next(other)[0] for _ in range(10)] != [i for i, _, _ in stream[:10]]

@@ -1,0 +1,70 @@
+"""The confusion-matrix metrics against a NumPy reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from seg.metrics import ConfusionMatrix, format_table, named
+
+IGNORE = 255
+
+
+def numpy_reference(predictions, targets, num_classes):
+    valid = targets != IGNORE
+    p, t = predictions[valid], targets[valid]
+    iou, dice, acc = [], [], []
+    for c in range(num_classes):
+        tp = np.sum((p == c) & (t == c))
+        fp = np.sum((p == c) & (t != c))
+        fn = np.sum((p != c) & (t == c))
+        iou.append(tp / (tp + fp + fn) if tp + fp + fn else np.nan)
+        dice.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else np.nan)
+        acc.append(tp / (tp + fn) if tp + fn else np.nan)
+    return {
+        "IoU": iou,
+        "Dice": dice,
+        "Acc": acc,
+        "mIoU": np.nanmean(iou),
+        "mDice": np.nanmean(dice),
+        "mAcc": np.nanmean(acc),
+        "aAcc": np.mean(p == t),
+    }
+
+
+def test_matches_numpy_with_ignore_and_absent_classes():
+    rng = np.random.default_rng(0)
+    num_classes = 6
+    confusion = ConfusionMatrix(num_classes, IGNORE)
+    all_predictions, all_targets = [], []
+    for _ in range(3):  # accumulated over batches, like a whole split
+        # class 4 never appears; class 5 only in predictions
+        targets = rng.choice([0, 1, 2, 3, IGNORE], size=(2, 16, 16))
+        predictions = rng.choice([0, 1, 2, 3, 5], size=(2, 16, 16))
+        confusion.update(torch.from_numpy(predictions), torch.from_numpy(targets))
+        all_predictions.append(predictions)
+        all_targets.append(targets)
+    reference = numpy_reference(np.concatenate(all_predictions), np.concatenate(all_targets), 6)
+    metrics = confusion.compute()
+    for key in ("IoU", "Dice", "Acc"):
+        np.testing.assert_allclose(metrics[key], reference[key], rtol=1e-12)
+    for key in ("mIoU", "mDice", "mAcc", "aAcc"):
+        assert metrics[key] == pytest.approx(reference[key], rel=1e-12)
+    assert np.isnan(metrics["IoU"][4])  # absent from both: NaN, left out of the mean
+    assert metrics["IoU"][5] == 0.0  # predicted but absent from the truth: a real 0
+
+
+def test_ignored_pixels_do_not_count_whatever_is_predicted():
+    targets = torch.tensor([[[0, 1, IGNORE, IGNORE]]])
+    confusion = ConfusionMatrix(2, IGNORE)
+    confusion.update(torch.tensor([[[0, 1, 1, 0]]]), targets)
+    assert confusion.matrix.tolist() == [[1, 0], [0, 1]]
+    assert confusion.compute()["mIoU"] == 1.0
+
+
+def test_named_and_table():
+    metrics = {"mIoU": 0.5, "mDice": 0.6, "aAcc": 0.7, "mAcc": 0.8}
+    metrics |= {"IoU": [0.5, float("nan")], "Dice": [0.6, float("nan")], "Acc": [0.8, float("nan")]}
+    result = named(metrics, ["road", "sky"])
+    assert result["IoU"] == {"road": 0.5, "sky": None}
+    table = format_table(metrics, ["road", "sky"])
+    assert "road" in table and "50.00" in table and "nan" in table
