@@ -1,0 +1,17 @@
+# CUDA runtime image with PyTorch; seg and its other dependencies are installed on top.
+FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+
+WORKDIR /workspace/seg
+COPY pyproject.toml README.md ./
+COPY seg ./seg
+COPY configs ./configs
+COPY train.py evaluate.py ./
+# The image's torch/torchvision satisfy the version ranges, so pip keeps them.
+RUN pip install --no-cache-dir . && \
+    useradd --create-home seg && chown -R seg /workspace
+USER seg
+
+# Mount datasets under /workspace/seg/data and collect runs from /workspace/seg/outputs:
+#   docker run --gpus all --shm-size 8g -v $PWD/data:/workspace/seg/data \
+#     -v $PWD/outputs:/workspace/seg/outputs seg experiment=cityscapes_unet
+ENTRYPOINT ["seg-train"]
