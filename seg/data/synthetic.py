@@ -1,6 +1,6 @@
 """Procedural scenes: the embedded default dataset, generated on the fly with no download.
 
-Each class is a shape with its own texture family (stripes, checks, dots, speckle, rings), drawn
+Each class is a shape with its own texture family (stripes, checks, dots, speckle, lattice), drawn
 in two random colours from one distribution shared by all classes, over a textured background,
 with occlusion, varied scale and pixel noise: colour alone does not separate the classes, shape
 and texture do. A sample is a pure function of (seed, split, index).
@@ -78,7 +78,7 @@ class SyntheticScenes(SegmentationDataset):
             pixels = shape > 0
             image[pixels] = np.where(texture[pixels, None], colors[0], colors[1])
             mask[pixels] = label
-        image += rng.normal(0.0, rng.uniform(2.0, 8.0), image.shape).astype(np.float32)
+        image += rng.uniform(2.0, 8.0) * rng.standard_normal(image.shape, np.float32)
         return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
@@ -97,13 +97,14 @@ def _contrasting_colors(rng: np.random.Generator) -> np.ndarray:
 def _background(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     """Two colours blended by smooth noise, plus faint stripes so texture alone is not enough."""
     cells = int(rng.integers(2, 6))
-    field = cv2.resize(rng.random((cells, cells), np.float32), (size, size), cv2.INTER_CUBIC)
+    grid = rng.random((cells, cells), np.float32)
+    field = cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
     field = np.clip(field, 0, 1)[..., None]
     low, high = _random_colors(rng, 2)
     image = low * field + high * (1 - field)
     angle, frequency = rng.uniform(0, np.pi), rng.uniform(4, 12)
     stripes = np.sin(2 * np.pi * frequency * (xx * np.cos(angle) + yy * np.sin(angle)))
-    return image + rng.uniform(5, 25) * stripes[..., None]
+    return image + rng.uniform(5, 15) * stripes[..., None]
 
 
 def _rotated(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray):
@@ -113,42 +114,44 @@ def _rotated(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray):
 
 def _stripes(rng, xx, yy):
     u, _ = _rotated(rng, xx, yy)
-    return np.sin(2 * np.pi * rng.uniform(6, 14) * u) > 0
+    return np.sin(2 * np.pi * rng.uniform(7, 9) * u) > 0
 
 
 def _checks(rng, xx, yy):
     u, v = _rotated(rng, xx, yy)
-    frequency = rng.uniform(5, 12)
+    frequency = rng.uniform(5, 7)
     return (np.floor(u * frequency) + np.floor(v * frequency)) % 2 == 0
 
 
 def _dots(rng, xx, yy):
     u, v = _rotated(rng, xx, yy)
-    frequency = rng.uniform(6, 12)
+    frequency = rng.uniform(9, 11)
     return np.sin(2 * np.pi * frequency * u) * np.sin(2 * np.pi * frequency * v) > 0.4
 
 
 def _speckle(rng, xx, yy):
     size = xx.shape[0]
-    grain = max(size // int(rng.integers(16, 40)), 1)
+    grain = max(size // int(rng.integers(24, 32)), 1)
     coarse = rng.random((size // grain + 1, size // grain + 1)) > 0.5
     return np.kron(coarse, np.ones((grain, grain), bool))[:size, :size]
 
 
-def _rings(rng, xx, yy):
-    cx, cy = rng.uniform(0, 1, 2)
-    radius = np.hypot(xx - cx, yy - cy)
-    return np.sin(2 * np.pi * rng.uniform(8, 16) * radius) > 0
+def _lattice(rng, xx, yy):
+    u, v = _rotated(rng, xx, yy)
+    frequency = rng.uniform(7, 9)
+    return (np.sin(2 * np.pi * frequency * u) > 0.6) | (np.sin(2 * np.pi * frequency * v) > 0.6)
 
 
-_TEXTURES = {1: _stripes, 2: _checks, 3: _dots, 4: _speckle, 5: _rings}
+# Each texture family looks different in any small patch, so the classes are learnable from
+# texture and shape, never from colour.
+_TEXTURES = {1: _stripes, 2: _checks, 3: _dots, 4: _speckle, 5: _lattice}
 
 
 def _shape(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
     """A filled shape of class ``label`` at a random place, scale and rotation, as a uint8 mask."""
     canvas = np.zeros((size, size), np.uint8)
     center = rng.uniform(0.1, 0.9, 2) * size
-    radius = rng.uniform(0.08, 0.3) * size
+    radius = rng.uniform(0.12, 0.32) * size
     angle = rng.uniform(0, 2 * np.pi)
     if label == 1:  # disc
         cv2.circle(canvas, _point(center), int(radius), 1, -1)
