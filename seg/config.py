@@ -1,8 +1,14 @@
 """Config plumbing shared by the entry points: command-line overrides and sanity checks."""
 
+import difflib
+import re
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
+from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -39,3 +45,58 @@ def check_data_config(data: DictConfig) -> None:
                 f"data.{key} has {len(data[key])} entries but data.num_classes={data.num_classes}; "
                 "give one per class"
             )
+
+
+def check_command_line(config_name: str, arguments: list[str]) -> str | None:
+    """An error message naming a misspelt config key and its closest existing keys, or None.
+
+    Hydra already answers an unknown group option with the list of options, and an unknown
+    key with "not in struct"; this adds the keys the user probably meant.
+    """
+    if any(argument.startswith("-") for argument in arguments):
+        return None  # --help, --cfg, -m ...: Hydra's own flags, left to Hydra
+    overrides = [a for a in arguments if not a.startswith(("hydra.", "hydra/", "+", "~"))]
+    with initialize_config_module(config_module="seg.configs", version_base="1.3"):
+        try:
+            compose(config_name=config_name, overrides=overrides)
+            return None
+        except ConfigCompositionException as error:
+            match = re.search(r"Could not override '([^']+)'", str(error))
+            if match is None:
+                return None  # not an unknown key: Hydra's own message says it best
+            key = match.group(1)
+            others = [o for o in overrides if not o.startswith(f"{key}=")]
+            try:
+                known = flat_keys(compose(config_name=config_name, overrides=others))
+            except ConfigCompositionException:
+                return None
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return (
+        f"Unknown config key '{key}' (from the command line).{hint} "
+        f"`python {config_name}.py --cfg job` prints every key; +{key}=... adds a new one."
+    )
+
+
+def flat_keys(config: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key path in ``config`` (``trainer.max_iters``, ``data.dataset.seed``, ...)."""
+    keys = []
+    for key, value in config.items_ex(resolve=False):
+        path = f"{prefix}{key}"
+        keys.append(path)
+        if isinstance(value, DictConfig):
+            keys += flat_keys(value, f"{path}.")
+    return keys
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training when the run directory cannot be created or written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write to the run directory {directory} ({error.strerror or error}); "
+            "choose a writable place with output_root=<dir> or hydra.run.dir=<dir>"
+        ) from error

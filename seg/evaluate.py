@@ -2,6 +2,7 @@
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -10,9 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from seg.config import apply_overrides
+from seg.config import apply_overrides, check_command_line
 from seg.data import loader
-from seg.engine.checkpoint import load_checkpoint
+from seg.engine.checkpoint import check_compatible, load_checkpoint
 from seg.engine.trainer import evaluate, resolve_channels_last, resolve_device, resolve_precision
 from seg.metrics import format_table, named
 
@@ -22,9 +23,17 @@ log = logging.getLogger(__name__)
 OWN_KEYS = ("checkpoint", "split", "out")
 
 
+def main() -> None:
+    """``python evaluate.py`` and ``seg-evaluate``: check the command line, then evaluate."""
+    error = check_command_line("evaluate", sys.argv[1:])
+    if error:
+        sys.exit(error)
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="evaluate")
-def main(cfg: DictConfig) -> dict:
-    return run(cfg, list(HydraConfig.get().overrides.task))
+def hydra_main(cfg: DictConfig) -> None:
+    run(cfg, list(HydraConfig.get().overrides.task))
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict:
@@ -33,6 +42,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     train_cfg = apply_overrides(
         OmegaConf.create(checkpoint["config"]), cfg, overrides, skip=OWN_KEYS
     )
+    check_compatible(checkpoint, train_cfg, cfg.checkpoint)
     data = train_cfg.data
     dataset = instantiate(data.dataset, split=cfg.split, transform=instantiate(data.val_transform))
     # The weights come from the checkpoint: never download pretrained ones here.
@@ -59,6 +69,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     metrics, _ = evaluate(
         model, data_loader, data.num_classes, data.ignore_index, device, precision, channels_last
     )
+    dataset.report_skipped()
     class_names = list(checkpoint["class_names"])
     log.info("\n%s", format_table(metrics, class_names))
     result = named(metrics, class_names)

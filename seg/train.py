@@ -2,6 +2,7 @@
 
 import logging
 import random
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,49 +12,85 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from seg.config import check_data_config
+from seg.config import check_command_line, check_data_config, check_writable
 from seg.data import loader
-from seg.engine.checkpoint import find_latest_checkpoint, load_checkpoint
+from seg.engine.checkpoint import check_compatible, load_checkpoint, newest_loadable_checkpoint
+from seg.engine.trainer import StopTraining
 
 log = logging.getLogger(__name__)
 
 
+def main() -> None:
+    """``python train.py`` and ``seg-train``: check the command line, then run the Hydra job."""
+    error = check_command_line("train", sys.argv[1:])
+    if error:
+        sys.exit(error)
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="train")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> None:
     hydra_config = HydraConfig.get()
-    return run(cfg, Path(hydra_config.runtime.output_dir), list(hydra_config.overrides.task))
+    try:
+        run(cfg, Path(hydra_config.runtime.output_dir), list(hydra_config.overrides.task))
+    except StopTraining as stop:
+        log.error("%s", stop)
+        sys.exit(stop.exit_code)
 
 
-def resume_path(resume: str | None, output_root: Path) -> Path | None:
-    """``resume``: null (fresh run), ``auto`` (the newest last.pt under output_root) or a path."""
+def find_resume_checkpoint(resume: str | None, output_root: Path) -> tuple[Path, dict] | None:
+    """``resume``: null (new run), ``auto`` (the newest loadable checkpoint under output_root)
+    or a path. Returns the checkpoint's path and its loaded state."""
     if resume is None:
         return None
     if resume == "auto":
-        path = find_latest_checkpoint(output_root)
-        if path is None:
-            log.warning(
-                "resume=auto: no checkpoints/last.pt under %s; starting a new run", output_root
-            )
-        return path
+        found = newest_loadable_checkpoint(output_root)
+        if found is None:
+            log.warning("resume=auto: no checkpoint under %s; starting a new run", output_root)
+        return found
     if not Path(resume).is_file():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint file (or use resume=auto)")
-    return Path(resume)
+    return Path(resume), load_checkpoint(resume)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
-    """Train with ``cfg``; returns the final val mIoU. ``overrides`` are the command line's."""
-    checkpoint_path = resume_path(cfg.resume, Path(cfg.output_root))
-    checkpoint = None
-    if checkpoint_path is not None:
-        checkpoint = load_checkpoint(checkpoint_path)
-        # The run continues with its own command line; this command line's overrides win.
-        own = [o for o in overrides if not o.startswith("resume=")]
-        overrides = checkpoint["overrides"] + own
-        cfg = hydra.compose(config_name="train", overrides=overrides)
-        run_dir = checkpoint_path.parent.parent
+    """Train with ``cfg``, or resume per ``cfg.resume``; returns the final val mIoU.
+
+    ``overrides`` are the command line's: a checkpoint keeps them so that a resumed run is
+    recomposed from the same command line (plus the new one's overrides, which win).
+    """
+    found = find_resume_checkpoint(cfg.resume, Path(cfg.output_root))
+    if found is None:
+        return build_and_train(cfg, run_dir, overrides)
+    checkpoint_path, checkpoint = found
+    overrides = checkpoint["overrides"] + [o for o in overrides if not o.startswith("resume=")]
+    cfg = hydra.compose(config_name="train", overrides=overrides)
+    check_compatible(checkpoint, cfg, checkpoint_path)
+    run_dir = checkpoint_path.parent.parent
+    # The resumed run writes into its own run dir, its log included.
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
         log.info("Resuming %s from iteration %d", checkpoint_path, checkpoint["iteration"])
+        if checkpoint["iteration"] >= cfg.trainer.max_iters:
+            log.warning(
+                "The checkpoint is at iteration %d of trainer.max_iters=%d: nothing to train. "
+                "Set a larger trainer.max_iters to continue.",
+                checkpoint["iteration"], cfg.trainer.max_iters,
+            )  # fmt: skip
+        return build_and_train(cfg, run_dir, overrides, checkpoint)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def build_and_train(
+    cfg: DictConfig, run_dir: Path, overrides: list[str], checkpoint: dict | None = None
+):
+    """Build data, model, loss, optimizer, schedule and Trainer from ``cfg`` and train."""
     check_data_config(cfg.data)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(config_yaml)
 
@@ -110,5 +147,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
         max_samples=cfg.data.max_val_samples,
         pin_memory=pin_memory,
     )
-    metrics = trainer.fit(train_loader, val_loader)
+    try:
+        metrics = trainer.fit(train_loader, val_loader)
+    finally:
+        for dataset in (train_set, val_set):
+            dataset.report_skipped()
     return metrics.get("mIoU", float("nan"))

@@ -9,6 +9,8 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
+from seg import evaluate, train
+
 # On 2 cores, one thread makes small steps 5-10x faster and steadier.
 torch.set_num_threads(1)
 
@@ -81,3 +83,18 @@ def cityscapes_root(tmp_path: Path) -> Path:
             write_png(tmp_path / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png", image)
             write_png(tmp_path / "gtFine" / split / city / f"{name}_gtFine_labelIds.png", labels)
     return tmp_path
+
+
+TINY = ("debug=tiny", "trainer.precision=fp32")
+
+
+def run_training(run_dir: Path, *overrides: str) -> float:
+    """train.run as `python train.py debug=tiny ...` would call it, in this process."""
+    overrides = [*TINY, f"output_root={run_dir.parent}", *overrides]
+    with hydra_context():
+        return train.run(compose("train", overrides=overrides), run_dir, overrides)
+
+
+def run_evaluation(*overrides: str) -> dict:
+    with hydra_context():
+        return evaluate.run(compose("evaluate", overrides=list(overrides)), list(overrides))

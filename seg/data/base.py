@@ -1,5 +1,7 @@
 """What every dataset shares: reading, label mapping and checking, seeded transforms."""
 
+import logging
+import multiprocessing
 from pathlib import Path
 
 import albumentations as A
@@ -11,6 +13,8 @@ from torch.utils.data import Dataset
 
 from seg.data.transforms import apply
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -18,11 +22,30 @@ class DataError(ValueError):
     """A problem with the data on disk; the message names the file and how to fix it."""
 
 
+def is_truncated(data: bytes) -> bool:
+    """True for a PNG without its IEND chunk or a JPEG without its end marker.
+
+    OpenCV decodes such files partially, with only a warning: the rest would be grey.
+    """
+    if data.startswith(b"\x89PNG"):
+        return b"IEND" not in data[-32:]
+    if data.startswith(b"\xff\xd8"):
+        return data.rfind(b"\xff\xd9") < len(data) - 1024  # some cameras pad after the marker
+    return False
+
+
 def read_image(path: Path) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # OpenCV decodes PNG/JPEG faster than PIL
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read image ({error.strerror or error})") from error
+    if is_truncated(data):
+        raise DataError(f"{path}: image file is truncated (an interrupted copy?); replace it")
+    # OpenCV decodes PNG/JPEG faster than PIL.
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise DataError(f"{path}: cannot read image (missing, truncated or not an image file)")
+        raise DataError(f"{path}: cannot decode image (not an image file, or corrupted)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -58,11 +81,19 @@ class SegmentationDataset(Dataset):
         ignore_index: int,
         transform: A.Compose | None = None,
         label_map: np.ndarray | None = None,
+        skip_bad_samples: float = 0.0,
     ):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.transform = transform
         self.label_map = label_map  # lookup table from stored label values to train ids
+        # Up to this fraction of the samples read may be unreadable/invalid and replaced by
+        # the next good one (0: the first bad sample stops the run).
+        self.skip_bad_samples = skip_bad_samples
+        # Shared with the DataLoader workers (created before they fork): reads, skips, and
+        # the indices of the first skipped samples for the report.
+        self._counts = multiprocessing.Array("q", 2)
+        self._skipped = multiprocessing.Array("q", [-1] * 10)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -77,6 +108,42 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = (key[0], key[1:]) if isinstance(key, tuple) else (key, None)
+        with self._counts.get_lock():
+            self._counts[0] += 1
+        for attempt in range(len(self)):
+            try:
+                return self.prepare((index + attempt) % len(self), seed)
+            except DataError as error:
+                if not self.skip_bad_samples:
+                    raise
+                self.record_skip((index + attempt) % len(self), error)
+        raise DataError("every sample of the split is unreadable or invalid")
+
+    def record_skip(self, index: int, error: DataError) -> None:
+        with self._counts.get_lock():
+            reads, skips = self._counts[0], self._counts[1] + 1
+            self._counts[1] = skips
+            if skips <= len(self._skipped):
+                self._skipped[skips - 1] = index
+        # The allowance is a share of the split, growing once more than one epoch was read.
+        if skips > self.skip_bad_samples * max(reads, len(self)):
+            raise DataError(
+                f"{skips} bad samples among {reads} read, more than "
+                f"data.skip_bad_samples={self.skip_bad_samples}; the last one: {error}"
+            ) from error
+        log.warning("Skipping a bad sample (data.skip_bad_samples): %s", error)
+
+    def report_skipped(self) -> None:
+        """Log how many bad samples were skipped, and which."""
+        reads, skips = self._counts[:]
+        if skips:
+            names = [self.describe(i) for i in self._skipped[:] if i >= 0]
+            log.warning("Skipped %d bad samples of %d read, e.g. %s", skips, reads, names)
+
+    def prepare(
+        self, index: int, seed: tuple[int, ...] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load, map, check and transform sample ``index``."""
         image, mask = self.load(index)
         if image.shape[:2] != mask.shape:
             raise DataError(
@@ -93,6 +160,15 @@ class SegmentationDataset(Dataset):
         return image, torch.as_tensor(np.asarray(mask), dtype=torch.int64)
 
     def check_labels(self, mask: np.ndarray, index: int) -> None:
+        # A 2-class mask with no class 1 but many ignored pixels: 0/255 binary, not 0/1.
+        ignored_share = (mask == self.ignore_index).mean() if self.num_classes == 2 else 0.0
+        if ignored_share > 0.01 and not (mask == 1).any():
+            raise DataError(
+                f"{self.describe(index)}: the mask holds 0 and {self.ignore_index} only: a "
+                f"binary mask stored as 0/255? {self.ignore_index} is ignore_index, so the "
+                "foreground would be ignored. Store it as 0/1, or read it with "
+                "data.dataset.mask_format=binary (folder datasets)."
+            )
         invalid = (mask >= self.num_classes) & (mask != self.ignore_index)
         if invalid.any():
             values = np.unique(mask[invalid]).tolist()

@@ -36,12 +36,12 @@ class Cityscapes(SegmentationDataset):
         num_classes: int = 19,
         ignore_index: int = 255,
         transform=None,
+        skip_bad_samples: float = 0.0,
     ):
         if num_classes != len(LABEL_TO_TRAIN_ID):
             raise ValueError(f"Cityscapes has {len(LABEL_TO_TRAIN_ID)} classes, got {num_classes}")
-        super().__init__(
-            num_classes, ignore_index, transform, label_to_train_id_table(ignore_index)
-        )
+        label_map = label_to_train_id_table(ignore_index)
+        super().__init__(num_classes, ignore_index, transform, label_map, skip_bad_samples)
         image_dir = Path(root) / "leftImg8bit" / split
         label_dir = Path(root) / "gtFine" / split
         for directory in (image_dir, label_dir):

@@ -11,6 +11,9 @@ FOLDER_TREE = """expected:
   <root>/masks/<split>/<name>.png         single-channel index PNGs (mode L or P), same <name>"""
 
 
+MASK_FORMATS = ("index", "binary")
+
+
 def list_files(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     """Map file stem -> path for the files in ``directory`` with one of ``suffixes``."""
     return {p.stem: p for p in sorted(directory.iterdir()) if p.suffix.lower() in suffixes}
@@ -26,8 +29,14 @@ class FolderDataset(SegmentationDataset):
         num_classes: int,
         ignore_index: int = 255,
         transform=None,
+        mask_format: str = "index",
+        skip_bad_samples: float = 0.0,
     ):
-        super().__init__(num_classes, ignore_index, transform)
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"data.dataset.mask_format={mask_format!r}; options: {MASK_FORMATS}")
+        # binary: 0/255 (or any 8-bit) masks thresholded at 128 into classes 0 and 1.
+        label_map = (np.arange(256) >= 128).astype(np.uint8) if mask_format == "binary" else None
+        super().__init__(num_classes, ignore_index, transform, label_map, skip_bad_samples)
         root_path = Path(root)
         image_dir, mask_dir = root_path / "images" / split, root_path / "masks" / split
         for directory in (image_dir, mask_dir):

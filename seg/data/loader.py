@@ -1,6 +1,11 @@
 """DataLoaders for training (endless, resumable) and validation (one ordered pass)."""
 
+import random
+import signal
+
 import cv2
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from seg.data.sampler import InfiniteSampler
@@ -9,6 +14,14 @@ from seg.data.sampler import InfiniteSampler
 def _worker_init(worker_id: int) -> None:
     # Workers run in parallel already; OpenCV's own thread pool would only oversubscribe the CPU.
     cv2.setNumThreads(1)
+    # Ctrl-C reaches the whole process group: the training process decides when to stop, and
+    # its workers keep serving batches until it has saved its checkpoint. (SIGTERM stays
+    # default: it is how the DataLoader and multiprocessing end workers at exit.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Any global-RNG use in a worker follows torch's per-worker seed (base seed + worker id).
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def train_loader(
@@ -31,6 +44,8 @@ def train_loader(
         drop_last=True,
         persistent_workers=num_workers > 0,
         worker_init_fn=_worker_init,
+        # Worker seeds come from this generator, not from the global RNG state.
+        generator=torch.Generator().manual_seed(seed + start_sample),
     )
 
 

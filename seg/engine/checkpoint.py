@@ -1,10 +1,14 @@
 """Checkpoints: plain dicts of tensors and primitives, written atomically, loaded safely."""
 
+import logging
 import os
 import pickle
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 # torch.compile and DistributedDataParallel wrap the model and prefix its keys.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -28,14 +32,27 @@ def strip_prefixes(key: str) -> str:
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write ``state`` to ``path`` atomically: the previous file stays valid until the new one
     is complete on disk (temp file in the same directory, fsync, ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+        # Make the rename itself durable: a power cut cannot bring the old file back.
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as error:
+        previous = f"the previous {path.name} is intact" if path.exists() else "nothing was saved"
+        raise OSError(
+            error.errno,
+            f"cannot write checkpoint {path} ({error.strerror or error}); {previous}. "
+            "Free disk space or fix the directory's permissions, then resume with resume=auto",
+        ) from error
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -60,7 +77,41 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def find_latest_checkpoint(root: Path) -> Path | None:
-    """The most recently written ``checkpoints/last.pt`` under ``root``, or None."""
-    candidates = sorted(root.glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+def newest_loadable_checkpoint(root: Path) -> tuple[Path, dict] | None:
+    """The most recently written ``checkpoints/*.pt`` under ``root`` that loads, with its state.
+
+    Unreadable newer ones are reported and skipped, so a damaged file never blocks a resume.
+    """
+    candidates = sorted(root.glob("**/checkpoints/*.pt"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as error:
+            log.warning("Skipping checkpoint %s: %s", path, error)
+    return None
+
+
+# Config keys that decide the shape of the weights: a checkpoint only fits the same values.
+IDENTITY_KEYS = (
+    "data.num_classes",
+    "model._target_",
+    "model.arch",
+    "model.encoder_name",
+    "model.encoder_depth",
+)
+
+
+def check_compatible(checkpoint: dict, config: DictConfig, path: str | Path) -> None:
+    """Refuse a config whose model cannot hold the checkpoint's weights, naming both values."""
+    stored = OmegaConf.create(checkpoint["config"])
+    differences = []
+    for key in IDENTITY_KEYS:
+        before = OmegaConf.select(stored, key, default=None)
+        now = OmegaConf.select(config, key, default=None)
+        if before != now:
+            differences.append(f"{key}={before} in the checkpoint but {key}={now} in the config")
+    if differences:
+        raise ValueError(
+            f"checkpoint {path} does not fit this config: {'; '.join(differences)}. Drop the "
+            "overrides that change these, or start a new run instead of resuming."
+        )

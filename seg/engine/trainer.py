@@ -3,10 +3,15 @@
 import json
 import logging
 import math
+import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,15 +79,21 @@ def evaluate(
     precision: str,
     channels_last: bool,
     num_examples: int = 0,
-) -> tuple[dict, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    stop: Callable[[], bool] | None = None,
+) -> tuple[dict | None, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Whole-image inference over ``loader``: metrics from one confusion matrix, and the first
-    ``num_examples`` (image, mask, prediction) triples on the CPU for pictures."""
+    ``num_examples`` (image, mask, prediction) triples on the CPU for pictures.
+
+    Returns ``(None, [])`` as soon as ``stop()`` is true (a stop signal during validation)."""
     was_training = model.training
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     confusion = ConfusionMatrix(num_classes, ignore_index, device)
     examples = []
     for images, masks in loader:
+        if stop is not None and stop():
+            model.train(was_training)
+            return None, []
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
         with torch.autocast(device.type, AMP_DTYPES[precision], enabled=precision != "fp32"):
@@ -119,12 +130,44 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+class StopTraining(Exception):
+    """Training stopped early on purpose; ``exit_code`` is what the command exits with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# Exit codes of train.py (README "Reliability"): 128 + signal number after SIGINT/SIGTERM
+# (130, 143), and this one when the non-finite guard gives up.
+EXIT_NONFINITE = 3
+
+OOM_HELP = (
+    "out of memory. Lower data.batch_size (with trainer.grad_accum_steps to keep the effective "
+    "batch), lower data.train_transform.crop_size, or use trainer.precision=bf16/fp16"
+)
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # mean loss of the step's batches, on the device
+    finite_loss: bool
+    finite_grads: bool
+
+    @property
+    def applied(self) -> bool:
+        """Whether the optimizer and scheduler stepped (not when anything was non-finite)."""
+        return self.finite_loss and self.finite_grads
+
+
 class Trainer:
     """Iteration-based training with mixed precision, validation, TensorBoard and checkpoints.
 
     One iteration is one optimizer step over ``grad_accum_steps`` batches. Validation runs every
     ``val_every`` iterations and at the end; ``checkpoints/last.pt`` is written every
     ``ckpt_every`` iterations and at the end, ``checkpoints/best.pt`` whenever val mIoU improves.
+    SIGINT/SIGTERM finish the current step, write ``last.pt`` and raise ``StopTraining``.
+    A step with a non-finite loss or gradient is skipped; ``nonfinite_patience`` such steps in
+    a row stop training with ``last.pt`` untouched.
     """
 
     def __init__(
@@ -144,9 +187,11 @@ class Trainer:
         device: str = "auto",
         precision: str = "auto",
         channels_last: bool | str = "auto",
+        deterministic: bool = False,
         max_iters: int = 1000,
         grad_accum_steps: int = 1,
         clip_grad_norm: float | None = None,
+        nonfinite_patience: int = 5,
         val_every: int = 250,
         ckpt_every: int = 250,
         log_every: int = 20,
@@ -164,8 +209,11 @@ class Trainer:
         self.scheduler = scheduler
         # A no-op unless fp16: bf16 has fp32's exponent range and needs no loss scaling.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest kernels
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS asks for it
+            torch.use_deterministic_algorithms(True)
+        # Fixed crop sizes: let cuDNN pick the fastest kernels, unless results must repeat.
+        torch.backends.cudnn.benchmark = self.device.type == "cuda" and not deterministic
         self.run_dir = Path(run_dir)
         self.class_names = list(class_names)
         self.palette = [list(color) for color in palette]
@@ -176,18 +224,25 @@ class Trainer:
         self.max_iters = max_iters
         self.grad_accum_steps = grad_accum_steps
         self.clip_grad_norm = clip_grad_norm
+        self.nonfinite_patience = nonfinite_patience
         self.val_every = val_every
         self.ckpt_every = ckpt_every
         self.log_every = log_every
         self.num_val_images = num_val_images
         self.iteration = 0
         self.best_miou = -math.inf
+        self.skipped_steps = 0
+        self.stop_signal: int | None = None
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader) -> dict:
         """Train from ``self.iteration`` to ``max_iters``; returns the last validation metrics."""
-        # On resume, drop events the crashed run logged after its last checkpoint.
+        # On resume, drop what the interrupted run logged after its checkpoint.
         purge_step = self.iteration + 1 if self.iteration else None
-        writer = SummaryWriter(self.run_dir / "tb", purge_step=purge_step)
+        self.truncate_metrics_log()
         log.info(
             "Training on %s, precision %s%s, iterations %d -> %d, run dir %s",
             self.device, self.precision, ", channels_last" if self.channels_last else "",
@@ -196,82 +251,188 @@ class Trainer:
         batches = iter(train_loader)
         batch_size = train_loader.batch_size * self.grad_accum_steps
         loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync per step
-        steps_since_log, clock = 0, time.perf_counter()
+        steps_since_log, applied_since_log, clock = 0, 0, time.perf_counter()
+        bad_streak = 0
         metrics = {}
         self.model.train()
         with (
+            SummaryWriter(self.run_dir / "tb", purge_step=purge_step) as writer,
+            self.stop_on_signals(),
             logging_redirect_tqdm(),
             tqdm(total=self.max_iters, initial=self.iteration, disable=None, unit="it") as bar,
         ):
             while self.iteration < self.max_iters:
-                loss_sum += self.train_step(batches)
+                try:
+                    step = self.train_step(batches)
+                except RuntimeError:
+                    if self.stop_signal is None:
+                        raise
+                    # A process-group SIGTERM (Slurm) also ended the DataLoader workers: the
+                    # model is still as it was after the last completed step, so save that.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.stop_after_signal()
                 self.iteration += 1
                 steps_since_log += 1
                 bar.update()
                 last = self.iteration == self.max_iters
+                if step.applied:
+                    loss_sum += step.loss
+                    applied_since_log += 1
+                else:
+                    self.skipped_steps += 1
+                    log.warning(
+                        "Iteration %d: non-finite %s, update skipped (%d skipped so far)",
+                        self.iteration, "gradients" if step.finite_loss else "loss",
+                        self.skipped_steps,
+                    )  # fmt: skip
+                # fp16 overflows with a finite loss are the grad scaler's normal calibration.
+                healthy = step.finite_loss and (step.finite_grads or self.scaler.is_enabled())
+                bad_streak = 0 if healthy else bad_streak + 1
+                if bad_streak >= self.nonfinite_patience:
+                    raise StopTraining(
+                        f"Stopped at iteration {self.iteration}: loss or gradients non-finite "
+                        f"{bad_streak} steps in a row (trainer.nonfinite_patience). The last "
+                        f"good checkpoint {self.last_path} is intact. Lower optimizer.lr, set "
+                        "trainer.clip_grad_norm, or try trainer.precision=fp32.",
+                        EXIT_NONFINITE,
+                    )
 
                 if self.iteration % self.log_every == 0 or last:
-                    loss = (loss_sum / steps_since_log).item()  # the only sync between logs
+                    loss = (loss_sum / max(applied_since_log, 1)).item()  # the sync between logs
                     lr = self.scheduler.get_last_lr()[0]
                     images_per_s = steps_since_log * batch_size / (time.perf_counter() - clock)
                     writer.add_scalar("train/loss", loss, self.iteration)
                     writer.add_scalar("train/lr", lr, self.iteration)
                     writer.add_scalar("train/img_per_s", images_per_s, self.iteration)
+                    writer.add_scalar("train/skipped_steps", self.skipped_steps, self.iteration)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+                    if bar.disable:  # no terminal (a batch job, a pipe): log progress as lines
+                        log.info(
+                            "iteration %d/%d  loss %.4f  lr %.3e  %.1f img/s",
+                            self.iteration, self.max_iters, loss, lr, images_per_s,
+                        )  # fmt: skip
                     loss_sum.zero_()
-                    steps_since_log, clock = 0, time.perf_counter()
+                    steps_since_log, applied_since_log, clock = 0, 0, time.perf_counter()
 
-                if self.iteration % self.val_every == 0 or last:
-                    metrics = self.validate(val_loader, writer)
-                    if metrics["mIoU"] > self.best_miou:  # False for NaN: never "best"
+                if (self.iteration % self.val_every == 0 or last) and self.stop_signal is None:
+                    metrics = self.validate(val_loader, writer) or metrics
+                    if metrics and metrics["mIoU"] > self.best_miou:  # False for NaN
                         self.best_miou = metrics["mIoU"]
                         save_checkpoint(self.state_dict(), self.run_dir / "checkpoints/best.pt")
                     clock = time.perf_counter()  # img/s counts training time only
 
                 if self.iteration % self.ckpt_every == 0 or last:
-                    save_checkpoint(self.state_dict(), self.run_dir / "checkpoints/last.pt")
-        writer.close()
+                    save_checkpoint(self.state_dict(), self.last_path)
+                if self.stop_signal is not None:
+                    self.stop_after_signal()
         log.info("Done: best val mIoU %.4f, checkpoints in %s", self.best_miou, self.run_dir)
         return metrics
 
-    def train_step(self, batches: Iterator) -> torch.Tensor:
-        """One optimizer step over ``grad_accum_steps`` batches; returns the mean loss (on device)."""
-        total = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum_steps):
-            images, masks = next(batches)
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            masks = masks.to(self.device, non_blocking=True)
-            with torch.autocast(
-                self.device.type, AMP_DTYPES[self.precision], enabled=self.precision != "fp32"
-            ):
-                logits, aux_logits = self.model(images, with_aux=True)
-            # Outside autocast: the losses reduce in float32.
-            loss = self.loss_fn(logits, masks)
-            if aux_logits is not None:
-                loss = loss + self.aux_weight * self.loss_fn(aux_logits, masks)
-            self.scaler.scale(loss / self.grad_accum_steps).backward()
-            total += loss.detach()
-        self.scaler.unscale_(self.optimizer)  # so clipping sees true gradients under fp16
-        if self.clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return total / self.grad_accum_steps
-
-    def validate(self, loader: DataLoader, writer: SummaryWriter) -> dict:
-        """Evaluate on ``loader``, then log scalars, the class table, pictures and metrics.jsonl."""
-        metrics, examples = evaluate(
-            self.model,
-            loader,
-            len(self.class_names),
-            self.ignore_index,
-            self.device,
-            self.precision,
-            self.channels_last,
-            self.num_val_images,
+    def stop_after_signal(self) -> None:
+        """Save ``last.pt`` at the current iteration and raise ``StopTraining``."""
+        save_checkpoint(self.state_dict(), self.last_path)
+        name = signal.Signals(self.stop_signal).name
+        raise StopTraining(
+            f"{name}: stopped at iteration {self.iteration} of {self.max_iters}; saved "
+            f"{self.last_path}. Continue with: python train.py resume={self.last_path}",
+            128 + self.stop_signal,
         )
+
+    def truncate_metrics_log(self) -> None:
+        """Keep only the metrics.jsonl lines up to the current (restored) iteration."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["iteration"] <= self.iteration]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
+
+    @contextmanager
+    def stop_on_signals(self):
+        """SIGINT/SIGTERM only set a flag that the loop checks after each step; a second
+        signal stops at once."""
+
+        def request_stop(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def train_step(self, batches: Iterator) -> StepResult:
+        """One optimizer step over ``grad_accum_steps`` batches, skipped if non-finite."""
+        total = torch.zeros((), device=self.device)
+        try:
+            for _ in range(self.grad_accum_steps):
+                images, masks = next(batches)
+                images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                masks = masks.to(self.device, non_blocking=True)
+                with torch.autocast(
+                    self.device.type, AMP_DTYPES[self.precision], enabled=self.precision != "fp32"
+                ):
+                    logits, aux_logits = self.model(images, with_aux=True)
+                # Outside autocast: the losses reduce in float32.
+                loss = self.loss_fn(logits, masks)
+                if aux_logits is not None:
+                    loss = loss + self.aux_weight * self.loss_fn(aux_logits, masks)
+                self.scaler.scale(loss / self.grad_accum_steps).backward()
+                total += loss.detach()
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(f"Training step {self.iteration + 1}: {OOM_HELP}") from error
+        except ValueError as error:
+            if "Expected more than 1 value per channel" in str(error):
+                raise ValueError(
+                    f"{error}: a BatchNorm layer saw a single value per channel; use "
+                    "data.batch_size >= 2 (pooling branches such as ASPP reduce each image to 1x1)"
+                ) from error
+            raise
+        total /= self.grad_accum_steps
+        self.scaler.unscale_(self.optimizer)  # so the norm and clipping see the true gradients
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = nn.utils.get_total_norm(grads)
+        if self.clip_grad_norm is not None:
+            nn.utils.clip_grads_with_norm_(self.model.parameters(), self.clip_grad_norm, grad_norm)
+        # The one host sync per step: whether to apply it (GradScaler makes the same under fp16).
+        finite_loss, finite_grads = torch.stack([total, grad_norm]).isfinite().tolist()
+        if finite_loss and finite_grads:
+            self.scaler.step(self.optimizer)
+            self.scheduler.step()
+        self.scaler.update()  # under fp16, an overflow lowers the scale for the next step
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(total, finite_loss, finite_grads)
+
+    def validate(self, loader: DataLoader, writer: SummaryWriter) -> dict | None:
+        """Evaluate on ``loader``, then log scalars, the class table, pictures and metrics.jsonl.
+
+        Returns None when a stop signal cut the validation short."""
+        try:
+            metrics, examples = evaluate(
+                self.model,
+                loader,
+                len(self.class_names),
+                self.ignore_index,
+                self.device,
+                self.precision,
+                self.channels_last,
+                self.num_val_images,
+                stop=lambda: self.stop_signal is not None,
+            )
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(
+                f"Validation: {OOM_HELP}; for validation also data.val_batch_size"
+            ) from error
+        if metrics is None:
+            return None
         for key in ("mIoU", "mDice", "aAcc", "mAcc"):
             writer.add_scalar(f"val/{key}", metrics[key], self.iteration)
         for name, iou, dice in zip(self.class_names, metrics["IoU"], metrics["Dice"], strict=True):
@@ -300,6 +461,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
             "best_miou": self.best_miou,
+            "skipped_steps": self.skipped_steps,
             "rng": rng_state(),
             "class_names": self.class_names,
             "palette": self.palette,
@@ -314,4 +476,5 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = state["iteration"]
         self.best_miou = state["best_miou"]
+        self.skipped_steps = state["skipped_steps"]
         set_rng_state(state["rng"])

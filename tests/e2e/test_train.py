@@ -7,25 +7,9 @@ import sys
 
 import pytest
 import torch
-from hydra import compose
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from seg import evaluate, train
-from tests.conftest import REPO, hydra_context
-
-TINY = ("debug=tiny", "trainer.precision=fp32")
-
-
-def run_training(run_dir, *overrides):
-    """train.run as `python train.py` would call it, in this process."""
-    overrides = [*TINY, f"output_root={run_dir.parent}", *overrides]
-    with hydra_context():
-        return train.run(compose("train", overrides=overrides), run_dir, overrides)
-
-
-def run_evaluation(*overrides):
-    with hydra_context():
-        return evaluate.run(compose("evaluate", overrides=list(overrides)), list(overrides))
+from tests.conftest import REPO, run_evaluation, run_training
 
 
 def scalars(run_dir, tag):

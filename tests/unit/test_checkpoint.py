@@ -1,11 +1,16 @@
+import errno
+import os
 import pickle
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from seg.engine import checkpoint as checkpoint_module
 from seg.engine.checkpoint import (
-    find_latest_checkpoint,
+    check_compatible,
     load_checkpoint,
+    newest_loadable_checkpoint,
     save_checkpoint,
     unwrapped_state_dict,
 )
@@ -52,13 +57,38 @@ def test_truncated_checkpoint_is_reported(tmp_path):
         load_checkpoint(path)
 
 
-def test_latest_checkpoint_is_the_newest(tmp_path):
-    import os
-
-    assert find_latest_checkpoint(tmp_path) is None
+def test_newest_loadable_checkpoint_skips_unreadable_ones(tmp_path, caplog):
+    assert newest_loadable_checkpoint(tmp_path) is None
     for i, run in enumerate(["a", "b", "c"]):
-        save_checkpoint({"model": {}}, tmp_path / run / "checkpoints" / "last.pt")
-        os.utime(
-            tmp_path / run / "checkpoints" / "last.pt", (1000 + i * (-1 if run == "c" else 1),) * 2
-        )
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "b" / "checkpoints" / "last.pt"
+        path = tmp_path / run / "checkpoints" / "last.pt"
+        save_checkpoint({"model": {}, "run": run}, path)
+        os.utime(path, (1000 + i, 1000 + i))
+    (tmp_path / "c" / "checkpoints" / "last.pt").write_bytes(b"garbage")
+    path, state = newest_loadable_checkpoint(tmp_path)
+    assert path == tmp_path / "b" / "checkpoints" / "last.pt" and state["run"] == "b"
+    assert "c/checkpoints/last.pt" in caplog.text
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {}, "iteration": 1}, path)
+
+    def disk_full(state, file):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"No space left on device.*previous last.pt is intact"):
+        save_checkpoint({"model": {}, "iteration": 2}, path)
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_incompatible_config_names_both_values():
+    state = {"config": "data:\n  num_classes: 19\nmodel:\n  arch: Unet\n"}
+    check_compatible(state, OmegaConf.create(state["config"]), "ck.pt")
+    other = OmegaConf.create({"data": {"num_classes": 6}, "model": {"arch": "Unet"}})
+    with pytest.raises(
+        ValueError, match=r"data.num_classes=19 in the checkpoint but data.num_classes=6"
+    ):
+        check_compatible(state, other, "ck.pt")

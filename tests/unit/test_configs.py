@@ -95,3 +95,22 @@ def test_groups_are_all_in_the_train_defaults():
     cfg = compose_config()
     for group in CONFIG_GROUPS[:6]:
         assert group in cfg
+
+
+def test_misspelt_key_gets_close_matches():
+    from seg.config import check_command_line
+
+    message = check_command_line("train", ["model=fcn", "trainer.max_iter=5"])
+    assert "Unknown config key 'trainer.max_iter'" in message and "trainer.max_iters" in message
+    assert "data.batch_size" in check_command_line("train", ["data.batchsize=2"])
+    assert check_command_line("train", ["trainer.max_iters=5", "model=fcn"]) is None
+    assert check_command_line("evaluate", ["checkpoint=x.pt", "split=test"]) is None
+
+
+def test_non_writable_run_directory(tmp_path):
+    from seg.config import check_writable
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match=r"cannot write to the run directory .*output_root"):
+        check_writable(blocker / "run")

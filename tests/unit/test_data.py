@@ -79,7 +79,7 @@ def test_image_and_mask_size_mismatch(folder_root):
 
 def test_unreadable_image_is_named(folder_root):
     (folder_root / "images" / "val" / "img0.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"img0.png: cannot read image"):
+    with pytest.raises(DataError, match=r"img0.png: cannot decode image"):
         FolderDataset(str(folder_root), "val", num_classes=2)[0]
 
 
@@ -127,3 +127,66 @@ def test_sampler_order_is_a_function_of_seed_and_position():
     assert [next(resumed) for _ in range(10)] == stream[7:]
     other = iter(InfiniteSampler(5, seed=4))
     assert [next(other)[0] for _ in range(10)] != [i for i, _, _ in stream[:10]]
+
+
+def test_truncated_png_and_jpeg_are_named(folder_root):
+    import cv2
+
+    png = folder_root / "images" / "val" / "img0.png"
+    png.write_bytes(png.read_bytes()[:-200])
+    with pytest.raises(DataError, match=r"img0.png: image file is truncated"):
+        FolderDataset(str(folder_root), "val", num_classes=2)[0]
+    jpeg = folder_root / "images" / "val" / "img1.jpg"
+    cv2.imwrite(str(jpeg), np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    (folder_root / "images" / "val" / "img1.png").unlink()
+    jpeg.write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])
+    with pytest.raises(DataError, match=r"img1.jpg: image file is truncated"):
+        FolderDataset(str(folder_root), "val", num_classes=2)[1]
+
+
+def test_a_bad_file_is_named_also_from_a_dataloader_worker(folder_root):
+    (folder_root / "images" / "train" / "img2.png").write_bytes(b"\x89PNG garbage IEND....")
+    dataset = FolderDataset(str(folder_root), "train", num_classes=2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1)
+    with pytest.raises(DataError, match=r"images/train/img2.png: cannot decode image"):
+        next(iter(loader))
+
+
+def test_skip_bad_samples_replaces_and_reports_up_to_the_fraction(folder_root, caplog):
+    (folder_root / "images" / "train" / "img1.png").write_bytes(b"not an image")
+    dataset = FolderDataset(str(folder_root), "train", num_classes=2, skip_bad_samples=0.5)
+    images = [dataset[i][0] for i in range(3)]
+    assert torch.equal(images[1], images[2])  # img1 was replaced by the next good sample
+    dataset.report_skipped()
+    assert "Skipped 1 bad samples of 3 read" in caplog.text and "img1.png" in caplog.text
+    strict = FolderDataset(str(folder_root), "train", num_classes=2, skip_bad_samples=0.1)
+    strict[0]
+    with pytest.raises(DataError, match=r"more than data.skip_bad_samples=0.1"):
+        strict[1]
+
+
+def test_binary_0_255_masks_are_caught_and_readable_with_mask_format_binary(folder_root):
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 10:30] = 255
+    write_png(folder_root / "masks" / "val" / "img0.png", mask)
+    with pytest.raises(DataError, match=r"binary mask stored as 0/255.*mask_format=binary"):
+        FolderDataset(str(folder_root), "val", num_classes=2)[0]
+    _, loaded = FolderDataset(str(folder_root), "val", num_classes=2, mask_format="binary")[0]
+    assert torch.equal(loaded, torch.from_numpy(mask // 255).long())
+
+
+def test_missing_root_and_empty_split(folder_root, tmp_path):
+    with pytest.raises(DataError, match=r"nowhere/images/train: directory not found"):
+        FolderDataset(str(tmp_path / "nowhere"), "train", num_classes=2)
+    (folder_root / "images" / "empty").mkdir()
+    (folder_root / "masks" / "empty").mkdir()
+    with pytest.raises(DataError, match="split 'empty' has no images"):
+        FolderDataset(str(folder_root), "empty", num_classes=2)
+
+
+def test_training_batches_are_always_full(folder_root):
+    from seg.data.loader import train_loader
+
+    dataset = FolderDataset(str(folder_root), "train", num_classes=2)  # 3 samples, batch 2
+    batches = iter(train_loader(dataset, batch_size=2, num_workers=0, seed=0))
+    assert all(next(batches)[0].shape[0] == 2 for _ in range(7))  # never a BatchNorm batch of 1
