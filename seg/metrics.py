@@ -30,6 +30,50 @@ class ConfusionMatrix:
         return metrics_from_confusion(self.matrix)
 
 
+def per_image_counts(
+    predictions: torch.Tensor, targets: torch.Tensor, num_classes: int, ignore_index: int
+) -> torch.Tensor:
+    """(N, 3, C) per image and class: true positives, target pixels, predicted pixels
+    (ignored pixels left out): enough for per-image IoU and for resampling images."""
+    batch, n = targets.shape[0], num_classes
+    valid = targets != ignore_index
+    offsets = torch.arange(batch, device=targets.device).view(batch, 1, 1) * n
+
+    def count(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        bins = torch.where(where, values + offsets, batch * n)  # excluded pixels: an extra bin
+        return torch.bincount(bins.flatten(), minlength=batch * n + 1)[: batch * n].view(batch, n)
+
+    hits = count(targets, valid & (predictions == targets))
+    return torch.stack([hits, count(targets, valid), count(predictions, valid)], dim=1)
+
+
+def iou_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """(..., 3, C) counts -> (..., C) IoU, NaN where a class is in neither target nor prediction."""
+    true_positive, target, predicted = counts.unbind(-2)
+    return true_positive / (target + predicted - true_positive)
+
+
+def bootstrap_miou(
+    image_counts: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the split's mIoU, resampling images.
+
+    ``image_counts``: (N, 3, C) from ``per_image_counts``; each resample sums the counts of N
+    images drawn with replacement and computes the mIoU of the sum, as the split's mIoU is.
+    """
+    count = image_counts.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, count, (resamples, count), generator=generator)
+    weights = torch.zeros(resamples, count, dtype=torch.float64)
+    weights.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    totals = (weights @ image_counts.flatten(1).double()).view(resamples, *image_counts.shape[1:])
+    mious = iou_from_counts(totals).nanmean(-1)
+    low, high = torch.quantile(
+        mious, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    )
+    return low.item(), high.item()
+
+
 def metrics_from_confusion(matrix: torch.Tensor) -> dict:
     matrix = matrix.double().cpu()
     true_positive = matrix.diag()

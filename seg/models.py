@@ -37,9 +37,9 @@ class Segmenter(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (N, C, H, W); with ``with_aux`` a pair (logits, auxiliary logits or None)."""
         height, width = images.shape[-2:]
-        pad_h, pad_w = -height % self.stride, -width % self.stride
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h))  # zero = the mean after normalization
+        # Zero padding (the mean after normalization) at the bottom/right; no branch on the
+        # amount, so that an exported graph with dynamic sizes pads every input correctly.
+        images = F.pad(images, (0, -width % self.stride, 0, -height % self.stride))
         out = self.net(images)
         logits, aux = (out["out"], out.get("aux")) if isinstance(out, dict) else (out, None)
         logits = self._to_input_size(logits, images, height, width)

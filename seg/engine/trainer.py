@@ -8,7 +8,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -22,13 +22,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seg.engine.checkpoint import save_checkpoint, unwrapped_state_dict
-from seg.metrics import ConfusionMatrix, format_table, named
-from seg.visualize import comparison
+from seg.engine.evaluation import evaluate, figures
+from seg.inference import AMP_DTYPES, Predictor
+from seg.metrics import format_table, named
+from seg.visualize import save_png
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-AMP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -67,46 +68,6 @@ def resolve_channels_last(channels_last: bool | str, device: torch.device) -> bo
     if not isinstance(channels_last, bool):
         raise ValueError(f"trainer.channels_last={channels_last!r}; options: auto, true, false")
     return channels_last
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    num_classes: int,
-    ignore_index: int,
-    device: torch.device,
-    precision: str,
-    channels_last: bool,
-    num_examples: int = 0,
-    stop: Callable[[], bool] | None = None,
-) -> tuple[dict | None, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Whole-image inference over ``loader``: metrics from one confusion matrix, and the first
-    ``num_examples`` (image, mask, prediction) triples on the CPU for pictures.
-
-    Returns ``(None, [])`` as soon as ``stop()`` is true (a stop signal during validation)."""
-    was_training = model.training
-    model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    confusion = ConfusionMatrix(num_classes, ignore_index, device)
-    examples = []
-    for images, masks in loader:
-        if stop is not None and stop():
-            model.train(was_training)
-            return None, []
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        masks = masks.to(device, non_blocking=True)
-        with torch.autocast(device.type, AMP_DTYPES[precision], enabled=precision != "fp32"):
-            logits = model(images)
-        predictions = logits.argmax(1)
-        confusion.update(predictions, masks)
-        if len(examples) < num_examples:
-            take = num_examples - len(examples)
-            examples += zip(
-                images[:take].cpu(), masks[:take].cpu(), predictions[:take].cpu(), strict=True
-            )
-    model.train(was_training)
-    return confusion.compute(), examples
 
 
 def rng_state() -> dict:
@@ -412,35 +373,37 @@ class Trainer:
         return StepResult(total, finite_loss, finite_grads)
 
     def validate(self, loader: DataLoader, writer: SummaryWriter) -> dict | None:
-        """Evaluate on ``loader``, then log scalars, the class table, pictures and metrics.jsonl.
+        """Evaluate on ``loader``, then log scalars, the class table, figures and metrics.jsonl.
 
         Returns None when a stop signal cut the validation short."""
+        predictor = Predictor(self.model, self.device, self.precision, self.channels_last)
         try:
-            metrics, examples = evaluate(
-                self.model,
+            result = evaluate(
+                predictor,
                 loader,
                 len(self.class_names),
                 self.ignore_index,
-                self.device,
-                self.precision,
-                self.channels_last,
-                self.num_val_images,
+                num_examples=self.num_val_images,
+                num_worst=self.num_val_images,
                 stop=lambda: self.stop_signal is not None,
             )
         except torch.OutOfMemoryError as error:
             raise RuntimeError(
                 f"Validation: {OOM_HELP}; for validation also data.val_batch_size"
             ) from error
-        if metrics is None:
+        if result is None:
             return None
+        metrics = result.metrics
         for key in ("mIoU", "mDice", "aAcc", "mAcc"):
             writer.add_scalar(f"val/{key}", metrics[key], self.iteration)
         for name, iou, dice in zip(self.class_names, metrics["IoU"], metrics["Dice"], strict=True):
             writer.add_scalar(f"val/IoU/{name}", iou, self.iteration)
             writer.add_scalar(f"val/Dice/{name}", dice, self.iteration)
-        for i, (image, mask, prediction) in enumerate(examples):
-            picture = comparison(image, mask, prediction, self.palette, self.mean, self.std)
-            writer.add_image(f"val/example_{i}", picture, self.iteration)
+        pictures = figures(result, self.class_names, self.palette, self.mean, self.std)
+        for name, array in pictures.items():
+            writer.add_image(f"val/{name}", array, self.iteration, dataformats="HWC")
+            if not name.startswith("example"):
+                save_png(array, self.run_dir / "figures" / f"val_{name}.png")
         writer.flush()
         log.info(
             "Validation at iteration %d:\n%s",

@@ -1,0 +1,6 @@
+"""python scripts/export.py checkpoint=<path> format=onnx|torchscript: see README.md ("Export")."""
+
+from seg.export import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""``python scripts/export.py checkpoint=<path> format=onnx|torchscript``: a deployable model file
+plus the JSON a deployer needs, verified against PyTorch before it is called done."""
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from seg.config import check_command_line
+from seg.data import loader
+from seg.engine.checkpoint import load_checkpoint
+from seg.engine.evaluation import evaluate
+from seg.evaluate import checkpoint_config
+from seg.inference import Predictor
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+OWN_KEYS = ("checkpoint", "format", "dynamic", "output", "sample_size", "verify_split", "tolerance")
+EXIT_MISMATCH = 1
+
+
+def main() -> None:
+    """``python scripts/export.py`` and ``seg-export``."""
+    error = check_command_line("export", sys.argv[1:])
+    if error:
+        sys.exit(error)
+    hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="export")
+def hydra_main(cfg: DictConfig) -> None:
+    report = run(cfg, list(HydraConfig.get().overrides.task))
+    if not report["verification"]["passed"]:
+        sys.exit(EXIT_MISMATCH)
+
+
+class ExportedModel(nn.Module):
+    """An exported file behind the PyTorch model interface (CPU), for verification."""
+
+    def __init__(self, path: Path, format: str):
+        super().__init__()
+        self.format = format
+        if format == "onnx":
+            try:
+                import onnxruntime
+            except ImportError as error:
+                raise ImportError(
+                    "verifying an ONNX export needs onnxruntime: pip install -e '.[export]'"
+                ) from error
+            self.session = onnxruntime.InferenceSession(
+                str(path), providers=["CPUExecutionProvider"]
+            )
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # see export_model
+                self.module = torch.jit.load(str(path), map_location="cpu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.format == "onnx":
+            (logits,) = self.session.run(["logits"], {"images": images.float().cpu().numpy()})
+            return torch.from_numpy(logits)
+        return self.module(images.float().cpu())
+
+
+def export_model(
+    model: nn.Module, sample: torch.Tensor, path: Path, format: str, dynamic: bool
+) -> None:
+    """Write ``model`` (fp32, eval mode) to ``path``, traced on ``sample``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if format == "onnx":
+        try:
+            import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+        except ImportError as error:
+            raise ImportError(
+                "ONNX export needs onnx and onnxscript: pip install -e '.[export]'"
+            ) from error
+        dims = torch.export.Dim
+        shapes = ({0: dims("batch"), 2: dims("height"), 3: dims("width")},) if dynamic else None
+        torch.onnx.export(
+            model, (sample,), str(path), dynamo=True, input_names=["images"],
+            output_names=["logits"], dynamic_shapes=shapes,
+        )  # fmt: skip
+    else:
+        with warnings.catch_warnings():
+            # The tracer warns about shape checks; the verification below is the real test.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # TorchScript is deprecated upstream but still what many C++/mobile runtimes load.
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.trace(model, sample).save(str(path))
+
+
+def verification_inputs(sample: torch.Tensor, dynamic: bool, stride: int) -> list[torch.Tensor]:
+    """The traced size, and with ``dynamic`` other batch sizes and sizes off the stride."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [tuple(sample.shape)]
+    if dynamic:
+        _, channels, height, width = sample.shape
+        shapes += [
+            (1, channels, height + stride // 2 + 3, width - stride // 2 + 1),
+            (3, channels, height, width),
+        ]
+    return [torch.randn(*shape, generator=generator) for shape in shapes]
+
+
+def run(cfg: DictConfig, overrides: list[str]) -> dict:
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format={cfg.format!r}; options: {list(FORMATS)}")
+    checkpoint_path = Path(cfg.checkpoint)
+    checkpoint = load_checkpoint(checkpoint_path)
+    train_cfg = checkpoint_config(cfg, overrides, checkpoint)
+    # Exported graphs are fp32 and CPU-traced; runtimes pick their own precision and device.
+    model = instantiate(train_cfg.model, pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    height, width = cfg.sample_size or train_cfg.data.train_transform.crop_size
+    sample = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    output = Path(cfg.output) if cfg.output else checkpoint_path.with_suffix(FORMATS[cfg.format])
+    log.info(
+        "Exporting %s to %s (%s, dynamic=%s)", checkpoint_path, output, cfg.format, cfg.dynamic
+    )
+    with torch.no_grad():
+        export_model(model, sample, output, cfg.format, cfg.dynamic)
+    exported = ExportedModel(output, cfg.format)
+
+    differences = []
+    with torch.no_grad():
+        for images in verification_inputs(sample, cfg.dynamic, model.stride):
+            difference = (exported(images) - model(images)).abs().max().item()
+            differences.append({"shape": list(images.shape), "max_abs_diff": difference})
+            log.info("Logits on %s: max abs difference %.3g", list(images.shape), difference)
+    max_difference = max(d["max_abs_diff"] for d in differences)
+    verification = {
+        "inputs": differences,
+        "max_abs_diff": max_difference,
+        "tolerance": cfg.tolerance,
+        "passed": max_difference <= cfg.tolerance,
+    }
+    if cfg.verify_split:
+        verification |= compare_miou(model, exported, train_cfg, cfg.verify_split)
+        verification["passed"] &= (
+            abs(verification["mIoU_exported"] - verification["mIoU_pytorch"]) < 1e-3
+        )
+
+    data = train_cfg.data
+    report = {
+        "format": cfg.format,
+        "model": output.name,
+        "checkpoint": str(checkpoint_path),
+        "iteration": checkpoint["iteration"],
+        "class_names": list(checkpoint["class_names"]),
+        "palette": checkpoint["palette"],
+        "ignore_index": data.ignore_index,
+        "input": {
+            "name": "images",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": "RGB",
+            "normalization": "(pixel / 255 - mean) / std, per channel",
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "size": "any batch, height and width"
+            if cfg.dynamic
+            else f"exactly {list(sample.shape)}",
+            "note": f"inputs are padded inside the model to a multiple of {model.stride}",
+        },
+        "output": {
+            "name": "logits",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "meaning": "class scores at the input's height and width; argmax over C = class index",
+        },
+        "verification": verification,
+    }
+    output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    status = "passed" if verification["passed"] else "FAILED"
+    log.info("Verification %s (max abs diff %.3g, tolerance %g); wrote %s and %s", status,
+             max_difference, cfg.tolerance, output, output.with_suffix(".json"))  # fmt: skip
+    return report
+
+
+def compare_miou(model: nn.Module, exported: nn.Module, train_cfg: DictConfig, split: str) -> dict:
+    """Val mIoU through PyTorch (fp32, CPU) and through the exported file, on the same data."""
+    data = train_cfg.data
+    dataset = instantiate(data.dataset, split=split, transform=instantiate(data.val_transform))
+    data_loader = loader.val_loader(
+        dataset, data.val_batch_size, data.num_workers, data.max_val_samples
+    )
+    results = {}
+    for name, candidate in (("pytorch", model), ("exported", exported)):
+        predictor = Predictor(candidate, torch.device("cpu"))
+        result = evaluate(predictor, data_loader, data.num_classes, data.ignore_index)
+        results[f"mIoU_{name}"] = result.metrics["mIoU"]
+    log.info(
+        "%s mIoU: PyTorch %.6f, exported %.6f",
+        split,
+        results["mIoU_pytorch"],
+        results["mIoU_exported"],
+    )
+    return results

@@ -1,0 +1,164 @@
+"""``python predict.py checkpoint=<path> input=<file|dir|glob> output=<dir>``: label images
+with a checkpoint alone (no run directory, no dataset)."""
+
+import glob
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from seg.config import check_command_line
+from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
+from seg.data.transforms import val_transform
+from seg.engine.checkpoint import load_checkpoint
+from seg.evaluate import checkpoint_config, predictor_from
+from seg.visualize import colorize, overlay
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("index", "color", "overlay")
+OWN_KEYS = (
+    "checkpoint", "input", "output", "format", "batch_size", "alpha", "mode", "crop", "stride",
+    "scales", "flip", "window_batch",
+)  # fmt: skip
+
+
+def main() -> None:
+    """``python predict.py`` and ``seg-predict``: check the command line, then predict."""
+    error = check_command_line("predict", sys.argv[1:])
+    if error:
+        sys.exit(error)
+    hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="predict")
+def hydra_main(cfg: DictConfig) -> None:
+    run(cfg, list(HydraConfig.get().overrides.task))
+
+
+def find_inputs(pattern: str) -> tuple[list[Path], Path]:
+    """The image files named by ``pattern`` (a file, a directory searched recursively, or a
+    glob) and the folder that output paths are made relative to."""
+    path = Path(pattern)
+    if path.is_file():
+        return [path], path.parent
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return files, path
+    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    base = Path(glob.escape(pattern).split("*")[0].split("?")[0] or ".")
+    return files, base if base.is_dir() else base.parent
+
+
+class ImageFiles(Dataset):
+    """Decoded, normalized images; an unreadable file yields its error instead of failing."""
+
+    def __init__(self, files: list[Path], mean, std):
+        self.files = files
+        self.transform = val_transform(mean, std)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        try:
+            image = read_image(self.files[index])
+        except DataError as error:
+            return index, None, None, str(error)
+        normalized = self.transform(image=image)["image"]
+        return index, normalized, torch.from_numpy(image), None
+
+
+def same_size_batches(loader: DataLoader, batch_size: int) -> Iterator[list]:
+    """Group consecutive readable images of equal size into batches; unreadable ones pass alone."""
+    batch = []
+    for item in loader:
+        index, image, original, error = item[0]
+        if error is not None:
+            yield [item[0]]
+            continue
+        if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape):
+            yield batch
+            batch = []
+        batch.append((index, image, original, None))
+    if batch:
+        yield batch
+
+
+def run(cfg: DictConfig, overrides: list[str]) -> dict:
+    """Write the requested formats for every input image; returns counts of written/skipped."""
+    formats = [cfg.format] if isinstance(cfg.format, str) else list(cfg.format)
+    formats = [f.strip() for name in formats for f in name.split(",")]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(
+            f"format={unknown} unknown; options: {list(FORMATS)} (e.g. format=[index,color])"
+        )
+    files, base = find_inputs(str(cfg.input))
+    if not files:
+        raise FileNotFoundError(f"input={cfg.input}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    train_cfg = checkpoint_config(cfg, overrides, checkpoint)
+    predictor = predictor_from(cfg, train_cfg, checkpoint)
+    palette = checkpoint["palette"]
+    output = Path(cfg.output)
+    dataset = ImageFiles(files, train_cfg.data.mean, train_cfg.data.std)
+    loader = DataLoader(
+        dataset,
+        batch_size=1,
+        num_workers=train_cfg.data.num_workers,
+        collate_fn=list,  # sizes may differ: batches are formed below
+    )
+    written, skipped = 0, []
+    log.info(
+        "Predicting %d images from %s into %s (%s)",
+        len(files),
+        cfg.input,
+        output,
+        ", ".join(formats),
+    )
+    with tqdm(total=len(files), desc="predict", unit="img", disable=None) as bar:
+        for batch in same_size_batches(loader, cfg.batch_size):
+            if batch[0][3] is not None:
+                skipped.append(batch[0][3])
+                log.warning("Skipped: %s", batch[0][3])
+                bar.update()
+                continue
+            labels = predictor.predict(torch.stack([item[1] for item in batch])).cpu()
+            for (index, _, original, _), label in zip(batch, labels, strict=True):
+                relative = files[index].relative_to(base).with_suffix(".png")
+                write_outputs(label, original, formats, output, relative, palette, cfg.alpha)
+                written += 1
+            bar.update(len(batch))
+    log.info(
+        "Wrote predictions for %d images to %s; skipped %d unreadable",
+        written,
+        output,
+        len(skipped),
+    )
+    return {"written": written, "skipped": len(skipped)}
+
+
+def write_outputs(label, original, formats, output: Path, relative: Path, palette, alpha: float):
+    """One PNG per format under ``output/<format>/``: ``index`` holds class indices (8-bit,
+    one channel), ``color`` the palette colours, ``overlay`` the colours blended on the image."""
+    for name in formats:
+        path = output / name / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name == "index":
+            dtype = np.uint8 if len(palette) <= 256 else np.uint16  # 16-bit PNG past 256 classes
+            Image.fromarray(label.numpy().astype(dtype)).save(path)
+        elif name == "color":
+            Image.fromarray(colorize(label, palette).permute(1, 2, 0).numpy()).save(path)
+        else:
+            blended = overlay(original.permute(2, 0, 1), colorize(label, palette), alpha)
+            Image.fromarray(blended.permute(1, 2, 0).numpy()).save(path)
