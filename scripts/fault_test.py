@@ -46,20 +46,25 @@ def newest_iteration(output_root: Path) -> int | None:
     return None if found is None else found[1]["iteration"]
 
 
+def newest_mtime(output_root: Path) -> float:
+    """Cheap progress probe: loading a checkpoint on every poll would slow the run down."""
+    return max((p.stat().st_mtime for p in output_root.glob("**/checkpoints/*.pt")), default=0.0)
+
+
 def wait_until(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return True
-        time.sleep(0.05)
+        time.sleep(0.2)
     return False
 
 
 def trial(output_root: Path, rng: random.Random) -> tuple[bool, bool, str]:
-    process = start(output_root, *(["resume=auto"] if newest_iteration(output_root) else []))
-    before = newest_iteration(output_root) or 0
-    # Let it write a few checkpoints, then kill it at a random moment.
-    wait_until(lambda: (newest_iteration(output_root) or 0) > before, timeout=120)
+    before = newest_mtime(output_root)
+    process = start(output_root, *(["resume=auto"] if before else []))
+    # Once it writes checkpoints again, kill it at a random moment.
+    wait_until(lambda: newest_mtime(output_root) > before, timeout=120)
     time.sleep(rng.uniform(0.0, 2.0))
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -72,7 +77,10 @@ def trial(output_root: Path, rng: random.Random) -> tuple[bool, bool, str]:
     if not loadable:
         return False, False, "no loadable checkpoint"
     resumed = start(output_root, "resume=auto")
-    ok = wait_until(lambda: (newest_iteration(output_root) or 0) > killed_at, timeout=120)
+    saved = newest_mtime(output_root)
+    # progress = a newer checkpoint, which must load and be past the kill
+    ok = wait_until(lambda: newest_mtime(output_root) > saved, timeout=120)
+    ok = ok and (newest_iteration(output_root) or 0) > killed_at
     resumed.send_signal(signal.SIGKILL)
     resumed.wait()
     return True, ok, f"killed at iteration {killed_at}, resumed past it: {ok}"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -100,3 +101,14 @@ def check_writable(directory: Path) -> None:
             f"cannot write to the run directory {directory} ({error.strerror or error}); "
             "choose a writable place with output_root=<dir> or hydra.run.dir=<dir>"
         ) from error
+
+
+def build(config: DictConfig, **kwargs):
+    """``instantiate`` for the entry points, re-raising a constructor's own error (a DataError
+    naming a missing file, a ValueError listing options) instead of Hydra's wrapper around it."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError | OSError):  # DataError is a ValueError
+            raise error.__cause__ from None
+        raise

@@ -9,12 +9,11 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from seg.config import apply_overrides, check_command_line
+from seg.config import apply_overrides, build, check_command_line
 from seg.data import loader
 from seg.engine.checkpoint import check_compatible, load_checkpoint
 from seg.engine.evaluation import Evaluation, evaluate, figures
@@ -50,7 +49,7 @@ def load_model(
 ) -> tuple[torch.nn.Module, torch.device, str, bool]:
     """Rebuild the checkpoint's model on the configured device, with its precision and layout."""
     # The weights come from the checkpoint: never download pretrained ones here.
-    model = instantiate(train_cfg.model, pretrained=False)
+    model = build(train_cfg.model, pretrained=False)
     model.load_state_dict(checkpoint["model"])
     device = resolve_device(train_cfg.trainer.device)
     precision = resolve_precision(train_cfg.trainer.precision, device)
@@ -97,7 +96,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     checkpoint = load_checkpoint(checkpoint_path)
     train_cfg = checkpoint_config(cfg, overrides, checkpoint)
     data = train_cfg.data
-    dataset = instantiate(data.dataset, split=cfg.split, transform=instantiate(data.val_transform))
+    dataset = build(data.dataset, split=cfg.split, transform=build(data.val_transform))
     predictor = predictor_from(cfg, train_cfg, checkpoint)
     data_loader = loader.val_loader(
         dataset,

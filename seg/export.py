@@ -10,11 +10,10 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from seg.config import check_command_line
+from seg.config import build, check_command_line
 from seg.data import loader
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluation import evaluate
@@ -118,7 +117,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     checkpoint = load_checkpoint(checkpoint_path)
     train_cfg = checkpoint_config(cfg, overrides, checkpoint)
     # Exported graphs are fp32 and CPU-traced; runtimes pick their own precision and device.
-    model = instantiate(train_cfg.model, pretrained=False)
+    model = build(train_cfg.model, pretrained=False)
     model.load_state_dict(checkpoint["model"])
     model.eval()
     height, width = cfg.sample_size or train_cfg.data.train_transform.crop_size
@@ -190,7 +189,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
 def compare_miou(model: nn.Module, exported: nn.Module, train_cfg: DictConfig, split: str) -> dict:
     """Val mIoU through PyTorch (fp32, CPU) and through the exported file, on the same data."""
     data = train_cfg.data
-    dataset = instantiate(data.dataset, split=split, transform=instantiate(data.val_transform))
+    dataset = build(data.dataset, split=split, transform=build(data.val_transform))
     data_loader = loader.val_loader(
         dataset, data.val_batch_size, data.num_workers, data.max_val_samples
     )

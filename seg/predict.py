@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from seg.config import check_command_line
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
+from seg.data.cityscapes import LABEL_TO_TRAIN_ID
 from seg.data.transforms import val_transform
 from seg.engine.checkpoint import load_checkpoint
 from seg.evaluate import checkpoint_config, predictor_from
@@ -25,7 +26,12 @@ from seg.visualize import colorize, overlay
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("index", "color", "overlay")
+# trainId (0-18) -> labelId, the inverse of the mapping the Cityscapes dataset applies
+TRAIN_ID_TO_LABEL_ID = np.zeros(len(LABEL_TO_TRAIN_ID), np.uint8)
+for _label_id, _train_id in LABEL_TO_TRAIN_ID.items():
+    TRAIN_ID_TO_LABEL_ID[_train_id] = _label_id
+
+FORMATS = ("index", "color", "overlay", "cityscapes")
 OWN_KEYS = (
     "checkpoint", "input", "output", "format", "batch_size", "alpha", "mode", "crop", "stride",
     "scales", "flip", "window_batch",
@@ -107,6 +113,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     if not files:
         raise FileNotFoundError(f"input={cfg.input}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     checkpoint = load_checkpoint(cfg.checkpoint)
+    if "cityscapes" in formats and len(checkpoint["class_names"]) != len(LABEL_TO_TRAIN_ID):
+        raise ValueError(
+            f"format=cityscapes writes the 19 Cityscapes classes as labelIds, but checkpoint "
+            f"{cfg.checkpoint} has {len(checkpoint['class_names'])} classes"
+        )
     train_cfg = checkpoint_config(cfg, overrides, checkpoint)
     predictor = predictor_from(cfg, train_cfg, checkpoint)
     palette = checkpoint["palette"]
@@ -150,11 +161,15 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
 
 def write_outputs(label, original, formats, output: Path, relative: Path, palette, alpha: float):
     """One PNG per format under ``output/<format>/``: ``index`` holds class indices (8-bit,
-    one channel), ``color`` the palette colours, ``overlay`` the colours blended on the image."""
+    one channel), ``color`` the palette colours, ``overlay`` the colours blended on the image,
+    ``cityscapes`` the official labelIds, in one flat folder as the evaluation server wants."""
     for name in formats:
-        path = output / name / relative
+        # cityscapes: <city>_<seq>_<frame>_leftImg8bit.png, the name the official tools match
+        path = output / name / (relative.name if name == "cityscapes" else relative)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if name == "index":
+        if name == "cityscapes":
+            Image.fromarray(TRAIN_ID_TO_LABEL_ID[label.numpy()]).save(path)
+        elif name == "index":
             dtype = np.uint8 if len(palette) <= 256 else np.uint16  # 16-bit PNG past 256 classes
             Image.fromarray(label.numpy().astype(dtype)).save(path)
         elif name == "color":

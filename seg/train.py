@@ -9,11 +9,11 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from seg.config import check_command_line, check_data_config, check_writable
+from seg.config import build, check_command_line, check_data_config, check_writable
 from seg.data import loader
+from seg.doctor import quick_check
 from seg.engine.checkpoint import check_compatible, load_checkpoint, newest_loadable_checkpoint
 from seg.engine.trainer import StopTraining
 
@@ -99,20 +99,22 @@ def build_and_train(
     torch.manual_seed(cfg.seed)
 
     # Data first: a wrong root or an empty split fails before anything slow is built.
-    train_set = instantiate(
+    train_set = build(
         cfg.data.dataset,
         split=cfg.data.train_split,
-        transform=instantiate(cfg.data.train_transform),
+        transform=build(cfg.data.train_transform),
     )
-    val_set = instantiate(
-        cfg.data.dataset, split=cfg.data.val_split, transform=instantiate(cfg.data.val_transform)
+    val_set = build(
+        cfg.data.dataset, split=cfg.data.val_split, transform=build(cfg.data.val_transform)
     )
+    for dataset in (train_set, val_set):  # the doctor's checks on a few files, before any work
+        quick_check(dataset)
     # A resumed model gets its weights from the checkpoint: nothing to download.
-    model = instantiate(cfg.model, **({"pretrained": False} if checkpoint else {}))
-    loss_fn = instantiate(cfg.loss)
-    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer)
-    trainer = instantiate(
+    model = build(cfg.model, **({"pretrained": False} if checkpoint else {}))
+    loss_fn = build(cfg.loss)
+    optimizer = build(cfg.optimizer)(params=model.parameters())
+    scheduler = build(cfg.scheduler)(optimizer=optimizer)
+    trainer = build(
         cfg.trainer,
         model=model,
         loss_fn=loss_fn,

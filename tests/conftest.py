@@ -98,3 +98,58 @@ def run_training(run_dir: Path, *overrides: str) -> float:
 def run_evaluation(*overrides: str) -> dict:
     with hydra_context():
         return evaluate.run(compose("evaluate", overrides=list(overrides)), list(overrides))
+
+
+def _random_image(rng, height: int, width: int) -> np.ndarray:
+    return rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def camvid_root(tmp_path: Path) -> Path:
+    """SegNet's CamVid layout: 2 images per split, 24x32, labels 0-11 (11 = void)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for i in range(2):
+            write_png(tmp_path / split / f"0001TP_{i:06d}.png", _random_image(rng, 24, 32))
+            labels = rng.integers(0, 12, (24, 32), dtype=np.uint8)
+            write_png(tmp_path / f"{split}annot" / f"0001TP_{i:06d}.png", labels)
+    return tmp_path
+
+
+VOC_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (252 * 3) + [224, 224, 192]
+
+
+@pytest.fixture
+def voc_root(tmp_path: Path) -> Path:
+    """VOC2012's layout: 2007_000032 in train, 2007_000033 in val, both in trainaug."""
+    rng = np.random.default_rng(0)
+    ids = ("2007_000032", "2007_000033")
+    (tmp_path / "JPEGImages").mkdir(parents=True)
+    for i, name in enumerate(ids):
+        Image.fromarray(_random_image(rng, 24, 32)).save(tmp_path / "JPEGImages" / f"{name}.jpg")
+        mask = np.zeros((24, 32), np.uint8)
+        mask[5:15, 5:20] = 1 + i
+        mask[4, 5:20] = 255  # the object boundary, ignored
+        write_png(tmp_path / "SegmentationClass" / f"{name}.png", mask, palette=VOC_PALETTE)
+        write_png(tmp_path / "SegmentationClassAug" / f"{name}.png", mask)
+    sets = tmp_path / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text(f"{ids[0]}\n")
+    (sets / "val.txt").write_text(f"{ids[1]}\n")
+    (sets / "trainaug.txt").write_text("\n".join(ids) + "\n")
+    return tmp_path
+
+
+@pytest.fixture
+def ade20k_root(tmp_path: Path) -> Path:
+    """ADEChallengeData2016's layout: one training and one validation image, labels 0-150."""
+    rng = np.random.default_rng(0)
+    for folder in ("training", "validation"):
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        name = f"ADE_{folder[:5]}_00000001"
+        Image.fromarray(_random_image(rng, 24, 32)).save(
+            tmp_path / "images" / folder / f"{name}.jpg"
+        )
+        labels = np.array([[0, 1, 2, 150]], np.uint8).repeat(24, 0).repeat(8, 1)
+        write_png(tmp_path / "annotations" / folder / f"{name}.png", labels)
+    return tmp_path

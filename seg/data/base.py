@@ -63,7 +63,8 @@ def read_mask(path: Path) -> np.ndarray:
     if array.ndim != 2:
         raise DataError(
             f"{path}: mask has mode {mode} with {array.shape[-1]} channels; expected a "
-            "single-channel index PNG (mode L or P) whose pixel values are class indices"
+            "single-channel index PNG (mode L or P) whose pixel values are class indices "
+            "(colour-coded masks: data=folder with data.dataset.mask_format=rgb)"
         )
     return array
 
@@ -162,7 +163,7 @@ class SegmentationDataset(Dataset):
     def check_labels(self, mask: np.ndarray, index: int) -> None:
         # A 2-class mask with no class 1 but many ignored pixels: 0/255 binary, not 0/1.
         ignored_share = (mask == self.ignore_index).mean() if self.num_classes == 2 else 0.0
-        if ignored_share > 0.01 and not (mask == 1).any():
+        if ignored_share > 0.01 and not (mask == 1).any() and (mask == 0).any():
             raise DataError(
                 f"{self.describe(index)}: the mask holds 0 and {self.ignore_index} only: a "
                 f"binary mask stored as 0/255? {self.ignore_index} is ignore_index, so the "

@@ -149,6 +149,7 @@ class Trainer:
         precision: str = "auto",
         channels_last: bool | str = "auto",
         deterministic: bool = False,
+        compile: bool = False,
         max_iters: int = 1000,
         grad_accum_steps: int = 1,
         clip_grad_norm: float | None = None,
@@ -165,6 +166,9 @@ class Trainer:
         # .to() swaps parameter data in place, so the optimizer's references stay valid.
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.aux_weight = getattr(model, "aux_weight", 0.0)
+        # Training steps go through the compiled model; validation, checkpoints and the
+        # fallback use the plain one (compilation is lazy: failures show at the first step).
+        self.forward_model = torch.compile(self.model) if compile else self.model
         self.loss_fn = loss_fn.to(self.device)
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -214,6 +218,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync per step
         steps_since_log, applied_since_log, clock = 0, 0, time.perf_counter()
         bad_streak = 0
+        seconds = {"training steps": 0.0, "validation": 0.0, "checkpoints": 0.0}
         metrics = {}
         self.model.train()
         with (
@@ -223,6 +228,7 @@ class Trainer:
             tqdm(total=self.max_iters, initial=self.iteration, disable=None, unit="it") as bar,
         ):
             while self.iteration < self.max_iters:
+                started = time.perf_counter()
                 try:
                     step = self.train_step(batches)
                 except RuntimeError:
@@ -234,6 +240,7 @@ class Trainer:
                     self.stop_after_signal()
                 self.iteration += 1
                 steps_since_log += 1
+                seconds["training steps"] += time.perf_counter() - started
                 bar.update()
                 last = self.iteration == self.max_iters
                 if step.applied:
@@ -276,16 +283,21 @@ class Trainer:
                     steps_since_log, applied_since_log, clock = 0, 0, time.perf_counter()
 
                 if (self.iteration % self.val_every == 0 or last) and self.stop_signal is None:
+                    started = time.perf_counter()
                     metrics = self.validate(val_loader, writer) or metrics
+                    seconds["validation"] += time.perf_counter() - started
                     if metrics and metrics["mIoU"] > self.best_miou:  # False for NaN
                         self.best_miou = metrics["mIoU"]
                         save_checkpoint(self.state_dict(), self.run_dir / "checkpoints/best.pt")
                     clock = time.perf_counter()  # img/s counts training time only
 
                 if self.iteration % self.ckpt_every == 0 or last:
+                    started = time.perf_counter()
                     save_checkpoint(self.state_dict(), self.last_path)
+                    seconds["checkpoints"] += time.perf_counter() - started
                 if self.stop_signal is not None:
                     self.stop_after_signal()
+        log.info("Time: " + ", ".join(f"{value:.1f} s {name}" for name, value in seconds.items()))
         log.info("Done: best val mIoU %.4f, checkpoints in %s", self.best_miou, self.run_dir)
         return metrics
 
@@ -330,6 +342,21 @@ class Trainer:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def run_model(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training forward pass; if torch.compile fails, warn and continue eagerly."""
+        try:
+            return self.forward_model(images, with_aux=True)
+        except Exception as error:
+            if self.forward_model is self.model:
+                raise
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            log.warning(
+                "trainer.compile: torch.compile failed (%s: %s); continuing without it",
+                type(error).__name__, message[:300],
+            )  # fmt: skip
+            self.forward_model = self.model
+            return self.model(images, with_aux=True)
+
     def train_step(self, batches: Iterator) -> StepResult:
         """One optimizer step over ``grad_accum_steps`` batches, skipped if non-finite."""
         total = torch.zeros((), device=self.device)
@@ -341,7 +368,7 @@ class Trainer:
                 with torch.autocast(
                     self.device.type, AMP_DTYPES[self.precision], enabled=self.precision != "fp32"
                 ):
-                    logits, aux_logits = self.model(images, with_aux=True)
+                    logits, aux_logits = self.run_model(images)
                 # Outside autocast: the losses reduce in float32.
                 loss = self.loss_fn(logits, masks)
                 if aux_logits is not None:

@@ -45,8 +45,15 @@ def _first_factor(cfg) -> float:
     return cfg.scheduler.warmup_ratio if cfg.scheduler.warmup_iters > 0 else 1.0
 
 
-def test_data_configs_build(folder_root, cityscapes_root):
-    roots = {"folder": folder_root, "cityscapes": cityscapes_root, "synthetic": None}
+def test_data_configs_build(folder_root, cityscapes_root, camvid_root, voc_root, ade20k_root):
+    roots = {
+        "folder": folder_root,
+        "cityscapes": cityscapes_root,
+        "camvid": camvid_root,
+        "voc": voc_root,
+        "ade20k": ade20k_root,
+        "synthetic": None,
+    }
     assert set(roots) == set(group_options("data"))
     for option, root in roots.items():
         cfg = compose_config(f"data={option}", *([f"data.root={root}"] if root else []))

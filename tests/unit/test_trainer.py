@@ -1,6 +1,7 @@
 """The Trainer's guards: non-finite steps, out-of-memory and BatchNorm errors with their fixes."""
 
 import itertools
+import logging
 import math
 
 import pytest
@@ -97,3 +98,25 @@ def test_batch_of_one_with_batchnorm_pooling_says_how_to_fix(tmp_path):
     trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), model=model)
     with pytest.raises(ValueError, match=r"data.batch_size >= 2"):
         trainer.train_step(batches(batch_size=1, size=32))
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplog):
+    def broken_compile(model):
+        def fails(*args, **kwargs):
+            raise RuntimeError("backend exploded")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), compile=True)
+    step = trainer.train_step(batches())
+    assert step.applied
+    assert "torch.compile failed (RuntimeError: backend exploded)" in caplog.text
+    assert trainer.forward_model is trainer.model
+
+
+def test_fit_logs_where_the_time_went(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=2)
+    trainer.fit(Loader(itertools.islice(batches(), 2)), Loader(itertools.islice(batches(), 1)))
+    assert "s training steps" in caplog.text and "s validation" in caplog.text

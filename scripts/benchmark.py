@@ -1,0 +1,393 @@
+"""Measure seg's speed side by side with plain PyTorch loops, in one process.
+
+    python scripts/benchmark.py                       # unet, deeplabv3plus, fcn at 256x512, batch 4
+    python scripts/benchmark.py --models unet --size 512 1024 --batch 2 --json bench.json
+    python scripts/benchmark.py --default-run         # also time `python train.py` end to end
+
+For each model: (a) seg's training step as the Trainer runs it (precision and channels_last as
+`auto` picks them), (b) a plain fp32 loop (model, loss, backward, SGD step: what torchvision's
+reference script or Lightning's defaults do), (c) the same plain loop with seg's settings, so
+that (a)/(c) is the Trainer's own overhead; FLOPs per image, achieved GFLOP/s, peak memory; the
+machine's fp32/bf16 GEMM ceilings; the data pipeline (Cityscapes-sized PNGs, random
+scale/crop/flip/normalize) against torchvision.transforms.v2; evaluation throughput. Medians of
+--reps timed repetitions after --warmup untimed ones.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from seg.data.cityscapes import Cityscapes  # noqa: E402
+from seg.data.loader import train_loader  # noqa: E402
+from seg.data.synthetic import SyntheticScenes  # noqa: E402
+from seg.data.transforms import train_transform  # noqa: E402
+from seg.engine.evaluation import evaluate  # noqa: E402
+from seg.inference import Predictor  # noqa: E402
+from seg.schedulers import poly  # noqa: E402
+
+NUM_CLASSES = 19  # Cityscapes-sized heads
+
+
+def median_seconds(step, reps: int, warmup: int, sync) -> float:
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or the process's peak RSS on Linux."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif Path("/proc/self/clear_refs").exists():
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            status = Path("/proc/self/status").read_text()
+            self.mib = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def gemm_ceiling(dtype: torch.dtype, device: torch.device, sync, n: int = 2048) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, reps=5, warmup=2, sync=sync)
+    return 2 * n**3 / seconds / 1e9
+
+
+def compose_train(*overrides: str):
+    with initialize_config_module(config_module="seg.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """FLOPs of one forward pass per image. Training is counted as 3x forward: the flop
+    counter overcounts the backward of grouped/depthwise convolutions (PERF_NOTES)."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images[:1])
+    model.train()
+    return counter.get_total_flops()
+
+
+def plain_step(model, optimizer, images, masks, autocast_dtype):
+    """What a plain PyTorch loop does: forward, cross-entropy, backward, SGD step."""
+    with torch.autocast(
+        images.device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), masks, ignore_index=255)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_model(name: str, args, device, sync) -> dict:
+    cfg = compose_train(f"model={name}", f"data.num_classes={NUM_CLASSES}", "data=cityscapes",
+                        "optimizer=sgd", f"trainer.device={device}")  # fmt: skip
+    torch.manual_seed(0)
+    template = instantiate(cfg.model)
+    height, width = args.size
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, height, width, generator=generator)
+    masks = torch.randint(0, NUM_CLASSES, (args.batch, height, width), generator=generator)
+    flops_per_image = 3 * forward_flops(template, images)
+    result = {"flops_per_image": flops_per_image}
+
+    # (a) seg's Trainer step, with the settings precision=auto / channels_last=auto choose
+    model = copy.deepcopy(template)
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    trainer = instantiate(
+        cfg.trainer, model=model, loss_fn=instantiate(cfg.loss), optimizer=optimizer,
+        scheduler=poly(optimizer, max_iters=10_000), run_dir=tempfile.mkdtemp(),
+        class_names=[str(i) for i in range(NUM_CLASSES)], palette=[[0, 0, 0]] * NUM_CLASSES,
+        ignore_index=255, mean=[0.5] * 3, std=[0.5] * 3,
+    )  # fmt: skip
+    batches = iter(lambda: (images, masks), None)  # the same batch forever, already in memory
+    with PeakMemory(device) as memory:
+        seconds = median_seconds(lambda: trainer.train_step(batches), args.reps, args.warmup, sync)
+    result |= {"precision": trainer.precision, "channels_last": trainer.channels_last}
+    result["seg_img_s"] = args.batch / seconds
+    result["seg_peak_mib"] = memory.mib
+
+    # (b) plain fp32, contiguous; (c) plain with seg's precision and layout
+    dtype = (
+        None
+        if trainer.precision == "fp32"
+        else {"bf16": torch.bfloat16, "fp16": torch.float16}[trainer.precision]
+    )
+    variants = {
+        "plain_fp32": (None, torch.contiguous_format),
+        "plain_same_settings": (dtype, trainer.memory_format),
+    }
+    for key, (autocast_dtype, memory_format) in variants.items():
+        model = copy.deepcopy(template).to(device, memory_format=memory_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = images.to(device, memory_format=memory_format)
+        y = masks.to(device)
+        with PeakMemory(device) as memory:
+            seconds = median_seconds(
+                lambda m=model, o=optimizer, d=autocast_dtype, x=x, y=y: plain_step(m, o, x, y, d),
+                args.reps, args.warmup, sync,
+            )  # fmt: skip
+        result[f"{key}_img_s"] = args.batch / seconds
+        result[f"{key}_peak_mib"] = memory.mib
+    result["speedup_vs_plain_fp32"] = result["seg_img_s"] / result["plain_fp32_img_s"]
+    result["trainer_overhead"] = result["plain_same_settings_img_s"] / result["seg_img_s"] - 1
+    result["achieved_gflops"] = flops_per_image * result["seg_img_s"] / 1e9
+
+    if args.compile:
+        result["compile"] = bench_compile(
+            copy.deepcopy(template), images, masks, trainer, args, sync
+        )
+
+    # evaluation: whole-image inference + metric accumulation, as validation runs it
+    predictor = Predictor(trainer.model, trainer.device, trainer.precision, trainer.channels_last)
+    eval_batches = [(images, masks)] * args.eval_batches
+    evaluate(predictor, eval_batches[:1], NUM_CLASSES, 255)  # warm-up
+    start = time.perf_counter()
+    evaluate(predictor, _Batches(eval_batches), NUM_CLASSES, 255)
+    sync()
+    result["eval_img_s"] = args.batch * args.eval_batches / (time.perf_counter() - start)
+    return result
+
+
+class _Batches(list):
+    """A list of batches that ``evaluate`` can name samples of."""
+
+    @property
+    def dataset(self):
+        return range(sum(len(images) for images, _ in self))
+
+
+def bench_compile(model, images, masks, trainer, args, sync) -> dict:
+    """torch.compile on seg's settings: compile time and steady-state speed."""
+    model = model.to(trainer.device, memory_format=trainer.memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    compiled = torch.compile(model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.precision)
+    x = images.to(trainer.device, memory_format=trainer.memory_format)
+    masks = masks.to(trainer.device)
+    start = time.perf_counter()
+    plain_step(compiled, optimizer, x, masks, dtype)
+    sync()
+    compile_seconds = time.perf_counter() - start
+    seconds = median_seconds(
+        lambda: plain_step(compiled, optimizer, x, masks, dtype), args.reps, args.warmup, sync
+    )
+    return {"compile_seconds": compile_seconds, "img_s": args.batch / seconds}
+
+
+class TorchvisionPipeline(Dataset):
+    """The same augmentation with torchvision.io + transforms.v2 on tensors (masks as Mask)."""
+
+    def __init__(self, samples, crop, scale_range):
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        self.samples = samples
+        self.tv_tensors = tv_tensors
+        self.transform = v2.Compose([
+            v2.RandomResize(int(1024 * scale_range[0]), int(1024 * scale_range[1])),
+            v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ])  # fmt: skip
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        from torchvision.io import decode_png, read_file
+
+        image_path, label_path = self.samples[index]
+        image = self.tv_tensors.Image(decode_png(read_file(str(image_path))))
+        mask = self.tv_tensors.Mask(decode_png(read_file(str(label_path)))[0])
+        image, mask = self.transform(image, mask)
+        return image, mask.long()
+
+
+def write_cityscapes_tree(root: Path, count: int) -> None:
+    """``count`` 2048x1024 image/labelIds pairs in the official layout, upscaled synthetic scenes
+    (smooth regions compress like photos do, unlike noise)."""
+    scenes = SyntheticScenes("train", image_size=256, num_classes=6)
+    ids = np.array([7, 8, 11, 21, 23, 26], np.uint8)  # road, sidewalk, building, ... car
+    for i in range(count):
+        image, mask = scenes.load(i)
+        image = cv2.resize(image, (2048, 1024), interpolation=cv2.INTER_LINEAR)
+        labels = cv2.resize(ids[mask], (2048, 1024), interpolation=cv2.INTER_NEAREST)
+        name = f"bench_{i:06d}_000019"
+        for folder, suffix, array in (
+            ("leftImg8bit", "leftImg8bit", image),
+            ("gtFine", "gtFine_labelIds", labels),
+        ):
+            path = root / folder / "train" / "bench" / f"{name}_{suffix}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+
+
+def loader_img_s(dataset, workers: int, batches: int, batch_size: int) -> float:
+    if isinstance(dataset, Cityscapes):
+        data_loader = train_loader(dataset, batch_size, workers, seed=0)
+    else:
+        data_loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                 persistent_workers=workers > 0, drop_last=True)  # fmt: skip
+    iterator = iter(data_loader)
+    next(iterator)  # start-up (workers, first decode) is not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        try:
+            next(iterator)
+        except StopIteration:
+            iterator = iter(data_loader)
+            next(iterator)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def bench_data(args) -> dict:
+    crop, scale_range = (512, 1024), (0.5, 2.0)
+    with tempfile.TemporaryDirectory() as directory:
+        root = Path(directory)
+        write_cityscapes_tree(root, args.data_images)
+        seg_set = Cityscapes(str(root), "train", transform=train_transform(crop, 255, scale_range))
+        tv_set = TorchvisionPipeline(seg_set.samples, crop, scale_range)
+        result = {}
+        for workers in (0, 2):
+            result[f"seg_img_s_{workers}_workers"] = loader_img_s(
+                seg_set, workers, args.data_batches, 2
+            )
+            result[f"torchvision_v2_img_s_{workers}_workers"] = loader_img_s(
+                tv_set, workers, args.data_batches, 2
+            )
+    return result
+
+
+def default_run() -> dict:
+    """`python train.py` end to end: wall time and the share outside training/validation steps."""
+    with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "train.py", f"hydra.run.dir={directory}"], cwd=REPO, check=True,
+                       capture_output=True)  # fmt: skip
+        wall = time.perf_counter() - start
+        text = (Path(directory) / "train.log").read_text()
+    match = re.search(r"Time: ([\d.]+) s training steps, ([\d.]+) s validation", text)
+    train_s, val_s = float(match.group(1)), float(match.group(2))
+    miou = float(re.findall(r"best val mIoU ([\d.]+)", text)[-1])
+    return {"wall_s": wall, "train_steps_s": train_s, "validation_s": val_s,
+            "outside_share": 1 - (train_s + val_s) / wall, "best_val_mIoU": miou}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["unet", "deeplabv3plus", "fcn"])
+    parser.add_argument("--size", nargs=2, type=int, default=[256, 512], metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--eval-batches", type=int, default=5)
+    parser.add_argument("--data-images", type=int, default=12)
+    parser.add_argument("--data-batches", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--default-run", action="store_true", help="time `python train.py` too")
+    parser.add_argument("--json", type=Path, help="write all figures here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    report = {
+        "machine": {
+            "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "python": platform.python_version(),
+        },
+        "settings": {"size": args.size, "batch": args.batch, "reps": args.reps, "warmup": args.warmup},
+    }  # fmt: skip
+    report["ceilings"] = {
+        "fp32_gemm_gflops": gemm_ceiling(torch.float32, device, sync),
+        "bf16_gemm_gflops": gemm_ceiling(torch.bfloat16, device, sync),
+    }
+    print(f"GEMM ceilings: fp32 {report['ceilings']['fp32_gemm_gflops']:.0f}, "
+          f"bf16 {report['ceilings']['bf16_gemm_gflops']:.0f} GFLOP/s", flush=True)  # fmt: skip
+    report["train"] = {}
+    for name in args.models:
+        result = bench_model(name, args, device, sync)
+        report["train"][name] = result
+        report.setdefault("eval", {})[name] = {"img_s": result.pop("eval_img_s")}
+        print(
+            f"{name:>14}: seg {result['seg_img_s']:.2f} img/s ({result['precision']}"
+            f"{', channels_last' if result['channels_last'] else ''}), plain fp32 "
+            f"{result['plain_fp32_img_s']:.2f}, plain same settings {result['plain_same_settings_img_s']:.2f}"
+            f" -> x{result['speedup_vs_plain_fp32']:.2f}, overhead {100 * result['trainer_overhead']:+.1f}%, "
+            f"{result['achieved_gflops']:.0f} GFLOP/s, peak {result['seg_peak_mib']:.0f} MiB; "
+            f"eval {report['eval'][name]['img_s']:.2f} img/s",
+            flush=True,
+        )
+    if not args.skip_data:
+        report["data"] = bench_data(args)
+        print(
+            "data pipeline (img/s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in report["data"].items()),
+            flush=True,
+        )
+    if args.default_run:
+        report["default_run"] = default_run()
+        print(
+            "default run: " + ", ".join(f"{k} {v:.3f}" for k, v in report["default_run"].items()),
+            flush=True,
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

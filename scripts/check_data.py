@@ -1,0 +1,6 @@
+"""python scripts/check_data.py data=<name> data.root=<dir>: the dataset doctor (README "Datasets")."""
+
+from seg.doctor import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""``python scripts/check_data.py data=<name> data.root=<dir>``: the dataset doctor.
+
+Scans every image/mask pair of the splits and reports what would break training or silently
+skew it, with a diagnosis and the fix; training runs the same checks on a sample at start-up.
+"""
+
+import hashlib
+import json
+import logging
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from seg.config import build, check_command_line
+from seg.data.base import DataError, SegmentationDataset
+from seg.data.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes
+
+log = logging.getLogger(__name__)
+
+CITYSCAPES_LABEL_IDS = set(range(34))
+CITYSCAPES_TRAIN_IDS = set(range(len(LABEL_TO_TRAIN_ID))) | {255}
+
+
+@dataclass
+class SampleReport:
+    """What one image/mask pair tells: errors break training, warnings skew it."""
+
+    file: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    size: str = ""
+    image_hash: str = ""
+    counts: np.ndarray | None = None  # pixels per class after mapping, ignored pixels last
+
+
+def inspect(dataset: SegmentationDataset, index: int) -> SampleReport:
+    """Check sample ``index`` as training would read it, and diagnose likely mistakes."""
+    report = SampleReport(dataset.describe(index))
+    try:
+        image, raw = dataset.load(index)
+    except DataError as error:
+        report.errors.append(_without_file(str(error), report.file))
+        return report
+    report.size = f"{image.shape[1]}x{image.shape[0]}"
+    report.image_hash = hashlib.md5(np.ascontiguousarray(image).tobytes()).hexdigest()
+    if image.shape[:2] != raw.shape:
+        report.errors.append(
+            f"image is {image.shape[1]}x{image.shape[0]} but mask is {raw.shape[1]}x{raw.shape[0]}"
+        )
+        return report
+    mask = dataset.label_map[raw] if dataset.label_map is not None else raw
+    classes, ignore = dataset.num_classes, dataset.ignore_index
+    raw_values = set(np.unique(raw).tolist())
+    try:
+        dataset.check_labels(mask, index)
+    except DataError as error:
+        message = _without_file(str(error), report.file)
+        if (
+            dataset.label_map is None
+            and raw_values <= CITYSCAPES_LABEL_IDS
+            and max(raw_values) >= classes
+        ):
+            message += (
+                " These values look like Cityscapes labelIds (0-33): use data=cityscapes, which "
+                "maps them to the 19 trainIds, or convert the masks to trainIds."
+            )
+        report.errors.append(message)
+        return report
+    valid = mask != ignore
+    report.counts = np.bincount(np.where(valid, mask, classes).ravel(), minlength=classes + 1)
+    if not valid.any():
+        report.warnings.append("every pixel of the mask is ignore_index: nothing to learn here")
+    if (
+        isinstance(dataset, Cityscapes)
+        and raw_values <= CITYSCAPES_TRAIN_IDS
+        and valid.mean() < 0.5
+    ):
+        report.warnings.append(
+            "after the labelId -> trainId mapping most pixels are ignored, and the stored values "
+            f"{sorted(raw_values)[:8]}... are all trainIds: these look like *_labelTrainIds.png "
+            "files where *_gtFine_labelIds.png are expected; point data.root at the labelIds"
+        )
+    return report
+
+
+def _without_file(message: str, file: str) -> str:
+    return message.removeprefix(f"{file}: ")
+
+
+class _Inspect(Dataset):
+    """Runs ``inspect`` in DataLoader workers, so that decoding is parallel."""
+
+    def __init__(self, dataset: SegmentationDataset, indices: list[int]):
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> SampleReport:
+        return inspect(self.dataset, self.indices[i])
+
+
+def inspect_split(
+    dataset: SegmentationDataset, indices: list[int], workers: int
+) -> list[SampleReport]:
+    loader = DataLoader(_Inspect(dataset, indices), batch_size=None, num_workers=workers)
+    return list(loader)
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    files: int = 0
+    errors: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)
+    class_pixels: dict[str, int] = field(default_factory=dict)
+    ignore_ratio: float = float("nan")
+    sizes: dict[str, int] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def summarize(split: str, reports: list[SampleReport], class_names: list[str]) -> SplitSummary:
+    summary = SplitSummary(split, files=len(reports))
+    counts = np.zeros(len(class_names) + 1, np.int64)
+    for report in reports:
+        summary.errors += [{"file": report.file, "message": m} for m in report.errors]
+        summary.warnings += [{"file": report.file, "message": m} for m in report.warnings]
+        if report.counts is not None:
+            counts += report.counts
+        if report.size:
+            summary.sizes[report.size] = summary.sizes.get(report.size, 0) + 1
+        if report.image_hash:
+            summary.hashes.setdefault(report.image_hash, report.file)
+    summary.class_pixels = {name: int(c) for name, c in zip(class_names, counts[:-1], strict=True)}
+    summary.ignore_ratio = float(counts[-1] / counts.sum()) if counts.sum() else float("nan")
+    for name, pixels in summary.class_pixels.items():
+        if pixels == 0 and reports:
+            summary.warnings.append({"file": split, "message": f"class '{name}' never appears"})
+    return summary
+
+
+def check_splits(data: DictConfig, splits: list[str], max_files: int | None = None) -> dict:
+    """Inspect every pair of ``splits`` (or the first ``max_files``); the report as a dict."""
+    summaries, errors = [], []
+    for split in splits:
+        try:
+            dataset = build(data.dataset, split=split)
+        except (DataError, ValueError, FileNotFoundError) as error:
+            errors.append({"file": f"{split} split", "message": str(error)})
+            continue
+        count = len(dataset) if max_files is None else min(len(dataset), max_files)
+        log.info("Checking %d samples of split '%s'", count, split)
+        reports = inspect_split(dataset, list(range(count)), data.num_workers)
+        summaries.append(summarize(split, reports, list(data.class_names)))
+    for i, first in enumerate(summaries):  # the same image in two splits leaks the evaluation
+        for second in summaries[i + 1 :]:
+            for image_hash in first.hashes.keys() & second.hashes.keys():
+                second.warnings.append({
+                    "file": second.hashes[image_hash],
+                    "message": f"identical image in split '{first.split}': {first.hashes[image_hash]}",
+                })  # fmt: skip
+    return {
+        "errors": errors + [e | {"split": s.split} for s in summaries for e in s.errors],
+        "warnings": [w | {"split": s.split} for s in summaries for w in s.warnings],
+        "files": {s.split: s.files for s in summaries},
+        "class_pixels": {s.split: s.class_pixels for s in summaries},
+        "ignore_ratio": {
+            s.split: None if s.ignore_ratio != s.ignore_ratio else s.ignore_ratio for s in summaries
+        },
+        "image_sizes": {s.split: dict(Counter(s.sizes).most_common()) for s in summaries},
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for split, files in report["files"].items():
+        sizes = ", ".join(
+            f"{size} ({n})" for size, n in list(report["image_sizes"][split].items())[:3]
+        )
+        ratio = report["ignore_ratio"][split]
+        ignored = "n/a" if ratio is None else f"{100 * ratio:.1f}%"
+        lines.append(f"split {split}: {files} files, ignored pixels {ignored}, sizes {sizes}")
+        pixels = report["class_pixels"][split]
+        total = sum(pixels.values()) or 1
+        width = max(map(len, pixels), default=5)
+        for name, count in pixels.items():
+            lines.append(f"  {name:<{width}} {count:>14,d} {100 * count / total:6.2f}%")
+    for kind in ("errors", "warnings"):
+        entries = report[kind]
+        lines.append(f"{len(entries)} {kind}")
+        for entry in entries[:50]:
+            lines.append(f"  {entry['file']}: {entry['message']}")
+        if len(entries) > 50:
+            lines.append(f"  ... and {len(entries) - 50} more (see the JSON report)")
+    return "\n".join(lines)
+
+
+def quick_check(dataset: SegmentationDataset, samples: int = 8) -> None:
+    """The doctor's per-file checks on a few samples spread over ``dataset``; raises a DataError
+    naming every failing file, so that training stops here instead of deep inside a worker."""
+    indices = sorted(
+        set(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(int).tolist())
+    )
+    failures = [(r.file, m) for r in (inspect(dataset, i) for i in indices) for m in r.errors]
+    if failures:
+        listed = "\n".join(f"  {file}: {message}" for file, message in failures)
+        raise DataError(
+            f"data check: {len(failures)} problems in {len(indices)} sampled files:\n{listed}\n"
+            "python scripts/check_data.py data=<name> data.root=<dir> checks every file."
+        )
+
+
+def main() -> None:
+    """``python scripts/check_data.py`` and ``seg-doctor``."""
+    # `split=train,val` is what people type; Hydra would read it as a sweep.
+    arguments = [
+        f"split=[{a.split('=', 1)[1]}]" if a.startswith("split=") and "[" not in a else a
+        for a in sys.argv[1:]
+    ]
+    error = check_command_line("check_data", arguments)
+    if error:
+        sys.exit(error)
+    sys.argv[1:] = arguments
+    hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="check_data")
+def hydra_main(cfg: DictConfig) -> None:
+    report = run(cfg)
+    sys.exit(1 if report["errors"] else 0)
+
+
+def run(cfg: DictConfig) -> dict:
+    splits = [cfg.split] if isinstance(cfg.split, str) else list(cfg.split)
+    report = check_splits(cfg.data, splits, cfg.max_files)
+    print(format_report(report))
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
+        log.info("Report written to %s", cfg.out)
+    return report

@@ -1,0 +1,91 @@
+"""The dataset doctor finds what would break or skew training, and says how to fix it."""
+
+import json
+
+import numpy as np
+import pytest
+
+from seg.data.base import DataError
+from seg.data.cityscapes import Cityscapes
+from seg.data.folder import FolderDataset
+from seg.doctor import check_splits, inspect, quick_check
+from tests.conftest import compose_config, write_png
+
+
+def folder_config(root, *overrides):
+    return compose_config("data=folder", f"data.root={root}", "data.num_workers=0", *overrides).data
+
+
+def test_clean_data_gives_class_pixels_and_no_errors(folder_root):
+    report = check_splits(folder_config(folder_root), ["train", "val"])
+    assert report["errors"] == []
+    assert report["files"] == {"train": 3, "val": 2}
+    pixels = report["class_pixels"]["train"]
+    assert pixels["foreground"] == 3 * 20 * 20 and pixels["background"] == 3 * 40 * 48 - 1200
+    assert report["image_sizes"]["val"] == {"48x40": 2}
+    json.dumps(report)  # the JSON report is valid JSON
+
+
+def test_cityscapes_label_ids_in_a_train_id_dataset_are_diagnosed(folder_root):
+    write_png(folder_root / "masks" / "train" / "img1.png", np.full((40, 48), 26, np.uint8))
+    report = check_splits(folder_config(folder_root, "data.num_classes=19", "data.class_names=[" + ",".join(map(str, range(19))) + "]",
+                                        "data.palette=[" + ",".join(["[0,0,0]"] * 19) + "]"), ["train"])  # fmt: skip
+    (error,) = report["errors"]
+    assert error["file"].endswith("img1.png") and "[26]" in error["message"]
+    assert "Cityscapes labelIds" in error["message"] and "data=cityscapes" in error["message"]
+
+
+def test_train_ids_where_label_ids_are_expected(cityscapes_root):
+    label = next((cityscapes_root / "gtFine" / "val").rglob("*_labelIds.png"))
+    write_png(label, np.tile(np.arange(0, 19, dtype=np.uint8), (32, 4))[:, :64])
+    report = inspect(Cityscapes(str(cityscapes_root), "val"), 0)
+    assert any("labelTrainIds" in warning for warning in report.warnings)
+
+
+def test_all_ignore_masks_and_leaked_images_are_warned(folder_root):
+    write_png(folder_root / "masks" / "val" / "img1.png", np.full((40, 48), 255, np.uint8))
+    (folder_root / "images" / "val" / "img0.png").write_bytes(
+        (folder_root / "images" / "train" / "img2.png").read_bytes()
+    )
+    write_png(folder_root / "masks" / "val" / "img0.png", np.zeros((40, 48), np.uint8))
+    report = check_splits(folder_config(folder_root), ["train", "val"])
+    messages = [w["message"] for w in report["warnings"]]
+    assert any("every pixel of the mask is ignore_index" in m for m in messages)
+    assert any("identical image in split 'train'" in m and "img2.png" in m for m in messages)
+
+
+def test_errors_are_collected_for_every_file_and_split(folder_root):
+    (folder_root / "images" / "train" / "img0.png").write_bytes(b"broken")
+    write_png(folder_root / "masks" / "train" / "img1.png", np.zeros((20, 48), np.uint8))
+    report = check_splits(folder_config(folder_root), ["train", "test"])
+    files = [e["file"] for e in report["errors"]]
+    assert any(f.endswith("img0.png") for f in files) and any(f.endswith("img1.png") for f in files)
+    assert any(f == "test split" for f in files)  # a missing split is an error, not a crash
+
+
+def test_quick_check_stops_with_the_doctors_message(folder_root):
+    write_png(folder_root / "masks" / "train" / "img2.png", np.full((40, 48), 9, np.uint8))
+    dataset = FolderDataset(str(folder_root), "train", num_classes=2)
+    with pytest.raises(
+        DataError, match=r"data check: 1 problems in 3 sampled files:\n.*img2.png.*\[9\]"
+    ):
+        quick_check(dataset)
+
+
+def test_the_command_line_exit_code_and_json(folder_root, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "report.json"
+    command = [sys.executable, "scripts/check_data.py", "data=folder", f"data.root={folder_root}",
+               "split=train,val", f"out={out}", "data.num_workers=0"]  # fmt: skip
+    clean = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert "split train: 3 files" in clean.stdout
+    assert set(json.loads(out.read_text())["class_pixels"]) == {"train", "val"}
+    write_png(folder_root / "masks" / "val" / "img1.png", np.full((40, 48), 7, np.uint8))
+    broken = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert broken.returncode == 1
+    assert json.loads(out.read_text())["errors"][0]["file"].endswith("img1.png")
