@@ -15,6 +15,11 @@ from seg.data.transforms import apply
 
 log = logging.getLogger(__name__)
 
+# DataLoader workers decode in parallel already: OpenCV's own thread pool would oversubscribe
+# the CPU. Set here, in the parent, before any worker forks: calling it inside a forked worker
+# after the parent used the pool deadlocks.
+cv2.setNumThreads(1)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 

@@ -3,7 +3,6 @@
 import random
 import signal
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -12,8 +11,7 @@ from seg.data.sampler import InfiniteSampler
 
 
 def _worker_init(worker_id: int) -> None:
-    # Workers run in parallel already; OpenCV's own thread pool would only oversubscribe the CPU.
-    cv2.setNumThreads(1)
+    # (OpenCV runs single-threaded: seg.data.base sets it before any worker forks.)
     # Ctrl-C reaches the whole process group: the training process decides when to stop, and
     # its workers keep serving batches until it has saved its checkpoint. (SIGTERM stays
     # default: it is how the DataLoader and multiprocessing end workers at exit.)

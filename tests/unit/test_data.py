@@ -190,3 +190,15 @@ def test_training_batches_are_always_full(folder_root):
     dataset = FolderDataset(str(folder_root), "train", num_classes=2)  # 3 samples, batch 2
     batches = iter(train_loader(dataset, batch_size=2, num_workers=0, seed=0))
     assert all(next(batches)[0].shape[0] == 2 for _ in range(7))  # never a BatchNorm batch of 1
+
+
+def test_workers_start_after_the_parent_used_opencv_threads(folder_root):
+    import cv2
+
+    # The parent decodes and resizes (OpenCV starts its thread pool), then workers fork: an
+    # OpenCV call that reconfigures threads inside a forked worker would deadlock here.
+    cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))
+    dataset = FolderDataset(str(folder_root), "train", num_classes=2)
+    dataset.load(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, timeout=60)
+    assert len(list(loader)) == 3
