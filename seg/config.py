@@ -2,8 +2,9 @@
 
 import difflib
 import re
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -112,3 +113,16 @@ def build(config: DictConfig, **kwargs):
         if isinstance(error.__cause__, ValueError | OSError):  # DataError is a ValueError
             raise error.__cause__ from None
         raise
+
+
+def run_command(
+    config_name: str, hydra_main: Callable[[], None], arguments: list[str] | None = None
+):
+    """A console command: check the command line (close matches for misspelt keys), then hand
+    it to the ``@hydra.main`` function."""
+    arguments = sys.argv[1:] if arguments is None else arguments
+    error = check_command_line(config_name, arguments)
+    if error:
+        sys.exit(error)
+    sys.argv[1:] = arguments
+    hydra_main()

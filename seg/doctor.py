@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from seg.config import build, check_command_line
+from seg.config import build, run_command
 from seg.data.base import DataError, SegmentationDataset
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes
 
@@ -224,11 +224,7 @@ def main() -> None:
         f"split=[{a.split('=', 1)[1]}]" if a.startswith("split=") and "[" not in a else a
         for a in sys.argv[1:]
     ]
-    error = check_command_line("check_data", arguments)
-    if error:
-        sys.exit(error)
-    sys.argv[1:] = arguments
-    hydra_main()
+    run_command("check_data", hydra_main, arguments)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="check_data")

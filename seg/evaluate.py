@@ -3,7 +3,6 @@
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -13,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from seg.config import apply_overrides, build, check_command_line
+from seg.config import apply_overrides, build, run_command
 from seg.data import loader
 from seg.engine.checkpoint import check_compatible, load_checkpoint
 from seg.engine.evaluation import Evaluation, evaluate, figures
@@ -33,10 +32,7 @@ OWN_KEYS = (
 
 def main() -> None:
     """``python evaluate.py`` and ``seg-evaluate``: check the command line, then evaluate."""
-    error = check_command_line("evaluate", sys.argv[1:])
-    if error:
-        sys.exit(error)
-    hydra_main()
+    run_command("evaluate", hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="evaluate")

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 
-from seg.config import build, check_command_line
+from seg.config import build, run_command
 from seg.data import loader
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluation import evaluate
@@ -29,10 +29,7 @@ EXIT_MISMATCH = 1
 
 def main() -> None:
     """``python scripts/export.py`` and ``seg-export``."""
-    error = check_command_line("export", sys.argv[1:])
-    if error:
-        sys.exit(error)
-    hydra_main()
+    run_command("export", hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="export")

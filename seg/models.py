@@ -3,6 +3,7 @@
 
 import difflib
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -86,7 +87,7 @@ def smp_model(
         in inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[archs[arch.lower()]]).parameters
     ):
         options["encoder_depth"] = encoder_depth
-    try:
+    with _downloads(encoder_name):
         net = smp.create_model(
             arch,
             encoder_name=encoder_name,
@@ -95,11 +96,6 @@ def smp_model(
             classes=num_classes,
             **options,
         )
-    except OSError as error:
-        raise RuntimeError(
-            f"cannot download ImageNet weights for encoder {encoder_name!r} ({error}); "
-            + NO_DOWNLOAD_HELP
-        ) from error
     if encoder_weights_path is not None:
         _load_weights(net.encoder, encoder_weights_path)
     return Segmenter(net, stride=net.encoder.output_stride)
@@ -123,22 +119,29 @@ def torchvision_model(
         )
     builder = torchvision.models.get_model_builder(name)
     kwargs = {"aux_loss": True} if aux_weight > 0 else {}
-    try:
+    with _downloads(encoder_name):
         net = builder(
             weights=None,
             weights_backbone="DEFAULT" if pretrained else None,
             num_classes=num_classes,
             **kwargs,
         )
-    except OSError as error:
-        raise RuntimeError(
-            f"cannot download ImageNet weights for backbone {encoder_name!r} ({error}); "
-            + NO_DOWNLOAD_HELP
-        ) from error
     if encoder_weights_path is not None:
         _load_weights(net.backbone, encoder_weights_path)
     # torchvision heads upsample to any input size, so no padding is needed (stride 1).
     return Segmenter(net, stride=1, aux_weight=aux_weight)
+
+
+@contextmanager
+def _downloads(encoder_name: str):
+    """Turn a failed weight download (no network: an OSError) into how to get the weights."""
+    try:
+        yield
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot download ImageNet weights for encoder {encoder_name!r} ({error}); "
+            + NO_DOWNLOAD_HELP
+        ) from error
 
 
 def _is_smp_encoder(name: str) -> bool:

@@ -3,7 +3,6 @@ with a checkpoint alone (no run directory, no dataset)."""
 
 import glob
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from seg.config import check_command_line
+from seg.config import run_command
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID
 from seg.data.transforms import val_transform
@@ -40,10 +39,7 @@ OWN_KEYS = (
 
 def main() -> None:
     """``python predict.py`` and ``seg-predict``: check the command line, then predict."""
-    error = check_command_line("predict", sys.argv[1:])
-    if error:
-        sys.exit(error)
-    hydra_main()
+    run_command("predict", hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="predict")

@@ -11,7 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from seg.config import build, check_command_line, check_data_config, check_writable
+from seg.config import build, check_data_config, check_writable, run_command
 from seg.data import loader
 from seg.doctor import quick_check
 from seg.engine.checkpoint import check_compatible, load_checkpoint, newest_loadable_checkpoint
@@ -22,10 +22,7 @@ log = logging.getLogger(__name__)
 
 def main() -> None:
     """``python train.py`` and ``seg-train``: check the command line, then run the Hydra job."""
-    error = check_command_line("train", sys.argv[1:])
-    if error:
-        sys.exit(error)
-    hydra_main()
+    run_command("train", hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="train")

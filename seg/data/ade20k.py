@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.data.base import DataError, SegmentationDataset, read_image, read_mask
+from seg.data.base import DataError, PairedFiles
 
 ADE_TREE = """expected (ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/):
   <root>/images/{training,validation}/ADE_*.jpg
@@ -21,7 +21,7 @@ def reduce_zero_label_table(ignore_index: int) -> np.ndarray:
     return table.astype(np.uint8)
 
 
-class ADE20K(SegmentationDataset):
+class ADE20K(PairedFiles):
     """One split (train or val) of ADEChallengeData2016."""
 
     def __init__(
@@ -53,13 +53,3 @@ class ADE20K(SegmentationDataset):
             )
         if not images:
             raise DataError(f"{image_dir}: no .jpg images.\n{ADE_TREE}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def describe(self, index: int) -> str:
-        return str(self.samples[index][1])
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, label_path = self.samples[index]
-        return read_image(image_path), read_mask(label_path)

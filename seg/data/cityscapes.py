@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.data.base import DataError, SegmentationDataset, read_image, read_mask
+from seg.data.base import DataError, PairedFiles
 
 # (labelId, trainId) from cityscapesscripts/helpers/labels.py; every other id maps to ignore.
 LABEL_TO_TRAIN_ID = {
@@ -26,7 +26,7 @@ def label_to_train_id_table(ignore_index: int) -> np.ndarray:
     return table
 
 
-class Cityscapes(SegmentationDataset):
+class Cityscapes(PairedFiles):
     """Fine annotations of one split (train, val or test)."""
 
     def __init__(
@@ -56,13 +56,3 @@ class Cityscapes(SegmentationDataset):
             self.samples.append((image_path, label_path))
         if not self.samples:
             raise DataError(f"{image_dir}: no *_leftImg8bit.png images.\n{CITYSCAPES_TREE}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def describe(self, index: int) -> str:
-        return str(self.samples[index][1])
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, label_path = self.samples[index]
-        return read_image(image_path), read_mask(label_path)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from seg.data.base import IMAGE_SUFFIXES, DataError, SegmentationDataset, read_image, read_mask
+from seg.data.base import IMAGE_SUFFIXES, DataError, PairedFiles, read_image, read_mask
 
 FOLDER_TREE = """expected:
   <root>/images/<split>/<name>.png|.jpg   RGB images
@@ -20,7 +20,7 @@ def list_files(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     return {p.stem: p for p in sorted(directory.iterdir()) if p.suffix.lower() in suffixes}
 
 
-class FolderDataset(SegmentationDataset):
+class FolderDataset(PairedFiles):
     """Images and masks paired by file name (without extension).
 
     ``mask_format``: ``index`` (pixel value = class; palette PNGs are read as their indices),
@@ -83,12 +83,6 @@ class FolderDataset(SegmentationDataset):
         if not images:
             raise DataError(f"{image_dir}: split '{split}' has no images.\n{FOLDER_TREE}")
         self.samples = [(images[stem], masks[stem]) for stem in sorted(images)]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def describe(self, index: int) -> str:
-        return str(self.samples[index][1])
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.samples[index]

@@ -2,9 +2,7 @@
 
 from pathlib import Path
 
-import numpy as np
-
-from seg.data.base import DataError, SegmentationDataset, read_image, read_mask
+from seg.data.base import DataError, PairedFiles
 
 VOC_TREE = """expected (VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/,
 the folder VOCdevkit/VOC2012):
@@ -15,7 +13,7 @@ SBD-augmented training (10582 images): add <root>/SegmentationClassAug/<id>.png 
 <root>/ImageSets/Segmentation/trainaug.txt, then data.train_split=trainaug"""
 
 
-class VOC(SegmentationDataset):
+class VOC(PairedFiles):
     """The images listed in ``ImageSets/Segmentation/<split>.txt``.
 
     Labels come from ``SegmentationClass/`` (read as palette indices), or from
@@ -48,13 +46,3 @@ class VOC(SegmentationDataset):
             raise DataError(
                 f"{split_file}: {len(missing)} listed files do not exist, e.g. {missing[:3]}.\n{VOC_TREE}"
             )
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def describe(self, index: int) -> str:
-        return str(self.samples[index][1])
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image_path, mask_path = self.samples[index]
-        return read_image(image_path), read_mask(mask_path)
