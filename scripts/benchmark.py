@@ -51,16 +51,30 @@ NUM_CLASSES = 19  # Cityscapes-sized heads
 
 
 def median_seconds(step, reps: int, warmup: int, sync) -> float:
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
+    return interleaved_medians({"step": step}, reps, warmup, sync)["step"]
+
+
+def interleaved_medians(steps: dict, reps: int, warmup: int, sync, memory=None) -> dict:
+    """Median seconds of each of ``steps`` over ``reps`` rounds that run one step of each in
+    turn, so that a slow spell of a shared machine hits all of them alike. The ``warmup``
+    untimed steps run one variant at a time; with ``memory`` (a device) they also record each
+    variant's peak memory in MiB under ``<name>_peak_mib``."""
+    peaks = {}
+    for name, step in steps.items():
+        with PeakMemory(memory or torch.device("cpu")) as peak:
+            for _ in range(warmup):
+                step()
+            sync()
+        peaks[f"{name}_peak_mib"] = peak.mib
+    times = {name: [] for name in steps}
     for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+    return medians | (peaks if memory is not None else {})
 
 
 class PeakMemory:
@@ -107,12 +121,15 @@ def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> float:
 
 
 def plain_step(model, optimizer, images, masks, autocast_dtype):
-    """What a plain PyTorch loop does: forward, cross-entropy, backward, SGD step."""
+    """What a plain PyTorch loop does: forward, cross-entropy (plus 0.5 x the auxiliary head's,
+    as torchvision's reference script does for FCN/DeepLabV3), backward, optimizer step."""
     with torch.autocast(
         images.device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     ):
-        logits = model(images)
+        logits, aux = model(images, with_aux=True)
     loss = F.cross_entropy(logits.float(), masks, ignore_index=255)
+    if aux is not None:
+        loss = loss + 0.5 * F.cross_entropy(aux.float(), masks, ignore_index=255)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -140,13 +157,11 @@ def bench_model(name: str, args, device, sync) -> dict:
         ignore_index=255, mean=[0.5] * 3, std=[0.5] * 3,
     )  # fmt: skip
     batches = iter(lambda: (images, masks), None)  # the same batch forever, already in memory
-    with PeakMemory(device) as memory:
-        seconds = median_seconds(lambda: trainer.train_step(batches), args.reps, args.warmup, sync)
+    steps = {"seg": lambda: trainer.train_step(batches)}
     result |= {"precision": trainer.precision, "channels_last": trainer.channels_last}
-    result["seg_img_s"] = args.batch / seconds
-    result["seg_peak_mib"] = memory.mib
 
-    # (b) plain fp32, contiguous; (c) plain with seg's precision and layout
+    # (b) plain fp32, contiguous; (c) plain with seg's precision and layout. Both use the same
+    # optimizer (SGD, momentum, weight decay) as (a), so that (a)/(c) is the Trainer's own cost.
     dtype = (
         None
         if trainer.precision == "fp32"
@@ -158,16 +173,16 @@ def bench_model(name: str, args, device, sync) -> dict:
     }
     for key, (autocast_dtype, memory_format) in variants.items():
         model = copy.deepcopy(template).to(device, memory_format=memory_format)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = instantiate(cfg.optimizer)(params=model.parameters())
         x = images.to(device, memory_format=memory_format)
         y = masks.to(device)
-        with PeakMemory(device) as memory:
-            seconds = median_seconds(
-                lambda m=model, o=optimizer, d=autocast_dtype, x=x, y=y: plain_step(m, o, x, y, d),
-                args.reps, args.warmup, sync,
-            )  # fmt: skip
-        result[f"{key}_img_s"] = args.batch / seconds
-        result[f"{key}_peak_mib"] = memory.mib
+        steps[key] = lambda m=model, o=optimizer, d=autocast_dtype, x=x, y=y: plain_step(
+            m, o, x, y, d
+        )
+    timings = interleaved_medians(steps, args.reps, args.warmup, sync, memory=device)
+    for key in steps:
+        result[f"{key}_img_s"] = args.batch / timings[key]
+        result[f"{key}_peak_mib"] = timings[f"{key}_peak_mib"]
     result["speedup_vs_plain_fp32"] = result["seg_img_s"] / result["plain_fp32_img_s"]
     result["trainer_overhead"] = result["plain_same_settings_img_s"] / result["seg_img_s"] - 1
     result["achieved_gflops"] = flops_per_image * result["seg_img_s"] / 1e9
@@ -180,7 +195,7 @@ def bench_model(name: str, args, device, sync) -> dict:
     # evaluation: whole-image inference + metric accumulation, as validation runs it
     predictor = Predictor(trainer.model, trainer.device, trainer.precision, trainer.channels_last)
     eval_batches = [(images, masks)] * args.eval_batches
-    evaluate(predictor, eval_batches[:1], NUM_CLASSES, 255)  # warm-up
+    evaluate(predictor, _Batches(eval_batches[:1]), NUM_CLASSES, 255)  # warm-up
     start = time.perf_counter()
     evaluate(predictor, _Batches(eval_batches), NUM_CLASSES, 255)
     sync()

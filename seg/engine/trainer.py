@@ -91,6 +91,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def loss_input(logits: torch.Tensor) -> torch.Tensor:
+    """The logits in float32 and the contiguous layout, in one copy: the losses' log_softmax
+    would copy channels_last logits a second time (about 4% of a U-Net step on the CPU)."""
+    return logits.to(torch.float32, memory_format=torch.contiguous_format)
+
+
 class StopTraining(Exception):
     """Training stopped early on purpose; ``exit_code`` is what the command exits with."""
 
@@ -370,9 +376,9 @@ class Trainer:
                 ):
                     logits, aux_logits = self.run_model(images)
                 # Outside autocast: the losses reduce in float32.
-                loss = self.loss_fn(logits, masks)
+                loss = self.loss_fn(loss_input(logits), masks)
                 if aux_logits is not None:
-                    loss = loss + self.aux_weight * self.loss_fn(aux_logits, masks)
+                    loss = loss + self.aux_weight * self.loss_fn(loss_input(aux_logits), masks)
                 self.scaler.scale(loss / self.grad_accum_steps).backward()
                 total += loss.detach()
         except torch.OutOfMemoryError as error:
