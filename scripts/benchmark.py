@@ -54,20 +54,20 @@ def median_seconds(step, reps: int, warmup: int, sync) -> float:
     return interleaved_medians({"step": step}, reps, warmup, sync)["step"]
 
 
-def interleaved_medians(steps: dict, reps: int, warmup: int, sync, memory=None) -> dict:
+def interleaved_medians(steps: dict, reps: int, warmup: int, sync, device: str = "cpu") -> dict:
     """Median seconds of each of ``steps`` over ``reps`` rounds that visit every step in turn,
     so that a slow spell of a shared machine hits all of them alike. In each round a step runs
     once untimed, then once timed: the other steps' oneDNN/cuDNN primitives have pushed its
     own out of the primitive cache, and rebuilding them is warm-up, not speed. The ``warmup``
-    steps run one variant at a time; with ``memory`` (a device) they also record each
-    variant's peak memory in MiB under ``<name>_peak_mib``."""
-    peaks = {}
+    steps run one variant at a time and record its peak memory on ``device`` in MiB under
+    ``<name>_peak_mib``."""
+    result = {}
     for name, step in steps.items():
-        with PeakMemory(memory or torch.device("cpu")) as peak:
+        with PeakMemory(torch.device(device)) as peak:
             for _ in range(warmup):
                 step()
             sync()
-        peaks[f"{name}_peak_mib"] = peak.mib
+        result[f"{name}_peak_mib"] = peak.mib
     times = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
@@ -78,8 +78,7 @@ def interleaved_medians(steps: dict, reps: int, warmup: int, sync, memory=None) 
             step()
             sync()
             times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
-    return medians | (peaks if memory is not None else {})
+    return result | {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 class PeakMemory:
@@ -184,7 +183,7 @@ def bench_model(name: str, args, device, sync) -> dict:
         steps[key] = lambda m=model, o=optimizer, d=autocast_dtype, x=x, y=y: plain_step(
             m, o, x, y, d
         )
-    timings = interleaved_medians(steps, args.reps, args.warmup, sync, memory=device)
+    timings = interleaved_medians(steps, args.reps, args.warmup, sync, device)
     for key in steps:
         result[f"{key}_img_s"] = args.batch / timings[key]
         result[f"{key}_peak_mib"] = timings[f"{key}_peak_mib"]
