@@ -54,10 +54,10 @@ def inspect(dataset: SegmentationDataset, index: int) -> SampleReport:
             f"image is {image.shape[1]}x{image.shape[0]} but mask is {raw.shape[1]}x{raw.shape[0]}"
         )
         return report
-    mask = dataset.label_map[raw] if dataset.label_map is not None else raw
     classes, ignore = dataset.num_classes, dataset.ignore_index
     raw_values = set(np.unique(raw).tolist())
     try:
+        mask = dataset.map_labels(raw, index)
         dataset.check_labels(mask, index)
     except DataError as error:
         message = _without_file(str(error), report.file)

@@ -1,5 +1,6 @@
 """What every dataset shares: reading, label mapping and checking, seeded transforms."""
 
+import io
 import logging
 import multiprocessing
 from pathlib import Path
@@ -8,7 +9,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from seg.data.transforms import apply
@@ -39,35 +40,58 @@ def is_truncated(data: bytes) -> bool:
     return False
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB."""
+def read_file(path: Path, kind: str) -> bytes:
+    """The bytes of an image or mask file (``kind`` names which in messages).
+
+    The checks before any decoder: a file that is missing, not a regular file, unreadable, empty
+    or cut short raises a DataError naming it, as does (in the readers) one that cannot be decoded.
+    """
     try:
         data = path.read_bytes()
-    except OSError as error:
-        raise DataError(f"{path}: cannot read image ({error.strerror or error})") from error
+    except OSError as error:  # missing, a directory, no read permission, an I/O error
+        raise DataError(f"{path}: cannot read {kind} ({error.strerror or error})") from error
+    if not data:  # OpenCV would fail an assertion (!buf.empty()) instead of returning None
+        raise DataError(f"{path}: {kind} file is empty (0 bytes: an interrupted copy?); replace it")
     if is_truncated(data):
-        raise DataError(f"{path}: image file is truncated (an interrupted copy?); replace it")
-    # OpenCV decodes PNG/JPEG faster than PIL.
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        raise DataError(f"{path}: {kind} file is truncated (an interrupted copy?); replace it")
+    return data
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB; a DataError naming the file if it cannot be."""
+    data = read_file(path, "image")
+    # OpenCV decodes PNG/JPEG faster than PIL. It returns None for most undecodable data but
+    # raises for some, e.g. a header claiming more than CV_IO_MAX_IMAGE_PIXELS.
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        image = None
     if image is None:
         raise DataError(f"{path}: cannot decode image (not an image file, or corrupted)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Decode a label PNG to (H, W) integer class indices.
+def read_mask(path: Path, mode: str | None = None) -> np.ndarray:
+    """Decode a label file to (H, W) class indices: uint8, uint16 for 16-bit PNGs, bool for 1-bit.
 
     PIL keeps palette ("P") PNGs as their indices, where OpenCV would expand them to colours.
+    ``mode``: a PIL mode to convert to first ("L" for JPEG masks, "RGB" for colour-coded ones,
+    which may then have 3 channels). A file that cannot be decoded raises a DataError naming it.
     """
+    data = read_file(path, "mask")
     try:
-        with Image.open(path) as mask:
-            mode = mask.mode
-            array = np.array(mask)  # a writable copy, as torch.from_numpy expects
-    except (OSError, SyntaxError) as error:
-        raise DataError(f"{path}: cannot read mask ({error})") from error
-    if array.ndim != 2:
+        with Image.open(io.BytesIO(data)) as mask:
+            stored = mask.mode
+            array = np.array(mask if mode is None else mask.convert(mode))  # a writable copy
+    except UnidentifiedImageError as error:  # its message would name the BytesIO, not the file
+        raise DataError(f"{path}: cannot decode mask (not an image file, or corrupted)") from error
+    # Pillow's decoders fail with OSError, SyntaxError, ValueError, DecompressionBombError, ...
+    # depending on the format and the damage: each is a file that cannot be used.
+    except Exception as error:
+        raise DataError(f"{path}: cannot decode mask ({type(error).__name__}: {error})") from error
+    if mode is None and array.ndim != 2:
         raise DataError(
-            f"{path}: mask has mode {mode} with {array.shape[-1]} channels; expected a "
+            f"{path}: mask has mode {stored} with {array.shape[-1]} channels; expected a "
             "single-channel index PNG (mode L or P) whose pixel values are class indices "
             "(colour-coded masks: data=folder with data.dataset.mask_format=rgb)"
         )
@@ -156,14 +180,39 @@ class SegmentationDataset(Dataset):
                 f"{self.describe(index)}: image is {image.shape[1]}x{image.shape[0]} but mask is "
                 f"{mask.shape[1]}x{mask.shape[0]} (width x height); they must be the same size"
             )
-        if self.label_map is not None:
-            mask = self.label_map[mask]
+        mask = self.map_labels(mask, index)
         self.check_labels(mask, index)
         if self.transform is not None:
             image, mask = apply(self.transform, image, mask, seed)
         else:
             image = torch.from_numpy(image).permute(2, 0, 1).float()
         return image, torch.as_tensor(np.asarray(mask), dtype=torch.int64)
+
+    def map_labels(self, mask: np.ndarray, index: int) -> np.ndarray:
+        """Stored label values -> class indices through ``label_map`` (if any).
+
+        A value beyond the lookup table (a 16-bit mask where 8-bit label ids are expected) is a
+        DataError naming the file and the values, not an IndexError deep inside a worker.
+        """
+        # 1-bit PNGs: as integers, so that tables and padding apply. Not a view: Pillow's bool
+        # arrays may store True as 255.
+        if mask.dtype == bool:
+            mask = mask.astype(np.uint8)
+        if self.label_map is None:
+            return mask
+        size = len(self.label_map)
+        # uint8 masks always fit the usual 256-entry tables: no pass over the pixels for them.
+        if not (mask.dtype == np.uint8 and size >= 256):
+            outside = (mask < 0) | (mask >= size)
+            if outside.any():
+                values = np.unique(mask[outside]).tolist()
+                shown = values[:10] + (["..."] if len(values) > 10 else [])
+                raise DataError(
+                    f"{self.describe(index)}: label values {shown} are outside this dataset's "
+                    f"label ids 0-{size - 1} (the mask is {mask.dtype}). Store the masks as "
+                    "8-bit PNGs holding the dataset's label ids."
+                )
+        return self.label_map[mask]
 
     def check_labels(self, mask: np.ndarray, index: int) -> None:
         # A 2-class mask with no class 1 but many ignored pixels: 0/255 binary, not 0/1.

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from seg.data.base import IMAGE_SUFFIXES, DataError, PairedFiles, read_image, read_mask
 
@@ -16,17 +15,42 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 def list_files(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    """Map file stem -> path for the files in ``directory`` with one of ``suffixes``."""
-    return {p.stem: p for p in sorted(directory.iterdir()) if p.suffix.lower() in suffixes}
+    """Map file stem -> path for the files in ``directory`` with one of ``suffixes``.
+
+    Two files of one stem (``a.png`` and ``a.jpg``) are a DataError listing them: pairing by
+    stem would silently keep one of them.
+    """
+    by_stem: dict[str, list[Path]] = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix.lower() in suffixes:
+            by_stem.setdefault(path.stem, []).append(path)
+    clashes = [[str(p) for p in paths] for paths in by_stem.values() if len(paths) > 1]
+    if clashes:
+        raise DataError(
+            f"{directory}: {len(clashes)} names have more than one file, e.g. {clashes[:3]}; "
+            "images and masks are paired by name without the extension: remove or rename one "
+            "file of each"
+        )
+    return {stem: paths[0] for stem, paths in by_stem.items()}
+
+
+def binary_threshold(mask: np.ndarray, threshold: int) -> int:
+    """``threshold`` (on the 8-bit scale, 0-255) scaled to the bit depth of ``mask``: 128 is half
+    the range, i.e. 128 for uint8, 32768 for uint16 and 1 for a 1-bit (bool) mask."""
+    # PNG stores at most 16 bits per sample; older Pillow releases open 16-bit PNGs as int32.
+    bits = 1 if mask.dtype == bool else 8 if mask.dtype == np.uint8 else 16
+    return -(-threshold * 2**bits // 256)  # rounded up, so that it stays >= 1
 
 
 class FolderDataset(PairedFiles):
     """Images and masks paired by file name (without extension).
 
     ``mask_format``: ``index`` (pixel value = class; palette PNGs are read as their indices),
-    ``binary`` (0/255 masks: >= 128 is class 1), ``rgb`` (colour-coded masks, each colour one of
-    ``palette``'s). JPEG masks are refused (lossy compression changes labels at edges) unless
-    ``jpeg_threshold`` is set: they are then read as binary masks, >= the threshold is class 1.
+    ``binary`` (0/max masks of any bit depth: a value in the upper half of the range is class 1,
+    i.e. >= 128 for 8-bit, >= 32768 for 16-bit, 1 for 1-bit PNGs), ``rgb`` (colour-coded masks,
+    each colour one of ``palette``'s). JPEG masks are refused (lossy compression changes labels
+    at edges) unless ``jpeg_threshold`` is set: they are then read as binary masks, >= the
+    threshold (on the 8-bit scale, scaled like 128 for other depths) is class 1.
     """
 
     def __init__(
@@ -47,12 +71,11 @@ class FolderDataset(PairedFiles):
             raise ValueError(
                 "mask_format=rgb maps colours to classes by data.palette: give one per class"
             )
-        threshold = jpeg_threshold if jpeg_threshold is not None else 128
-        # binary: a lookup table thresholds 8-bit values into classes 0 and 1
-        binary = mask_format == "binary" or jpeg_threshold is not None
-        label_map = (np.arange(256) >= threshold).astype(np.uint8) if binary else None
-        super().__init__(num_classes, ignore_index, transform, label_map, skip_bad_samples)
+        super().__init__(num_classes, ignore_index, transform, None, skip_bad_samples)
         self.mask_format = mask_format
+        # binary masks are thresholded into classes 0 and 1 as they are read (8-bit scale)
+        self.binary = mask_format == "binary" or jpeg_threshold is not None
+        self.threshold = jpeg_threshold if jpeg_threshold is not None else 128
         # colour (as 0xRRGGBB) -> class index, for rgb masks
         self.colors = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(palette or [])}
         root_path = Path(root)
@@ -89,15 +112,16 @@ class FolderDataset(PairedFiles):
         image = read_image(image_path)
         if self.mask_format == "rgb":
             return image, self.rgb_to_index(mask_path)
-        if mask_path.suffix.lower() in JPEG_SUFFIXES:  # allowed only with a threshold
-            with Image.open(mask_path) as mask:
-                return image, np.array(mask.convert("L"))
-        return image, read_mask(mask_path)
+        # JPEG masks are allowed only with a threshold; any of their modes reads as 8-bit grey.
+        is_jpeg = mask_path.suffix.lower() in JPEG_SUFFIXES
+        mask = read_mask(mask_path, mode="L" if is_jpeg else None)
+        if self.binary:
+            mask = (mask >= binary_threshold(mask, self.threshold)).astype(np.uint8)
+        return image, mask
 
     def rgb_to_index(self, path: Path) -> np.ndarray:
         """Colour-coded mask -> class indices; a colour outside the palette is an error."""
-        with Image.open(path) as mask:
-            rgb = np.asarray(mask.convert("RGB")).astype(np.int64)
+        rgb = read_mask(path, mode="RGB").astype(np.int64)
         keys = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
         unique, inverse = np.unique(keys, return_inverse=True)
         unknown = [int(k) for k in unique if int(k) not in self.colors]
