@@ -1,17 +1,28 @@
 """Config plumbing shared by the entry points: command-line overrides and sanity checks."""
 
 import difflib
+import logging
 import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# What a user can fix (a bad value, a missing or unreadable file, a missing optional package,
+# out of memory with advice): these end a command with their own one-line message. DataError is
+# a ValueError; OSError covers FileNotFoundError and PermissionError. Anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, MemoryError)
+EXIT_USER_ERROR = 1
 
 
 def override_keys(overrides: Iterable[str]) -> list[str]:
@@ -126,3 +137,56 @@ def run_command(
         sys.exit(error)
     sys.argv[1:] = arguments
     hydra_main()
+
+
+def report_user_errors(job: Callable[[], Any]) -> Any:
+    """Run an entry point's job; a user error ends the command with its message alone (exit 1)
+    instead of Hydra's "Error executing job" and a traceback around it. The traceback is logged
+    at DEBUG level (``hydra.verbose=true`` shows it)."""
+    try:
+        return job()
+    except USER_ERRORS as error:
+        log.debug("Traceback of the error below", exc_info=True)
+        log.error("%s", error)
+        sys.exit(EXIT_USER_ERROR)
+
+
+# Values checked before any work, so that a wrong one fails naming its key instead of deep in
+# training: key -> (type, minimum, whether the minimum itself is allowed, whether null is).
+# Keys that a config does not have are skipped.
+VALUE_RULES = {
+    "seed": (int, 0, True, False),
+    "trainer.max_iters": (int, 1, True, False),
+    "trainer.grad_accum_steps": (int, 1, True, False),
+    "trainer.val_every": (int, 1, True, False),
+    "trainer.ckpt_every": (int, 1, True, False),
+    "trainer.log_every": (int, 1, True, False),
+    "trainer.nonfinite_patience": (int, 1, True, False),
+    "trainer.num_val_images": (int, 0, True, False),
+    "trainer.clip_grad_norm": (float, 0, False, True),
+    "data.batch_size": (int, 1, True, False),
+    "data.val_batch_size": (int, 1, True, False),
+    "data.num_workers": (int, 0, True, False),
+    "data.max_val_samples": (int, 1, True, True),
+    "optimizer.lr": (float, 0, False, False),
+    "optimizer.weight_decay": (float, 0, True, False),
+}
+_ABSENT = object()
+
+
+def check_values(cfg: DictConfig, rules: dict = VALUE_RULES) -> None:
+    """Refuse a wrong type or range before any work, naming the key, the value and what is
+    allowed (``trainer.max_iters=abc``, ``data.batch_size=0``, ``optimizer.lr=-1``)."""
+    for key, (kind, minimum, inclusive, nullable) in rules.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if value is _ABSENT or (value is None and nullable):
+            continue
+        types = (int,) if kind is int else (int, float)
+        # bool is an int to Python, but never a count or a rate
+        valid = isinstance(value, types) and not isinstance(value, bool)
+        if valid and (value >= minimum if inclusive else value > minimum):
+            continue
+        expected = f"{'an integer' if kind is int else 'a number'} {'>=' if inclusive else '>'} "
+        raise ValueError(
+            f"{key}={value!r} is not allowed: give {expected}{minimum}{' or null' if nullable else ''}"
+        )

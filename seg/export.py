@@ -13,16 +13,21 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 
-from seg.config import build, run_command
+from seg.config import build, report_user_errors, run_command
 from seg.data import loader
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluation import evaluate
-from seg.evaluate import checkpoint_config
+from seg.evaluate import checkpoint_config, sample_limit
 from seg.inference import Predictor
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+# Default output: <checkpoint stem> + this, never the checkpoint's own name (best.pt would be
+# replaced by its TorchScript export).
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+# protobuf caps a whole ONNX file at 2 GiB: weights up to this size are embedded in the one
+# file; larger ones go to a <output>.data file beside it. 64 MiB are left for the graph.
+ONNX_EMBED_LIMIT = 2**31 - 2**26
 OWN_KEYS = ("checkpoint", "format", "dynamic", "output", "sample_size", "verify_split", "tolerance")
 EXIT_MISMATCH = 1
 
@@ -34,7 +39,8 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="export")
 def hydra_main(cfg: DictConfig) -> None:
-    report = run(cfg, list(HydraConfig.get().overrides.task))
+    overrides = list(HydraConfig.get().overrides.task)
+    report = report_user_errors(lambda: run(cfg, overrides))
     if not report["verification"]["passed"]:
         sys.exit(EXIT_MISMATCH)
 
@@ -67,10 +73,46 @@ class ExportedModel(nn.Module):
         return self.module(images.float().cpu())
 
 
+def default_output(checkpoint: Path, format: str) -> Path:
+    """``<checkpoint dir>/<stem>.onnx`` or ``<stem>.torchscript.pt``: beside the checkpoint,
+    never the checkpoint itself."""
+    return checkpoint.with_name(checkpoint.stem + FORMATS[format])
+
+
+def check_output(output: Path, checkpoint: Path, format: str) -> None:
+    """Refuse an ``output`` that would replace the checkpoint being exported, or another
+    seg checkpoint (a TorchScript export is a .pt too), or the export's own .json."""
+    if output.suffix == ".json":
+        raise ValueError(f"output={output}: .json is the name of the export's description")
+    if output.resolve() == checkpoint.resolve():
+        raise ValueError(
+            f"output={output} is the checkpoint being exported, which the export would replace; "
+            f"leave output out (default: {default_output(checkpoint, format)}) or choose another"
+        )
+    if output.is_file() and is_checkpoint(output):
+        raise ValueError(
+            f"output={output} is a seg checkpoint, which the export would replace; leave output "
+            f"out (default: {default_output(checkpoint, format)}) or choose another"
+        )
+
+
+def is_checkpoint(path: Path) -> bool:
+    """True for a seg checkpoint; False for any other file, an earlier export included."""
+    try:
+        with warnings.catch_warnings():
+            # torch.load's note that a TorchScript archive is not for it: we only ask.
+            warnings.simplefilter("ignore", UserWarning)
+            load_checkpoint(path)
+    except ValueError:
+        return False
+    return True
+
+
 def export_model(
     model: nn.Module, sample: torch.Tensor, path: Path, format: str, dynamic: bool
-) -> None:
-    """Write ``model`` (fp32, eval mode) to ``path``, traced on ``sample``."""
+) -> list[Path]:
+    """Write ``model`` (fp32, eval mode) to ``path``, traced on ``sample``; returns the files
+    written: ``path``, and for ONNX weights over ``ONNX_EMBED_LIMIT`` also ``<path>.data``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         try:
@@ -81,17 +123,27 @@ def export_model(
             ) from error
         dims = torch.export.Dim
         shapes = ({0: dims("batch"), 2: dims("height"), 3: dims("width")},) if dynamic else None
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        # One self-contained file where protobuf allows it: easier to copy and deploy.
+        external = weight_bytes > ONNX_EMBED_LIMIT
+        weights = path.with_name(path.name + ".data")  # where torch.onnx puts external weights
         torch.onnx.export(
             model, (sample,), str(path), dynamo=True, input_names=["images"],
-            output_names=["logits"], dynamic_shapes=shapes,
+            output_names=["logits"], dynamic_shapes=shapes, external_data=external,
         )  # fmt: skip
-    else:
-        with warnings.catch_warnings():
-            # The tracer warns about shape checks; the verification below is the real test.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # TorchScript is deprecated upstream but still what many C++/mobile runtimes load.
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.trace(model, sample).save(str(path))
+        if external:
+            return [path, weights]
+        if weights.is_file():  # an earlier export's weights: the new file no longer reads them
+            log.info("Removing %s, left by an earlier export of %s", weights, path.name)
+            weights.unlink()
+        return [path]
+    with warnings.catch_warnings():
+        # The tracer warns about shape checks; the verification below is the real test.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # TorchScript is deprecated upstream but still what many C++/mobile runtimes load.
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(model, sample).save(str(path))
+    return [path]
 
 
 def verification_inputs(sample: torch.Tensor, dynamic: bool, stride: int) -> list[torch.Tensor]:
@@ -112,6 +164,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         raise ValueError(f"format={cfg.format!r}; options: {list(FORMATS)}")
     checkpoint_path = Path(cfg.checkpoint)
     checkpoint = load_checkpoint(checkpoint_path)
+    output = Path(cfg.output) if cfg.output else default_output(checkpoint_path, cfg.format)
+    check_output(output, checkpoint_path, cfg.format)
     train_cfg = checkpoint_config(cfg, overrides, checkpoint)
     # Exported graphs are fp32 and CPU-traced; runtimes pick their own precision and device.
     model = build(train_cfg.model, pretrained=False)
@@ -119,12 +173,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     model.eval()
     height, width = cfg.sample_size or train_cfg.data.train_transform.crop_size
     sample = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
-    output = Path(cfg.output) if cfg.output else checkpoint_path.with_suffix(FORMATS[cfg.format])
     log.info(
         "Exporting %s to %s (%s, dynamic=%s)", checkpoint_path, output, cfg.format, cfg.dynamic
     )
     with torch.no_grad():
-        export_model(model, sample, output, cfg.format, cfg.dynamic)
+        files = export_model(model, sample, output, cfg.format, cfg.dynamic)
     exported = ExportedModel(output, cfg.format)
 
     differences = []
@@ -141,15 +194,19 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         "passed": max_difference <= cfg.tolerance,
     }
     if cfg.verify_split:
-        verification |= compare_miou(model, exported, train_cfg, cfg.verify_split)
+        limit = sample_limit(cfg, overrides)[0]
+        verification |= compare_miou(model, exported, train_cfg, cfg.verify_split, limit)
         verification["passed"] &= (
             abs(verification["mIoU_exported"] - verification["mIoU_pytorch"]) < 1e-3
         )
 
     data = train_cfg.data
+    sidecar = output.with_suffix(".json")
     report = {
         "format": cfg.format,
         "model": output.name,
+        # every file of the export, named relative to this JSON's folder: copy them together
+        "files": [file.name for file in [*files, sidecar]],
         "checkpoint": str(checkpoint_path),
         "iteration": checkpoint["iteration"],
         "class_names": list(checkpoint["class_names"]),
@@ -176,20 +233,31 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         },
         "verification": verification,
     }
-    output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    sidecar.write_text(json.dumps(report, indent=2) + "\n")
     status = "passed" if verification["passed"] else "FAILED"
-    log.info("Verification %s (max abs diff %.3g, tolerance %g); wrote %s and %s", status,
-             max_difference, cfg.tolerance, output, output.with_suffix(".json"))  # fmt: skip
+    written = ", ".join(str(file) for file in [*files, sidecar])
+    log.info("Verification %s (max abs diff %.3g, tolerance %g); wrote %s", status,
+             max_difference, cfg.tolerance, written)  # fmt: skip
     return report
 
 
-def compare_miou(model: nn.Module, exported: nn.Module, train_cfg: DictConfig, split: str) -> dict:
-    """Val mIoU through PyTorch (fp32, CPU) and through the exported file, on the same data."""
+def compare_miou(
+    model: nn.Module,
+    exported: nn.Module,
+    train_cfg: DictConfig,
+    split: str,
+    max_samples: int | None,
+) -> dict:
+    """``split``'s mIoU through PyTorch (fp32, CPU) and through the exported file, on the same
+    data: its first ``max_samples`` images (None: all)."""
     data = train_cfg.data
     dataset = build(data.dataset, split=split, transform=build(data.val_transform))
-    data_loader = loader.val_loader(
-        dataset, data.val_batch_size, data.num_workers, data.max_val_samples
-    )
+    data_loader = loader.val_loader(dataset, data.val_batch_size, data.num_workers, max_samples)
+    if len(data_loader.dataset) < len(dataset):
+        log.warning(
+            "Comparing on the first %d of the %d images of split '%s' (data.max_val_samples)",
+            len(data_loader.dataset), len(dataset), split,
+        )  # fmt: skip
     results = {}
     for name, candidate in (("pytorch", model), ("exported", exported)):
         predictor = Predictor(candidate, torch.device("cpu"))

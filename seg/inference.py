@@ -1,14 +1,24 @@
 """Inference as evaluation and prediction run it: whole image or sliding window, optional
-multi-scale + flip test-time augmentation, under autocast."""
+multi-scale + flip test-time augmentation, under autocast; plus what both report while they
+run (progress, out-of-memory advice)."""
 
-from collections.abc import Sequence
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("whole", "slide")
+# The CPU allocator reports exhaustion as a plain RuntimeError with this text.
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 
 
 class Predictor:
@@ -40,6 +50,8 @@ class Predictor:
             raise ValueError("mode=slide needs crop=[height,width] (and optionally stride)")
         if not scales or min(scales) <= 0:
             raise ValueError(f"scales={list(scales)} must be positive numbers")
+        if window_batch < 1:
+            raise ValueError(f"window_batch={window_batch}: give the windows per pass, >= 1")
         self.model = model
         self.device = device
         self.precision = precision
@@ -51,6 +63,8 @@ class Predictor:
         self.stride = tuple(stride) if stride is not None else None
         if self.crop is not None and self.stride is None:
             self.stride = tuple(max(c * 2 // 3, 1) for c in self.crop)
+        if mode == "slide":
+            check_windows(self.crop, self.stride)
         self.scales = tuple(scales)
         self.flip = flip
         self.window_batch = window_batch
@@ -114,6 +128,19 @@ class Predictor:
         return totals / counts
 
 
+def check_windows(crop: Sequence[int], stride: Sequence[int]) -> None:
+    """Refuse windows that leave pixels uncovered (stride > crop: NaN scores there) or never
+    move (stride 0), naming the keys and the allowed range."""
+    if len(crop) != 2 or min(crop) < 1:
+        raise ValueError(f"crop={list(crop)}: give the window as [height,width], both >= 1")
+    if len(stride) != 2 or any(not 1 <= s <= c for s, c in zip(stride, crop, strict=True)):
+        raise ValueError(
+            f"stride={list(stride)} with crop={list(crop)}: each stride must be in "
+            "1 <= stride <= crop, per dimension (a larger step leaves pixels no window covers); "
+            "null: 2/3 of the crop"
+        )
+
+
 def sliding_windows(
     height: int, width: int, crop: Sequence[int], stride: Sequence[int]
 ) -> list[tuple[int, int, int, int]]:
@@ -136,3 +163,107 @@ def _resize(images: torch.Tensor, scale: float) -> torch.Tensor:
     height, width = images.shape[-2:]
     size = (max(round(height * scale), 1), max(round(width * scale), 1))
     return F.interpolate(images, size, mode="bilinear", align_corners=False)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an allocator's out-of-memory error: CUDA's (OutOfMemoryError) or the CPU's."""
+    return isinstance(error, torch.OutOfMemoryError) or CPU_OUT_OF_MEMORY in str(error)
+
+
+def memory_advice(predictor: Predictor, batch_key: str) -> str:
+    """What to change when ``predictor`` runs out of memory; ``batch_key`` is the command's
+    batch-size key (``batch_size``, ``data.val_batch_size``)."""
+    if predictor.mode == "whole":
+        advice = "use mode=slide with crop=[height,width] (e.g. crop=[512,512]) to bound memory"
+    else:
+        advice = (
+            f"use a smaller crop (now {list(predictor.crop)}) or window_batch "
+            f"(now {predictor.window_batch})"
+        )
+    if max(predictor.scales) > 1:
+        advice += f", drop the scales above 1 (now {list(predictor.scales)})"
+    return f"{advice}, or a smaller {batch_key}"
+
+
+@contextmanager
+def explain_out_of_memory(
+    images: torch.Tensor, names: Sequence[str], advice: str | None
+) -> Iterator[None]:
+    """Re-raise an allocator's out-of-memory error inside the block as a MemoryError naming the
+    images (N, 3, H, W), their size and ``advice``; other errors, and all with ``advice`` None,
+    pass unchanged."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+        if advice is None or not is_out_of_memory(error):
+            raise
+        height, width = images.shape[-2:]
+        shown = list(names)
+        listed = ", ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
+        raise MemoryError(
+            f"out of memory on {listed} ({width}x{height} pixels, batch of {len(images)}): {advice}"
+        ) from error
+
+
+class ProgressLog:
+    """Progress as log lines, for runs whose output is not a terminal (where tqdm's bar is
+    hidden): "evaluate: 40/200 images (20%), 35 s elapsed, ~2 min left", once ``share`` of
+    the total or ``seconds`` have passed since the last line, whichever comes first, but at
+    most one line per ``min_seconds`` (a pass of a few seconds needs no more than its last
+    line), and at the end."""
+
+    def __init__(
+        self,
+        desc: str,
+        total: int,
+        unit: str = "images",
+        share: float = 0.1,
+        seconds: float = 30.0,
+        min_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.desc, self.total, self.unit, self.clock = desc, total, unit, clock
+        self.step = max(round(total * share), 1)  # images per line
+        self.seconds, self.min_seconds = seconds, min_seconds
+        self.done = 0
+        self.start = self.last = clock()
+        self.next = self.step
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        now = self.clock()
+        since = now - self.last
+        due = since >= self.min_seconds and (self.done >= self.next or since >= self.seconds)
+        if not due and self.done < self.total:
+            return
+        elapsed = now - self.start
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        remaining = f", ~{_duration(left)} left" if self.done < self.total else ""
+        log.info(
+            "%s: %d/%d %s (%.0f%%), %s elapsed%s", self.desc, self.done, self.total, self.unit,
+            100 * self.done / max(self.total, 1), _duration(elapsed), remaining,
+        )  # fmt: skip
+        self.last, self.next = now, self.done + self.step
+
+    def __enter__(self) -> "ProgressLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # nothing to close: the same ``with`` works for this and a tqdm bar
+
+
+def progress(desc: str, total: int, unit: str = "images") -> "tqdm | ProgressLog":
+    """How evaluate and predict show progress: a tqdm bar on a terminal, log lines otherwise
+    (a run redirected to a file or under nohup would show nothing for minutes). Use as a
+    context manager and call ``update(count)``."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit)
+    return ProgressLog(desc, total, unit)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

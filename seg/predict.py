@@ -3,6 +3,7 @@ with a checkpoint alone (no run directory, no dataset)."""
 
 import glob
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,14 +14,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from seg.config import run_command
+from seg.config import report_user_errors, run_command
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID
 from seg.data.transforms import val_transform
 from seg.engine.checkpoint import load_checkpoint
 from seg.evaluate import checkpoint_config, predictor_from
+from seg.inference import explain_out_of_memory, memory_advice, progress
 from seg.visualize import colorize, overlay
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="predict")
 def hydra_main(cfg: DictConfig) -> None:
-    run(cfg, list(HydraConfig.get().overrides.task))
+    overrides = list(HydraConfig.get().overrides.task)
+    report_user_errors(lambda: run(cfg, overrides))
 
 
 def find_inputs(pattern: str) -> tuple[list[Path], Path]:
@@ -59,6 +61,39 @@ def find_inputs(pattern: str) -> tuple[list[Path], Path]:
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     base = Path(glob.escape(pattern).split("*")[0].split("?")[0] or ".")
     return files, base if base.is_dir() else base.parent
+
+
+def output_paths(files: list[Path], base: Path) -> tuple[list[Path], list[Path]]:
+    """Each input's output path inside a format folder: its path under ``base`` with the suffix
+    .png. Inputs that would share one (``img.jpg`` and ``img.png``) keep their own suffix
+    (``img.jpg.png``, ``img.png.png``), so that no output replaces another. Returns the paths
+    and the inputs so renamed."""
+    plain = [file.relative_to(base).with_suffix(".png") for file in files]
+    uses = Counter(plain)
+    paths, renamed = [], []
+    for file, path in zip(files, plain, strict=True):
+        if uses[path] > 1:
+            path = path.with_name(file.name + ".png")
+            renamed.append(file)
+        paths.append(path)
+    refuse_clashes(files, paths, "")
+    return paths, renamed
+
+
+def refuse_clashes(files: list[Path], paths: list[Path], why: str) -> None:
+    """Refuse inputs whose output ``paths`` are one file, naming them (``why``: which format)."""
+    inputs: dict[Path, list[str]] = {}
+    for file, path in zip(files, paths, strict=True):
+        inputs.setdefault(path, []).append(str(file))
+    clashes = [
+        f"{' and '.join(names)} -> {path}" for path, names in inputs.items() if len(names) > 1
+    ]
+    if clashes:
+        more = f" and {len(clashes) - 5} more" if len(clashes) > 5 else ""
+        raise ValueError(
+            f"inputs written to the same output file{why}: {'; '.join(clashes[:5])}{more}; "
+            "rename them or predict them in separate runs"
+        )
 
 
 class ImageFiles(Dataset):
@@ -114,8 +149,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
             f"format=cityscapes writes the 19 Cityscapes classes as labelIds, but checkpoint "
             f"{cfg.checkpoint} has {len(checkpoint['class_names'])} classes"
         )
+    relatives, renamed = output_paths(files, base)
+    if "cityscapes" in formats:  # one flat folder: names from different folders may meet
+        refuse_clashes(files, [Path(path.name) for path in relatives], " by format=cityscapes")
     train_cfg = checkpoint_config(cfg, overrides, checkpoint)
     predictor = predictor_from(cfg, train_cfg, checkpoint)
+    advice = memory_advice(predictor, "batch_size")
     palette = checkpoint["palette"]
     output = Path(cfg.output)
     dataset = ImageFiles(files, train_cfg.data.mean, train_cfg.data.std)
@@ -133,25 +172,36 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         output,
         ", ".join(formats),
     )
-    with tqdm(total=len(files), desc="predict", unit="img", disable=None) as bar:
+    if renamed:
+        shown = ", ".join(map(str, renamed[:6])) + (" ..." if len(renamed) > 6 else "")
+        log.warning(
+            "%d inputs differ only in their suffix (e.g. img.jpg and img.png): their outputs "
+            "keep it (img.jpg.png, img.png.png) so that none replaces another: %s",
+            len(renamed),
+            shown,
+        )
+    with progress("predict", len(files)) as bar:
         for batch in same_size_batches(loader, cfg.batch_size):
             if batch[0][3] is not None:
                 skipped.append(batch[0][3])
                 log.warning("Skipped: %s", batch[0][3])
-                bar.update()
+                bar.update(1)
                 continue
-            labels = predictor.predict(torch.stack([item[1] for item in batch])).cpu()
+            images = torch.stack([item[1] for item in batch])
+            names = [str(files[item[0]]) for item in batch]
+            with explain_out_of_memory(images, names, advice):
+                labels = predictor.predict(images).cpu()
             for (index, _, original, _), label in zip(batch, labels, strict=True):
-                relative = files[index].relative_to(base).with_suffix(".png")
-                write_outputs(label, original, formats, output, relative, palette, cfg.alpha)
+                write_outputs(
+                    label, original, formats, output, relatives[index], palette, cfg.alpha
+                )
                 written += 1
             bar.update(len(batch))
-    log.info(
-        "Wrote predictions for %d images to %s; skipped %d unreadable",
-        written,
-        output,
-        len(skipped),
-    )
+    log.info("Wrote predictions for %d images to %s", written, output)
+    if skipped:
+        log.warning(
+            "Skipped %d unreadable files:\n%s", len(skipped), "\n".join(f"  {e}" for e in skipped)
+        )
     return {"written": written, "skipped": len(skipped)}
 
 

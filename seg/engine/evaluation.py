@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from seg.inference import Predictor
+from seg.inference import Predictor, explain_out_of_memory
 from seg.metrics import ConfusionMatrix, iou_from_counts, per_image_counts
 from seg.visualize import comparison, confusion_figure, gallery, iou_figure
 
@@ -42,24 +42,31 @@ def evaluate(
     num_examples: int = 0,
     num_worst: int = 0,
     stop: Callable[[], bool] | None = None,
-    progress: Callable = iter,
+    progress: Callable[[int], object] | None = None,
+    memory_advice: str | None = None,
 ) -> Evaluation | None:
     """Run ``predictor`` over ``loader``; None as soon as ``stop()`` is true (a stop signal).
 
-    ``progress`` wraps the loader (e.g. ``tqdm``) to show how far the pass is.
+    ``progress`` is called with each batch's number of images (e.g. a bar's ``update``).
+    With ``memory_advice``, running out of memory raises a MemoryError naming the batch's
+    images, their size and the advice; without, the allocator's own error passes (the
+    trainer adds its own advice).
     """
     model = predictor.model
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, predictor.device)
-    image_counts, examples, worst = [], [], []
+    image_counts, examples, worst, names = [], [], [], []
     seen = 0
     try:
-        for images, masks in progress(loader):
+        for images, masks in loader:
             if stop is not None and stop():
                 return None
             masks = masks.to(predictor.device, non_blocking=True)
-            predictions = predictor.predict(images)
+            batch_names = [sample_name(loader.dataset, seen + i) for i in range(len(images))]
+            with explain_out_of_memory(images, batch_names, memory_advice):
+                predictions = predictor.predict(images)
+            names += batch_names
             confusion.update(predictions, masks)
             counts = per_image_counts(predictions, masks, num_classes, ignore_index)
             image_counts.append(counts)
@@ -80,9 +87,10 @@ def evaluate(
                     elif -miou > worst[0][0]:
                         heapq.heapreplace(worst, entry)
             seen += len(images)
+            if progress is not None:
+                progress(len(images))
     finally:
         model.train(was_training)
-    names = [sample_name(loader.dataset, i) for i in range(seen)]
     return Evaluation(
         metrics=confusion.compute(),
         confusion=confusion.matrix.cpu(),

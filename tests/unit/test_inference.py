@@ -1,10 +1,19 @@
-"""Sliding windows, test-time augmentation and the bootstrap interval."""
+"""Sliding windows, test-time augmentation, progress and out-of-memory reports, and the
+bootstrap interval."""
+
+import logging
 
 import pytest
 import torch
 from torch import nn
 
-from seg.inference import Predictor, sliding_windows
+from seg.inference import (
+    Predictor,
+    ProgressLog,
+    explain_out_of_memory,
+    memory_advice,
+    sliding_windows,
+)
 from seg.metrics import ConfusionMatrix, bootstrap_miou, iou_from_counts, per_image_counts
 from seg.models import Segmenter, smp_model
 
@@ -69,6 +78,94 @@ def test_bad_inference_settings():
         predictor(model, mode="slide")
     with pytest.raises(ValueError, match="options"):
         predictor(model, mode="sliding")
+
+
+@pytest.mark.parametrize(
+    ("crop", "stride", "window_batch", "message"),
+    [
+        # a step past the window leaves rows and columns no window covers (NaN scores)
+        ((32, 32), (40, 20), 4, r"stride=\[40, 20\] with crop=\[32, 32\].*1 <= stride <= crop"),
+        ((32, 32), (0, 0), 4, r"stride=\[0, 0\].*1 <= stride <= crop"),  # never moves
+        ((0, 32), None, 4, r"crop=\[0, 32\].*>= 1"),
+        ((32,), None, 4, r"crop=\[32\].*\[height,width\]"),
+        ((32, 32), None, 0, r"window_batch=0.*>= 1"),
+    ],
+)
+def test_slide_settings_are_checked(crop, stride, window_batch, message):
+    model = Segmenter(nn.Conv2d(3, 2, 1), stride=1)
+    with pytest.raises(ValueError, match=message):
+        predictor(model, mode="slide", crop=crop, stride=stride, window_batch=window_batch)
+
+
+def test_slide_with_stride_equal_to_crop_tiles_the_image():
+    # The largest stride allowed: windows touch without overlap and still cover every pixel.
+    model = Segmenter(nn.Conv2d(3, 5, 1), stride=1)
+    images = torch.randn(1, 3, 50, 70)
+    slide = predictor(model, mode="slide", crop=(16, 16), stride=(16, 16))(images)
+    assert torch.allclose(slide, predictor(model)(images), atol=1e-6)
+
+
+def test_out_of_memory_names_the_images_their_size_and_what_to_change():
+    model = Segmenter(nn.Conv2d(3, 2, 1), stride=1)
+    images = torch.zeros(2, 3, 600, 800)
+    names = ["a.jpg", "b.jpg"]
+    advice = memory_advice(predictor(model), "batch_size")
+    for error in (
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                     "memory: you tried to allocate 26214400000 bytes"),
+    ):  # fmt: skip
+        with (
+            pytest.raises(MemoryError, match=r"a.jpg, b.jpg \(800x600 pixels, batch of 2\)"),
+            explain_out_of_memory(images, names, advice),
+        ):
+            raise error
+    assert "mode=slide" in advice and advice.endswith("a smaller batch_size")
+    slide = memory_advice(predictor(model, mode="slide", crop=(64, 64), scales=[1, 2]), "b")
+    assert "crop (now [64, 64])" in slide and "scales above 1" in slide
+    # Other errors, and all errors where the caller gives no advice, pass unchanged.
+    with (
+        pytest.raises(RuntimeError, match="shape mismatch"),
+        explain_out_of_memory(images, names, advice),
+    ):
+        raise RuntimeError("shape mismatch")
+    with pytest.raises(torch.OutOfMemoryError), explain_out_of_memory(images, names, None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_log_reports_every_tenth_and_every_30_seconds(caplog):
+    clock = FakeClock()
+    caplog.set_level(logging.INFO, logger="seg.inference")
+    progress = ProgressLog("evaluate", 200, clock=clock)
+    for _ in range(50):  # 2 s per 2-image batch: a tenth of the images before 30 s pass
+        clock.now += 2
+        progress.update(2)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == "evaluate: 20/200 images (10%), 20 s elapsed, ~3 min left"
+    assert [line.split()[1] for line in lines] == [f"{n}/200" for n in range(20, 101, 20)]
+    caplog.clear()
+    for _ in range(50):  # now 20 s per batch: 30 s pass before a tenth, a line every 2 batches
+        clock.now += 20
+        progress.update(2)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 25 and lines[0].startswith("evaluate: 104/200 images (52%)")
+    assert lines[-1] == "evaluate: 200/200 images (100%), 18 min elapsed"
+    caplog.clear()
+    quick = ProgressLog("predict", 100, clock=clock)
+    for _ in range(100):  # a 3-second pass: its last line is enough
+        clock.now += 0.03
+        quick.update(1)
+    assert [record.getMessage() for record in caplog.records] == [
+        "predict: 100/100 images (100%), 3 s elapsed"
+    ]
 
 
 def test_per_image_counts_add_up_to_the_confusion_matrix():
