@@ -164,3 +164,30 @@ def _load_weights(module: nn.Module, path: str) -> None:
             f"model.encoder_weights_path={path} does not fit encoder {type(module).__name__}: "
             f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
         )
+
+
+def load_checkpoint_weights(
+    model: nn.Module, weights: dict[str, torch.Tensor], source: str
+) -> None:
+    """Load a checkpoint's model weights, or raise a ValueError naming the weights that do not
+    fit (shape, missing, unexpected) instead of torch's size-mismatch traceback."""
+    own = model.state_dict()
+    reshaped = [
+        f"{key} {list(value.shape)} in the checkpoint, {list(own[key].shape)} in this model"
+        for key, value in weights.items()
+        if key in own and value.shape != own[key].shape
+    ]
+    missing = [key for key in own if key not in weights]
+    unexpected = [key for key in weights if key not in own]
+    if reshaped or missing or unexpected:
+        problems = [
+            f"{len(found)} {what} (e.g. {'; '.join(found[:3])})"
+            for what, found in (
+                ("weights of another shape", reshaped),
+                ("weights missing from the checkpoint", missing),
+                ("checkpoint weights this model lacks", unexpected),
+            )
+            if found
+        ]
+        raise ValueError(f"{source} does not fit the configured model: {', '.join(problems)}")
+    model.load_state_dict(weights)

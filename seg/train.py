@@ -11,11 +11,27 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from seg.config import build, check_data_config, check_writable, run_command
+from seg.config import (
+    build,
+    check_data_config,
+    check_values,
+    check_writable,
+    report_user_errors,
+    run_command,
+)
 from seg.data import loader
 from seg.doctor import quick_check
-from seg.engine.checkpoint import check_compatible, load_checkpoint, newest_loadable_checkpoint
+from seg.engine.checkpoint import check_compatible, load_checkpoint
 from seg.engine.trainer import StopTraining
+from seg.models import load_checkpoint_weights
+from seg.run_dir import (
+    RunLog,
+    claim,
+    find_resumable,
+    refuse_taken,
+    remove_if_empty,
+    run_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,47 +44,75 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
     hydra_config = HydraConfig.get()
+    explicit_run_dir = any(o.startswith("hydra.run.dir=") for o in hydra_config.overrides.hydra)
     try:
-        run(cfg, Path(hydra_config.runtime.output_dir), list(hydra_config.overrides.task))
+        report_user_errors(
+            lambda: run(
+                cfg,
+                Path(hydra_config.runtime.output_dir),
+                list(hydra_config.overrides.task),
+                explicit_run_dir,
+            )
+        )
     except StopTraining as stop:
-        log.error("%s", stop)
+        # A signal is the user's own decision: a warning, not an error.
+        log.log(logging.WARNING if stop.exit_code > 128 else logging.ERROR, "%s", stop)
         sys.exit(stop.exit_code)
 
 
-def find_resume_checkpoint(resume: str | None, output_root: Path) -> tuple[Path, dict] | None:
-    """``resume``: null (new run), ``auto`` (the newest loadable checkpoint under output_root)
-    or a path. Returns the checkpoint's path and its loaded state."""
+def find_resume_checkpoint(
+    resume: str | None, output_root: Path, identity: str, run_dir: Path
+) -> tuple[Path, dict] | None:
+    """``resume``: null (new run), ``auto`` (the newest loadable checkpoint of ``run_dir`` or
+    else of this command's run under ``output_root``) or a path. Returns the checkpoint's path
+    and its loaded state."""
     if resume is None:
         return None
     if resume == "auto":
-        found = newest_loadable_checkpoint(output_root)
+        found = find_resumable(output_root, identity, run_dir)
         if found is None:
-            log.warning("resume=auto: no checkpoint under %s; starting a new run", output_root)
+            log.warning("resume=auto: no checkpoint of this run under %s; starting a new run",
+                        output_root)  # fmt: skip
         return found
     if not Path(resume).is_file():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint file (or use resume=auto)")
     return Path(resume), load_checkpoint(resume)
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str], explicit_run_dir: bool = True):
     """Train with ``cfg``, or resume per ``cfg.resume``; returns the final val mIoU.
 
-    ``overrides`` are the command line's: a checkpoint keeps them so that a resumed run is
-    recomposed from the same command line (plus the new one's overrides, which win).
+    ``run_dir`` is Hydra's run directory; a new run claims it (README "Outputs"), a resumed run
+    continues in its checkpoint's. ``overrides`` are the command line's: a checkpoint keeps them
+    so that a resumed run is recomposed from the same command line (plus the new one's
+    overrides, which win). Nothing is written until the config, data and weights passed their
+    checks; a start that fails leaves no directory behind.
     """
-    found = find_resume_checkpoint(cfg.resume, Path(cfg.output_root))
-    if found is None:
-        return build_and_train(cfg, run_dir, overrides)
-    checkpoint_path, checkpoint = found
-    overrides = checkpoint["overrides"] + [o for o in overrides if not o.startswith("resume=")]
-    cfg = hydra.compose(config_name="train", overrides=overrides)
-    check_compatible(checkpoint, cfg, checkpoint_path)
-    run_dir = checkpoint_path.parent.parent
-    # The resumed run writes into its own run dir, its log included.
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    logging.getLogger().addHandler(handler)
+    run_log = RunLog()
     try:
+        return start(cfg, run_dir, overrides, explicit_run_dir, run_log)
+    finally:
+        run_log.close()
+        # Hydra creates its run directory up front: gone again if this run did not use it.
+        remove_if_empty(run_dir, Path(cfg.output_root))
+
+
+def start(
+    cfg: DictConfig, run_dir: Path, overrides: list[str], explicit_run_dir: bool, run_log: RunLog
+) -> float:
+    """Check, build, place the run, train: in that order, so that a failed check writes nothing."""
+    check_values(cfg)
+    identity = run_identity(overrides, cfg.run_name)
+    found = find_resume_checkpoint(cfg.resume, Path(cfg.output_root), identity, run_dir)
+    checkpoint = None
+    if found is None and explicit_run_dir:
+        refuse_taken(run_dir)  # early: before anything slow is built
+    if found is not None:
+        checkpoint_path, checkpoint = found
+        overrides = checkpoint["overrides"] + [o for o in overrides if not o.startswith("resume=")]
+        cfg = hydra.compose(config_name="train", overrides=overrides)
+        check_values(cfg)
+        check_compatible(checkpoint, cfg, checkpoint_path)
         log.info("Resuming %s from iteration %d", checkpoint_path, checkpoint["iteration"])
         if checkpoint["iteration"] >= cfg.trainer.max_iters:
             log.warning(
@@ -76,21 +120,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
                 "Set a larger trainer.max_iters to continue.",
                 checkpoint["iteration"], cfg.trainer.max_iters,
             )  # fmt: skip
-        return build_and_train(cfg, run_dir, overrides, checkpoint)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-
-
-def build_and_train(
-    cfg: DictConfig, run_dir: Path, overrides: list[str], checkpoint: dict | None = None
-):
-    """Build data, model, loss, optimizer, schedule and Trainer from ``cfg`` and train."""
     check_data_config(cfg.data)
-    check_writable(run_dir)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(config_yaml)
-
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -108,6 +138,23 @@ def build_and_train(
         quick_check(dataset)
     # A resumed model gets its weights from the checkpoint: nothing to download.
     model = build(cfg.model, **({"pretrained": False} if checkpoint else {}))
+    if checkpoint is not None:  # the complete compatibility check, before anything is written
+        load_checkpoint_weights(model, checkpoint["model"], f"checkpoint {checkpoint_path}")
+
+    # Every check passed: now the run takes its directory and starts writing.
+    run_dir = (
+        checkpoint_path.parent.parent if checkpoint else claim(run_dir, identity, explicit_run_dir)
+    )
+    check_writable(run_dir)
+    run_log.write_to(run_dir)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(config_yaml)
+    return train(cfg, run_dir, overrides, checkpoint, model, train_set, val_set, config_yaml)
+
+
+def train(cfg, run_dir, overrides, checkpoint, model, train_set, val_set, config_yaml) -> float:
+    """Build loss, optimizer, schedule and Trainer around ``model``, restore ``checkpoint``
+    if any, and train; returns the last val mIoU."""
     loss_fn = build(cfg.loss)
     optimizer = build(cfg.optimizer)(params=model.parameters())
     scheduler = build(cfg.scheduler)(optimizer=optimizer)
@@ -128,6 +175,7 @@ def build_and_train(
     )
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
+        log_schedule_change(checkpoint, cfg, scheduler, trainer.iteration)
 
     pin_memory = trainer.device.type == "cuda"
     samples_per_iteration = cfg.data.batch_size * cfg.trainer.grad_accum_steps
@@ -152,3 +200,22 @@ def build_and_train(
         for dataset in (train_set, val_set):
             dataset.report_skipped()
     return metrics.get("mIoU", float("nan"))
+
+
+def log_schedule_change(checkpoint: dict, cfg: DictConfig, scheduler, iteration: int) -> None:
+    """Say so when a resumed run's schedule differs from the checkpoint's (a new
+    ``trainer.max_iters`` stretches poly and cosine, so the LR rises again)."""
+    before = checkpoint["scheduler"].get("_last_lr", [None])[0]
+    lr_lambdas = getattr(scheduler, "lr_lambdas", None)
+    if before is None or lr_lambdas is None:
+        return
+    after = scheduler.base_lrs[0] * lr_lambdas[0](iteration)
+    if abs(after - before) <= 1e-3 * max(abs(before), 1e-12):
+        return
+    old_length = OmegaConf.select(OmegaConf.create(checkpoint["config"]), "scheduler.max_iters")
+    log.warning(
+        "The learning-rate schedule differs from the checkpoint's (scheduler.max_iters %s -> "
+        "%s): at iteration %d the LR goes from %.3g to %.3g and then follows the new schedule. "
+        "To stay at the old schedule's end instead, add scheduler.max_iters=%s.",
+        old_length, OmegaConf.select(cfg, "scheduler.max_iters"), iteration, before, after, old_length,
+    )  # fmt: skip

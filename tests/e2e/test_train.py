@@ -43,7 +43,7 @@ def test_tiny_run_writes_checkpoints_events_and_metrics(tiny_run):
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/lr", "val/mDice", "val/aAcc", "val/mAcc", "val/IoU/disc", "val/Dice/ring"):
+    for tag in ("train/lr", "val/mDice", "val/aAcc", "val/mAcc", "val_class/IoU/disc", "val_class/Dice/ring"):
         assert tag in tags["scalars"], tag
     assert "val/example_0" in tags["images"]
 
@@ -63,7 +63,9 @@ def test_evaluate_reproduces_the_logged_val_miou(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     best = max(line["mIoU"] for line in metric_lines(run_dir))
     out = tmp_path / "metrics.json"
-    result = run_evaluation(f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"out={out}")
+    # the same 4 images that training validated on (debug=tiny's data.max_val_samples)
+    checkpoint = f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}"
+    result = run_evaluation(checkpoint, f"out={out}", "max_samples=4")
     assert result["mIoU"] == pytest.approx(best, abs=1e-12)
     written = json.loads(out.read_text())
     assert written["mIoU"] == result["mIoU"]
@@ -104,7 +106,8 @@ def test_resume_continues_at_the_right_iteration_and_lr(tmp_path):
 def test_resume_auto_takes_the_newest_run(tmp_path):
     first = tmp_path / "first"
     run_training(first, "trainer.max_iters=2", "scheduler.max_iters=4")
-    run_training(tmp_path / "second", "resume=auto", "trainer.max_iters=4")
+    # resume=auto takes up the run of the same command (max_iters and resume may differ)
+    run_training(tmp_path / "second", "resume=auto", "trainer.max_iters=4", "scheduler.max_iters=4")
     assert torch.load(first / "checkpoints/last.pt", weights_only=True)["iteration"] == 4
 
 
