@@ -3,6 +3,7 @@
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,6 +30,25 @@ def strip_prefixes(key: str) -> str:
     return key
 
 
+class KeepWriteError:
+    """A file for ``torch.save`` that keeps the OSError of a failed write: torch's zip writer
+    reports it as a RuntimeError ("unexpected pos ...") that has lost the errno (disk full)."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)  # flush, tell, ...: whatever torch.save asks of a file
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write ``state`` to ``path`` atomically: the previous file stays valid until the new one
     is complete on disk (temp file in the same directory, fsync, ``os.replace``)."""
@@ -36,7 +56,13 @@ def save_checkpoint(state: dict, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as file:
-            torch.save(state, file)
+            writer = KeepWriteError(file)
+            try:
+                torch.save(state, writer)
+            except RuntimeError as error:
+                if writer.error is None:
+                    raise  # not a failed write: a bug that needs its own traceback
+                raise writer.error from error
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -62,6 +88,12 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    exported = exported_model(path)  # torch.load would warn, then fail with a misleading error
+    if exported is not None:
+        raise ValueError(
+            f"{path} is not a checkpoint: checkpoint= and resume= expect a checkpoint written "
+            f"by train.py, e.g. <run>/checkpoints/best.pt; this file is {exported}"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -75,6 +107,24 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path} is not a seg checkpoint (no 'model' entry)")
     state["model"] = {strip_prefixes(key): value for key, value in state["model"].items()}
     return state
+
+
+def exported_model(path: Path) -> str | None:
+    """What an exported model file is, and how to run it; None for anything else."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return None
+        # torch.jit.save writes <name>/code/ (the model's TorchScript) and <name>/constants.pkl.
+        if any("/code/" in name or name.endswith("/constants.pkl") for name in names):
+            return "a TorchScript model (an export): load it with torch.jit.load"
+        return None
+    # An ONNX model is a protobuf message (no zip, no pickle): its name is the surest sign.
+    if path.suffix == ".onnx":
+        return "an exported ONNX model: run it with onnxruntime"
+    return None
 
 
 def newest_loadable_checkpoint(root: Path) -> tuple[Path, dict] | None:

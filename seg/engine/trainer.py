@@ -97,6 +97,16 @@ def loss_input(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.float32, memory_format=torch.contiguous_format)
 
 
+@contextmanager
+def timed(seconds: dict[str, float], name: str):
+    """Add the block's wall time to ``seconds[name]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] += time.perf_counter() - started
+
+
 class StopTraining(Exception):
     """Training stopped early on purpose; ``exit_code`` is what the command exits with."""
 
@@ -132,7 +142,11 @@ class Trainer:
     One iteration is one optimizer step over ``grad_accum_steps`` batches. Validation runs every
     ``val_every`` iterations and at the end; ``checkpoints/last.pt`` is written every
     ``ckpt_every`` iterations and at the end, ``checkpoints/best.pt`` whenever val mIoU improves.
-    SIGINT/SIGTERM finish the current step, write ``last.pt`` and raise ``StopTraining``.
+    SIGINT/SIGTERM finish the current step, write ``last.pt`` and raise ``StopTraining``; a
+    validation they skip or cut short is owed in ``last.pt`` and runs first on resume. A second
+    signal stops at once, but never inside the write of a checkpoint.
+    An error while computing a step's gradients (data, forward, backward, out of memory) writes
+    ``last.pt`` at the last completed iteration, then propagates.
     A step with a non-finite loss or gradient is skipped; ``nonfinite_patience`` such steps in
     a row stop training with ``last.pt`` untouched.
     """
@@ -203,7 +217,12 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -math.inf
         self.skipped_steps = 0
+        # True from the moment a validation is due until it completes: a checkpoint saved in
+        # between (a stop signal) makes the resumed run validate before training on.
+        self.pending_validation = False
         self.stop_signal: int | None = None
+        self.saving = False  # a checkpoint is being written: a second signal waits for it
+        self.deferred_signal: int | None = None
 
     @property
     def last_path(self) -> Path:
@@ -233,20 +252,17 @@ class Trainer:
             logging_redirect_tqdm(),
             tqdm(total=self.max_iters, initial=self.iteration, disable=None, unit="it") as bar,
         ):
-            while self.iteration < self.max_iters:
-                started = time.perf_counter()
-                try:
-                    step = self.train_step(batches)
-                except RuntimeError:
-                    if self.stop_signal is None:
-                        raise
-                    # A process-group SIGTERM (Slurm) also ended the DataLoader workers: the
-                    # model is still as it was after the last completed step, so save that.
-                    self.optimizer.zero_grad(set_to_none=True)
+            if self.pending_validation:  # the checkpoint's run stopped before it was done
+                with timed(seconds, "validation"):
+                    metrics = self.validate_and_keep_best(val_loader, writer) or metrics
+                if self.stop_signal is not None:
                     self.stop_after_signal()
-                self.iteration += 1
-                steps_since_log += 1
-                seconds["training steps"] += time.perf_counter() - started
+                self.save(self.last_path)  # record it done: a later resume does not repeat it
+            while self.iteration < self.max_iters:
+                with timed(seconds, "training steps"):
+                    step = self.fit_step(batches)
+                    self.iteration += 1
+                    steps_since_log += 1
                 bar.update()
                 last = self.iteration == self.max_iters
                 if step.applied:
@@ -280,36 +296,79 @@ class Trainer:
                     writer.add_scalar("train/img_per_s", images_per_s, self.iteration)
                     writer.add_scalar("train/skipped_steps", self.skipped_steps, self.iteration)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-                    if bar.disable:  # no terminal (a batch job, a pipe): log progress as lines
-                        log.info(
-                            "iteration %d/%d  loss %.4f  lr %.3e  %.1f img/s",
-                            self.iteration, self.max_iters, loss, lr, images_per_s,
-                        )  # fmt: skip
+                    # Also under a progress bar (printed above it): train.log keeps the history.
+                    log.info(
+                        "iteration %d/%d  loss %.4f  lr %.3e  %.1f img/s",
+                        self.iteration, self.max_iters, loss, lr, images_per_s,
+                    )  # fmt: skip
                     loss_sum.zero_()
                     steps_since_log, applied_since_log, clock = 0, 0, time.perf_counter()
 
-                if (self.iteration % self.val_every == 0 or last) and self.stop_signal is None:
-                    started = time.perf_counter()
-                    metrics = self.validate(val_loader, writer) or metrics
-                    seconds["validation"] += time.perf_counter() - started
-                    if metrics and metrics["mIoU"] > self.best_miou:  # False for NaN
-                        self.best_miou = metrics["mIoU"]
-                        save_checkpoint(self.state_dict(), self.run_dir / "checkpoints/best.pt")
+                if self.iteration % self.val_every == 0 or last:
+                    self.pending_validation = True
+                    with timed(seconds, "validation"):
+                        metrics = self.validate_and_keep_best(val_loader, writer) or metrics
                     clock = time.perf_counter()  # img/s counts training time only
 
                 if self.iteration % self.ckpt_every == 0 or last:
-                    started = time.perf_counter()
-                    save_checkpoint(self.state_dict(), self.last_path)
-                    seconds["checkpoints"] += time.perf_counter() - started
+                    with timed(seconds, "checkpoints"):
+                        self.save(self.last_path)
                 if self.stop_signal is not None:
                     self.stop_after_signal()
         log.info("Time: " + ", ".join(f"{value:.1f} s {name}" for name, value in seconds.items()))
         log.info("Done: best val mIoU %.4f, checkpoints in %s", self.best_miou, self.run_dir)
         return metrics
 
+    def fit_step(self, batches: Iterator) -> StepResult:
+        """``train_step`` for ``fit``: until the optimizer step the weights are those of the last
+        completed iteration, so an error before it (a data error, forward, backward, out of
+        memory) first saves them to ``last.pt``. Later errors save nothing: the optimizer may
+        have updated part of the weights."""
+        try:
+            total = self.accumulate_gradients(batches)
+        except Exception as error:
+            self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+            if self.stop_signal is not None and isinstance(error, RuntimeError):
+                # A process-group SIGTERM (Slurm) also ended the DataLoader workers.
+                self.stop_after_signal()
+            self.save_before_error()
+            raise
+        return self.apply_gradients(total)
+
+    def save_before_error(self) -> None:
+        """Save ``last.pt`` at the last completed iteration, before an error ends the run."""
+        try:
+            self.save(self.last_path)
+        except (OSError, RuntimeError) as save_error:
+            # The error that stopped the step matters more: it propagates, this is logged.
+            log.error("Could not save %s before stopping: %s", self.last_path, save_error)
+            return
+        log.warning(
+            "Iteration %d failed; saved %s at iteration %d. Once the error below is fixed, "
+            "continue with: python train.py resume=%s",
+            self.iteration + 1, self.last_path, self.iteration, self.last_path,
+        )  # fmt: skip
+
+    def save(self, path: Path) -> None:
+        """Write the trainer's state to ``path``. A second stop signal during the write waits
+        until the file is complete, then stops: raised inside torch.save it would abort the
+        save with torch's internal error."""
+        self.saving = True
+        try:
+            save_checkpoint(self.state_dict(), path)
+        finally:
+            self.saving = False
+        if self.deferred_signal is not None:
+            name = signal.Signals(self.deferred_signal).name
+            raise StopTraining(
+                f"{name}: stopped at iteration {self.iteration} of {self.max_iters} once "
+                f"{path} was saved. Continue with: python train.py resume={path}",
+                128 + self.deferred_signal,
+            )
+
     def stop_after_signal(self) -> None:
         """Save ``last.pt`` at the current iteration and raise ``StopTraining``."""
-        save_checkpoint(self.state_dict(), self.last_path)
+        self.save(self.last_path)
         name = signal.Signals(self.stop_signal).name
         raise StopTraining(
             f"{name}: stopped at iteration {self.iteration} of {self.max_iters}; saved "
@@ -330,13 +389,18 @@ class Trainer:
     @contextmanager
     def stop_on_signals(self):
         """SIGINT/SIGTERM only set a flag that the loop checks after each step; a second
-        signal stops at once."""
+        signal stops at once, or during a checkpoint's write as soon as it is complete."""
 
         def request_stop(signum, frame):
-            if self.stop_signal is not None:
+            name = signal.Signals(signum).name
+            if self.stop_signal is None:
+                self.stop_signal = signum
+                log.warning("%s received: stopping after this step", name)
+            elif self.saving:
+                self.deferred_signal = signum
+                log.warning("%s received again: stopping once the checkpoint is written", name)
+            else:
                 raise KeyboardInterrupt
-            self.stop_signal = signum
-            log.warning("%s received: stopping after this step", signal.Signals(signum).name)
 
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers can only be installed from the main thread
@@ -365,6 +429,11 @@ class Trainer:
 
     def train_step(self, batches: Iterator) -> StepResult:
         """One optimizer step over ``grad_accum_steps`` batches, skipped if non-finite."""
+        return self.apply_gradients(self.accumulate_gradients(batches))
+
+    def accumulate_gradients(self, batches: Iterator) -> torch.Tensor:
+        """Forward and backward over ``grad_accum_steps`` batches; returns their mean loss
+        (on the device). The weights are not changed."""
         total = torch.zeros((), device=self.device)
         try:
             for _ in range(self.grad_accum_steps):
@@ -390,7 +459,11 @@ class Trainer:
                     "data.batch_size >= 2 (pooling branches such as ASPP reduce each image to 1x1)"
                 ) from error
             raise
-        total /= self.grad_accum_steps
+        return total / self.grad_accum_steps
+
+    def apply_gradients(self, total: torch.Tensor) -> StepResult:
+        """Unscale and clip the gradients, then step the optimizer and scheduler unless the
+        loss ``total`` or the gradients are non-finite."""
         self.scaler.unscale_(self.optimizer)  # so the norm and clipping see the true gradients
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = nn.utils.get_total_norm(grads)
@@ -404,6 +477,24 @@ class Trainer:
         self.scaler.update()  # under fp16, an overflow lowers the scale for the next step
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(total, finite_loss, finite_grads)
+
+    def validate_and_keep_best(self, loader: DataLoader, writer: SummaryWriter) -> dict | None:
+        """Run the owed validation (``pending_validation``) and save ``best.pt`` if it is the
+        best so far. None when a stop signal came first or cut it short: it stays owed."""
+        if self.stop_signal is not None:
+            return None
+        rng = rng_state()
+        metrics = self.validate(loader, writer)
+        if metrics is None:
+            # Validation draws from the RNG (the DataLoader's seed): the resumed run repeats
+            # it from the same state, as the uninterrupted run did.
+            set_rng_state(rng)
+            return None
+        self.pending_validation = False
+        if metrics["mIoU"] > self.best_miou:  # False for NaN
+            self.best_miou = metrics["mIoU"]
+            self.save(self.run_dir / "checkpoints/best.pt")
+        return metrics
 
     def validate(self, loader: DataLoader, writer: SummaryWriter) -> dict | None:
         """Evaluate on ``loader``, then log scalars, the class table, figures and metrics.jsonl.
@@ -429,9 +520,11 @@ class Trainer:
         metrics = result.metrics
         for key in ("mIoU", "mDice", "aAcc", "mAcc"):
             writer.add_scalar(f"val/{key}", metrics[key], self.iteration)
+        # TensorBoard groups by the first path component: per-class curves in groups of their
+        # own leave the headline metrics alone at the top of ``val``.
         for name, iou, dice in zip(self.class_names, metrics["IoU"], metrics["Dice"], strict=True):
-            writer.add_scalar(f"val/IoU/{name}", iou, self.iteration)
-            writer.add_scalar(f"val/Dice/{name}", dice, self.iteration)
+            writer.add_scalar(f"val_class/IoU/{name}", iou, self.iteration)
+            writer.add_scalar(f"val_class/Dice/{name}", dice, self.iteration)
         pictures = figures(result, self.class_names, self.palette, self.mean, self.std)
         for name, array in pictures.items():
             writer.add_image(f"val/{name}", array, self.iteration, dataformats="HWC")
@@ -458,6 +551,7 @@ class Trainer:
             "iteration": self.iteration,
             "best_miou": self.best_miou,
             "skipped_steps": self.skipped_steps,
+            "pending_validation": self.pending_validation,
             "rng": rng_state(),
             "class_names": self.class_names,
             "palette": self.palette,
@@ -473,4 +567,6 @@ class Trainer:
         self.iteration = state["iteration"]
         self.best_miou = state["best_miou"]
         self.skipped_steps = state["skipped_steps"]
+        # Checkpoints written before this key existed owe no validation.
+        self.pending_validation = state.get("pending_validation", False)
         set_rng_state(state["rng"])

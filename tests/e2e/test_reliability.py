@@ -1,4 +1,5 @@
-"""No lost work: exact resume, signals, kill -9 (also inside a save), the non-finite guard."""
+"""No lost work: exact resume, signals (also inside a validation or a save), kill -9 (also
+inside a save), data errors mid-run, the non-finite guard."""
 
 import os
 import signal
@@ -11,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from seg.data.base import DataError
+from seg.data.synthetic import SyntheticScenes
 from seg.engine.checkpoint import load_checkpoint
+from seg.engine.trainer import StopTraining
+from seg.inference import Predictor
 from tests.conftest import REPO, run_training
 
 # 6 training scenes with batch 2: an epoch is 3 iterations.
@@ -110,7 +115,13 @@ def test_sigterm_saves_and_exits_with_the_documented_code_then_resumes(tmp_path)
     assert state["iteration"] >= 3
     assert f"resume={run_dir / 'checkpoints' / 'last.pt'}" in output
     stopped_at = state["iteration"]
-    run_training(tmp_path / "x", "resume=auto", f"trainer.max_iters={stopped_at + 2}")
+    # resume=auto continues the run of the same command (its max_iters may change)
+    run_training(
+        tmp_path / "x",
+        "resume=auto",
+        "trainer.ckpt_every=1000",
+        f"trainer.max_iters={stopped_at + 2}",
+    )
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == stopped_at + 2
 
 
@@ -167,7 +178,7 @@ def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(tmp_path):
     assert result.returncode == -signal.SIGKILL
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == 2
     assert list((run_dir / "checkpoints").glob(".*.tmp"))  # the half-written temp file
-    run_training(tmp_path / "x", "resume=auto", "trainer.max_iters=4")
+    run_training(tmp_path / "x", "resume=auto", "trainer.ckpt_every=1", "trainer.max_iters=4")
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == 4
 
 
@@ -176,7 +187,101 @@ def test_resume_auto_skips_an_unreadable_newest_checkpoint(tmp_path, caplog):
     run_training(run_dir, "trainer.max_iters=2", "scheduler.max_iters=4")
     newest = run_dir / "checkpoints" / "last.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # disk corruption after the fact
-    run_training(tmp_path / "x", "resume=auto", "trainer.max_iters=4")
+    run_training(tmp_path / "x", "resume=auto", "scheduler.max_iters=4", "trainer.max_iters=4")
     assert f"Skipping checkpoint {newest}" in caplog.text
     # resumed from best.pt (iteration 2), so last.pt is whole again, at iteration 4
     assert load_checkpoint(newest)["iteration"] == 4
+
+
+def test_a_signal_during_the_last_validation_is_made_up_on_resume(tmp_path, monkeypatch):
+    only_last = ("trainer.val_every=100",)  # the one validation is the last: iteration 4
+    straight = tmp_path / "straight"
+    run_training(straight, *only_last)
+    real_predict = Predictor.predict
+
+    def ctrl_c_during_the_first_batch(self, images):
+        monkeypatch.setattr(Predictor, "predict", real_predict)
+        signal.raise_signal(signal.SIGINT)
+        return real_predict(self, images)
+
+    monkeypatch.setattr(Predictor, "predict", ctrl_c_during_the_first_batch)
+    run_dir = tmp_path / "run"
+    with pytest.raises(StopTraining) as stop:
+        run_training(run_dir, *only_last)
+    assert stop.value.exit_code == 128 + signal.SIGINT
+    assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == 4
+    assert not (run_dir / "checkpoints/best.pt").exists()
+    assert not (run_dir / "metrics.jsonl").exists()
+
+    # "nothing to train", but the validation the signal cut short is still owed
+    run_training(tmp_path / "x", f"resume={run_dir / 'checkpoints/last.pt'}", *only_last)
+    assert (run_dir / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+    assert load_checkpoint(run_dir / "checkpoints/best.pt")["iteration"] == 4
+    a, b = final_state(straight), final_state(run_dir)
+    for key in ("model", "optimizer", "scheduler", "iteration", "best_miou", "rng"):
+        assert_same_tensors(a[key], b[key], key)
+    assert not b["pending_validation"]
+
+
+def test_a_data_error_mid_run_first_saves_the_last_completed_iteration(tmp_path, monkeypatch):
+    no_saves = ("trainer.ckpt_every=100", "trainer.val_every=100")
+    straight = tmp_path / "straight"
+    run_training(straight, *no_saves)
+    real_prepare, train_reads = SyntheticScenes.prepare, []
+
+    def truncated_in_iteration_4(self, index, seed):  # the samples the DataLoader reads
+        if self.split == "train":
+            train_reads.append(index)
+            if len(train_reads) == 7:  # batches of 2: the first image of iteration 4
+                raise DataError(f"{self.describe(index)}: image file is truncated; replace it")
+        return real_prepare(self, index, seed)
+
+    monkeypatch.setattr(SyntheticScenes, "prepare", truncated_in_iteration_4)
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match="truncated"):
+        run_training(run_dir, *no_saves)
+    assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == 3
+
+    monkeypatch.setattr(SyntheticScenes, "prepare", real_prepare)  # the file was replaced
+    run_training(tmp_path / "x", f"resume={run_dir / 'checkpoints/last.pt'}", *no_saves)
+    # no iteration lost or repeated: the same weights as the run without the error
+    assert_same_tensors(final_state(straight)["model"], final_state(run_dir)["model"])
+
+
+CTRL_C_TWICE_IN_A_SAVE = """
+import io, signal, sys
+from seg.engine import checkpoint
+
+class InterruptedFile(io.FileIO):
+    interrupted = False
+
+    def write(self, data):  # Ctrl-C, Ctrl-C inside torch.save of the first checkpoint
+        if not InterruptedFile.interrupted:
+            InterruptedFile.interrupted = True
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return super().write(data)
+
+checkpoint.open = InterruptedFile
+sys.argv = ["train.py", "debug=tiny", "trainer.precision=fp32", "trainer.max_iters=6",
+            "hydra.run.dir={run_dir}"]
+from seg.train import main
+main()
+"""
+
+
+def test_ctrl_c_twice_inside_a_save_finishes_it_and_exits_130(tmp_path):
+    run_dir = tmp_path / "run"
+    script = textwrap.dedent(CTRL_C_TWICE_IN_A_SAVE).format(run_dir=run_dir)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert "unexpected pos" not in output
+    # the first save (best.pt after the validation at iteration 2) is whole, then the run stops
+    saved = run_dir / "checkpoints" / "best.pt"
+    assert load_checkpoint(saved)["iteration"] == 2
+    assert f"resume={saved}" in output
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))

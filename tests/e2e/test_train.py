@@ -43,7 +43,14 @@ def test_tiny_run_writes_checkpoints_events_and_metrics(tiny_run):
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/lr", "val/mDice", "val/aAcc", "val/mAcc", "val_class/IoU/disc", "val_class/Dice/ring"):
+    for tag in (
+        "train/lr",
+        "val/mDice",
+        "val/aAcc",
+        "val/mAcc",
+        "val_class/IoU/disc",
+        "val_class/Dice/ring",
+    ):
         assert tag in tags["scalars"], tag
     assert "val/example_0" in tags["images"]
 

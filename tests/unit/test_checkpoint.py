@@ -1,7 +1,10 @@
 import errno
+import io
 import os
 import pickle
+import warnings
 
+import onnx
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -82,6 +85,73 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
         save_checkpoint({"model": {}, "iteration": 2}, path)
     assert load_checkpoint(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class FillingDisk(io.FileIO):
+    """A file on a disk with ``room`` bytes left: later writes fail with ENOSPC."""
+
+    room = 0
+
+    def write(self, data):
+        left = self.room - self.tell()
+        if left <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(bytes(data[:left]))
+
+
+@pytest.mark.parametrize("room", [1_000, 50_000])
+def test_disk_filling_up_inside_torch_save_says_so_and_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch, room
+):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {}, "iteration": 1}, path)
+    FillingDisk.room = room  # torch.save reports the failed write as "unexpected pos"
+
+    def filling_open(file, mode="r"):
+        return io.BufferedWriter(FillingDisk(file, mode.replace("b", "")))  # as open() does
+
+    monkeypatch.setattr(checkpoint_module, "open", filling_open, raising=False)
+    state = {"model": {"weight": torch.zeros(100_000)}, "iteration": 2}
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*last.pt") as error:
+        save_checkpoint(state, path)
+    assert error.value.errno == errno.ENOSPC
+    message = str(error.value)
+    assert "No space left on device" in message and "unexpected pos" not in message
+    assert "previous last.pt is intact" in message and "Free disk space" in message
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no partial temp file left
+
+
+def test_a_torchscript_export_is_named_as_such(tmp_path):
+    path = tmp_path / "model.pt"  # what scripts/export.py format=torchscript writes
+    with pytest.warns(FutureWarning):  # torch.jit.trace is deprecated upstream
+        traced = torch.jit.trace(torch.nn.Conv2d(3, 2, 1), torch.zeros(1, 3, 4, 4))
+    traced.save(str(path))
+    with (
+        warnings.catch_warnings(),  # and no warning from torch.load about TorchScript first
+        pytest.raises(ValueError, match=r"TorchScript model.*torch.jit.load") as error,
+    ):
+        warnings.simplefilter("error")
+        load_checkpoint(path)
+    assert "expect a checkpoint written by train.py, e.g. <run>/checkpoints/best.pt" in str(
+        error.value
+    )
+    assert "corrupted" not in str(error.value) and "run code" not in str(error.value)
+
+
+def test_an_onnx_export_is_named_as_such(tmp_path):
+    path = tmp_path / "model.onnx"
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["images"], ["logits"])],
+        "seg",
+        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+    )
+    onnx.save(onnx.helper.make_model(graph, producer_name="pytorch"), path)
+    with pytest.raises(ValueError, match=r"exported ONNX model: run it with onnxruntime") as error:
+        load_checkpoint(path)
+    assert "<run>/checkpoints/best.pt" in str(error.value)
+    assert "corrupted" not in str(error.value) and "run code" not in str(error.value)
 
 
 def test_incompatible_config_names_both_values():

@@ -1,13 +1,23 @@
-"""The Trainer's guards: non-finite steps, out-of-memory and BatchNorm errors with their fixes."""
+"""The Trainer's guards: non-finite steps, out-of-memory and BatchNorm errors with their fixes,
+signals and errors that leave a resumable checkpoint, and what it logs."""
 
+import io
 import itertools
+import json
 import logging
 import math
+import signal
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from tqdm import tqdm
 
+from seg.data.base import DataError
+from seg.engine import checkpoint as checkpoint_module
+from seg.engine import trainer as trainer_module
+from seg.engine.checkpoint import load_checkpoint
 from seg.engine.trainer import EXIT_NONFINITE, StopTraining, Trainer
 from seg.models import Segmenter, torchvision_model
 from seg.schedulers import poly
@@ -120,3 +130,201 @@ def test_fit_logs_where_the_time_went(tmp_path, caplog):
     trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=2)
     trainer.fit(Loader(itertools.islice(batches(), 2)), Loader(itertools.islice(batches(), 1)))
     assert "s training steps" in caplog.text and "s validation" in caplog.text
+
+
+class SignallingLoader(Loader):
+    """Sends this process SIGINT once, just before batch number ``at`` (from 0): the signal
+    reaches the trainer while it is inside a step or a validation."""
+
+    at = None
+
+    def __iter__(self):
+        for i, batch in enumerate(list.__iter__(self)):
+            if i == self.at:
+                self.at = None  # once: Loader.dataset iterates too
+                signal.raise_signal(signal.SIGINT)
+            yield batch
+
+
+def val_batches():
+    return Loader(itertools.islice(batches(), 2))
+
+
+@pytest.mark.parametrize("where", ["validation", "step"])
+def test_a_validation_skipped_by_a_signal_is_owed_and_runs_on_resume(tmp_path, where):
+    checkpoints = tmp_path / "checkpoints"
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=2)
+    train, val = Loader(itertools.islice(batches(), 2)), SignallingLoader(val_batches())
+    if where == "validation":
+        val.at = 1  # inside the last validation, before its second batch
+    else:
+        train = SignallingLoader(train)
+        train.at = 1  # inside the last step, just before validation is due
+    with pytest.raises(StopTraining) as stop:
+        trainer.fit(train, val)
+    assert stop.value.exit_code == 128 + signal.SIGINT
+    state = load_checkpoint(checkpoints / "last.pt")
+    assert state["iteration"] == 2 and state["pending_validation"]
+    assert not (checkpoints / "best.pt").exists()
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+    resumed = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=2)
+    resumed.load_state_dict(state)
+    metrics = resumed.fit(Loader(), val_batches())  # nothing to train: it still validates
+    assert metrics["mIoU"] == resumed.best_miou
+    assert load_checkpoint(checkpoints / "best.pt")["iteration"] == 2
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [2]
+    assert not load_checkpoint(checkpoints / "last.pt")["pending_validation"]
+    # done: a further resume has nothing left to do
+    again = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=2)
+    again.load_state_dict(load_checkpoint(checkpoints / "last.pt"))
+    assert again.fit(Loader(), val_batches()) == {}
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_checkpoint_from_before_pending_validation_owes_none(tmp_path):
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=1)
+    trainer.fit(Loader(itertools.islice(batches(), 1)), val_batches())
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    del state["pending_validation"]
+    (tmp_path / "metrics.jsonl").unlink()
+    resumed = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=1)
+    resumed.load_state_dict(state)
+    assert resumed.fit(Loader(), val_batches()) == {}
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+class Endless:
+    """A DataLoader stand-in over an iterator of training batches."""
+
+    batch_size = 2
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def __iter__(self):
+        return self.iterator
+
+
+def fit_with(trainer, train_batches):
+    return trainer.fit(Endless(train_batches), val_batches())
+
+
+def failing_batches(at, error):
+    for i, batch in enumerate(batches()):
+        if i == at:
+            raise error
+        yield batch
+
+
+class FailsOnCall(nn.Conv2d):
+    """A convolution whose ``fail_on``-th forward raises ``error`` (if not None)."""
+
+    def __init__(self, fail_on, error):
+        super().__init__(3, 3, 3, padding=1)
+        self.fail_on, self.error, self.calls = fail_on, error, 0
+
+    def forward(self, images):
+        self.calls += 1
+        if self.calls == self.fail_on and self.error is not None:
+            raise self.error
+        return super().forward(images)
+
+
+ERRORS_BEFORE_THE_UPDATE = {  # each raised in the third iteration
+    "data": DataError("img3.png: image file is truncated; replace it"),
+    "forward": RuntimeError("a bad kernel"),
+    "out of memory": torch.OutOfMemoryError("CUDA out of memory"),
+}
+
+
+@pytest.mark.parametrize("where", ERRORS_BEFORE_THE_UPDATE)
+def test_an_error_before_the_optimizer_step_first_saves_the_last_completed_iteration(
+    tmp_path, where
+):
+    error = ERRORS_BEFORE_THE_UPDATE[where]
+    train = failing_batches(2, error) if where == "data" else batches()
+    net = FailsOnCall(3, None if where == "data" else error)
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), model=Segmenter(net, stride=1))
+    with pytest.raises((DataError, RuntimeError)):
+        fit_with(trainer, train)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == 2  # the two completed steps are not lost
+    for name, value in checkpoint_module.unwrapped_state_dict(trainer.model).items():
+        assert torch.equal(state["model"][name], value), name
+    assert all(p.grad is None for p in trainer.model.parameters())  # no partial gradients
+    resumed = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=3)
+    resumed.load_state_dict(state)
+    fit_with(resumed, batches())
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 3
+
+
+def test_an_error_in_the_optimizer_step_saves_nothing(tmp_path):
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss())
+    steps = []
+
+    def fail_after_the_third_update(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("failed after updating the weights")
+
+    trainer.optimizer.register_step_post_hook(fail_after_the_third_update)
+    with pytest.raises(RuntimeError, match="after updating"):
+        fit_with(trainer, batches())
+    # the weights are no longer those of iteration 2: they must not be saved as such
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+class InterruptedFile(io.FileIO):
+    """A checkpoint file whose first write is interrupted by SIGINT twice (Ctrl-C, Ctrl-C)."""
+
+    interrupted = False
+
+    def write(self, data):
+        if not InterruptedFile.interrupted:
+            InterruptedFile.interrupted = True
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return super().write(data)
+
+
+def test_a_second_signal_during_a_save_waits_for_it_then_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(InterruptedFile, "interrupted", False)
+    monkeypatch.setattr(checkpoint_module, "open", InterruptedFile, raising=False)
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), ckpt_every=1)
+    with pytest.raises(StopTraining, match="SIGINT: stopped at iteration 1") as stop:
+        fit_with(trainer, batches())
+    assert stop.value.exit_code == 128 + signal.SIGINT
+    assert InterruptedFile.interrupted
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 1
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"]
+
+
+def test_progress_lines_are_logged_under_a_progress_bar_too(tmp_path, monkeypatch, caplog):
+    shown = []
+
+    def shown_bar(*args, **kwargs):  # as on a terminal (under pytest, tqdm sees no TTY)
+        bar = tqdm(*args, **(kwargs | {"disable": False}))
+        shown.append(not bar.disable)
+        return bar
+
+    monkeypatch.setattr(trainer_module, "tqdm", shown_bar)
+    caplog.set_level(logging.INFO)
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=2, log_every=1)
+    fit_with(trainer, batches())
+    assert shown == [True]
+    assert "iteration 1/2  loss " in caplog.text and "iteration 2/2  loss " in caplog.text
+
+
+def test_tensorboard_val_group_holds_the_headline_metrics_alone(tmp_path):
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=1)
+    fit_with(trainer, batches())
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {tag for tag in scalars if tag.startswith("val/")} == {
+        "val/mIoU", "val/mDice", "val/aAcc", "val/mAcc"
+    }  # fmt: skip
+    per_class = {f"val_class/{metric}/{name}" for metric in ("IoU", "Dice") for name in "abc"}
+    assert {tag for tag in scalars if tag.startswith("val_class/")} == per_class
