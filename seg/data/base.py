@@ -205,12 +205,10 @@ class SegmentationDataset(Dataset):
         if not (mask.dtype == np.uint8 and size >= 256):
             outside = (mask < 0) | (mask >= size)
             if outside.any():
-                values = np.unique(mask[outside]).tolist()
-                shown = values[:10] + (["..."] if len(values) > 10 else [])
                 raise DataError(
-                    f"{self.describe(index)}: label values {shown} are outside this dataset's "
-                    f"label ids 0-{size - 1} (the mask is {mask.dtype}). Store the masks as "
-                    "8-bit PNGs holding the dataset's label ids."
+                    f"{self.describe(index)}: label values {shown_values(mask, outside)} are "
+                    f"outside this dataset's label ids 0-{size - 1} (the mask is "
+                    f"{mask.dtype}). Store the masks as 8-bit PNGs holding the dataset's label ids."
                 )
         return self.label_map[mask]
 
@@ -226,13 +224,17 @@ class SegmentationDataset(Dataset):
             )
         invalid = (mask >= self.num_classes) & (mask != self.ignore_index)
         if invalid.any():
-            values = np.unique(mask[invalid]).tolist()
-            shown = values[:10] + (["..."] if len(values) > 10 else [])
             raise DataError(
-                f"{self.describe(index)}: label values {shown} are not class indices in "
-                f"[0, {self.num_classes}) nor ignore_index={self.ignore_index}. Check "
+                f"{self.describe(index)}: label values {shown_values(mask, invalid)} are not "
+                f"class indices in [0, {self.num_classes}) nor ignore_index={self.ignore_index}. Check "
                 "data.num_classes and the mask format (index PNG with one value per class)."
             )
+
+
+def shown_values(mask: np.ndarray, where: np.ndarray) -> list:
+    """The distinct values of ``mask`` at ``where``, the first ten, for an error message."""
+    values = np.unique(mask[where]).tolist()
+    return values[:10] + (["..."] if len(values) > 10 else [])
 
 
 class PairedFiles(SegmentationDataset):
