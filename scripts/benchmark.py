@@ -3,6 +3,7 @@
     python scripts/benchmark.py                       # unet, deeplabv3plus, fcn at 256x512, batch 4
     python scripts/benchmark.py --models unet --size 512 1024 --batch 2 --json bench.json
     python scripts/benchmark.py --default-run         # also time `python train.py` end to end
+    python scripts/benchmark.py --models unet --scaling 2   # also 1 process vs 2 under torchrun
 
 For each model: (a) seg's training step as the Trainer runs it (precision and channels_last as
 `auto` picks them), (b) a plain fp32 loop (model, loss, backward, SGD step: what torchvision's
@@ -10,7 +11,8 @@ reference script or Lightning's defaults do), (c) the same plain loop with seg's
 that (a)/(c) is the Trainer's own overhead; FLOPs per image, achieved GFLOP/s, peak memory; the
 machine's fp32/bf16 GEMM ceilings; the data pipeline (Cityscapes-sized PNGs, random
 scale/crop/flip/normalize) against torchvision.transforms.v2; evaluation throughput. Medians of
---reps timed repetitions after --warmup untimed ones.
+--reps timed repetitions after --warmup untimed ones. --scaling N: seg's training step in one
+process against N processes under torchrun (DDP), see ``bench_scaling``.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -44,6 +47,7 @@ from seg.data.loader import train_loader  # noqa: E402
 from seg.data.synthetic import SyntheticScenes  # noqa: E402
 from seg.data.transforms import train_transform  # noqa: E402
 from seg.engine.evaluation import evaluate  # noqa: E402
+from seg.engine.recorder import Recorder  # noqa: E402
 from seg.inference import Predictor  # noqa: E402
 from seg.schedulers import poly  # noqa: E402
 
@@ -139,9 +143,32 @@ def plain_step(model, optimizer, images, masks, autocast_dtype):
     optimizer.zero_grad(set_to_none=True)
 
 
+def train_config(name: str, device):
+    """train.py's config for model ``name`` with Cityscapes-sized heads and SGD."""
+    return compose_train(f"model={name}", f"data.num_classes={NUM_CLASSES}", "data=cityscapes",
+                         "optimizer=sgd", f"trainer.device={device}")  # fmt: skip
+
+
+def make_trainer(cfg, model: torch.nn.Module, sync_bn: bool | str = "auto"):
+    """seg's Trainer as train.py builds it from ``cfg``, writing nothing."""
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    recorder = Recorder(
+        tempfile.mkdtemp(),
+        [str(i) for i in range(NUM_CLASSES)],
+        [[0, 0, 0]] * NUM_CLASSES,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        write=False,
+    )
+    return instantiate(
+        cfg.trainer, model=model, loss_fn=instantiate(cfg.loss), optimizer=optimizer,
+        scheduler=poly(optimizer, max_iters=10_000), recorder=recorder, ignore_index=255,
+        sync_bn=sync_bn,
+    )  # fmt: skip
+
+
 def bench_model(name: str, args, device, sync) -> dict:
-    cfg = compose_train(f"model={name}", f"data.num_classes={NUM_CLASSES}", "data=cityscapes",
-                        "optimizer=sgd", f"trainer.device={device}")  # fmt: skip
+    cfg = train_config(name, device)
     torch.manual_seed(0)
     template = instantiate(cfg.model)
     height, width = args.size
@@ -152,14 +179,7 @@ def bench_model(name: str, args, device, sync) -> dict:
     result = {"flops_per_image": flops_per_image}
 
     # (a) seg's Trainer step, with the settings precision=auto / channels_last=auto choose
-    model = copy.deepcopy(template)
-    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-    trainer = instantiate(
-        cfg.trainer, model=model, loss_fn=instantiate(cfg.loss), optimizer=optimizer,
-        scheduler=poly(optimizer, max_iters=10_000), run_dir=tempfile.mkdtemp(),
-        class_names=[str(i) for i in range(NUM_CLASSES)], palette=[[0, 0, 0]] * NUM_CLASSES,
-        ignore_index=255, mean=[0.5] * 3, std=[0.5] * 3,
-    )  # fmt: skip
+    trainer = make_trainer(cfg, copy.deepcopy(template))
     batches = iter(lambda: (images, masks), None)  # the same batch forever, already in memory
     steps = {"seg": lambda: trainer.train_step(batches)}
     result |= {"precision": trainer.precision, "channels_last": trainer.channels_last}
@@ -231,6 +251,101 @@ def bench_compile(model, images, masks, trainer, args, sync) -> dict:
         lambda: plain_step(compiled, optimizer, x, masks, dtype), args.reps, args.warmup, sync
     )
     return {"compile_seconds": compile_seconds, "img_s": args.batch / seconds}
+
+
+def bench_scaling(name: str, args, device: torch.device, threads: int) -> dict:
+    """img/s of seg's training step in one process (as ``python train.py``) against
+    ``args.scaling`` processes under torchrun (DDP: gloo on the CPU, NCCL on GPUs): the same
+    model, batch per process and size. A launch's figure is the median of ``args.reps`` steps,
+    each timed to the slowest rank; each run's figure is the median over its launches.
+
+    On the CPU the processes split the one process's ``threads`` evenly, so the ideal N-process
+    throughput is the 1-process one and efficiency = img/s(N) / img/s(1). On GPUs each process
+    drives a GPU of its own: the ideal is N x img/s(1). ``--scaling 1`` shows DDP's own cost
+    (on a GPU: NCCL initialised, world size 1). Shares: the part of the N-process step that
+    goes away without DDP's gradient all-reduce, and without SyncBatchNorm.
+    """
+    processes = args.scaling
+    runs = {"single": (None, threads), "ddp": (processes, threads // processes)}
+    launches = {"single": [], "ddp": []}
+    # 1, N, N, 1: each launch times its steps back to back, so the order of the launches is
+    # what puts them side by side; a linear drift of the machine's speed cancels.
+    for run in ("single", "ddp", "ddp", "single"):
+        launches[run].append(run_worker(name, args, device, *runs[run]))
+
+    def step_s(run: str, variant: str = "seg") -> float:
+        return statistics.median(launch["seconds"][variant] for launch in launches[run])
+
+    single, ddp = launches["single"][0], launches["ddp"][0]
+    result = {
+        "processes": processes, "backend": ddp["backend"], "batch_per_process": args.batch,
+        "precision": ddp["precision"], "channels_last": ddp["channels_last"],
+        "single_threads": single["threads"], "ddp_threads_per_process": ddp["threads"],
+        "single_step_s": step_s("single"), "ddp_step_s": step_s("ddp"),
+        "single_img_s": args.batch / step_s("single"),
+        "ddp_img_s": processes * args.batch / step_s("ddp"),
+        "step_s_per_launch": {run: [launch["seconds"]["seg"] for launch in launches[run]]
+                              for run in launches},
+    }  # fmt: skip
+    result["ideal_img_s"] = result["single_img_s"] * (processes if device.type == "cuda" else 1)
+    result["efficiency"] = result["ddp_img_s"] / result["ideal_img_s"]
+    for variant, key in (("no_grad_allreduce", "grad_allreduce_share"),
+                         ("no_sync_bn", "sync_bn_share")):  # fmt: skip
+        measured = variant in ddp["seconds"]
+        result[key] = 1 - step_s("ddp", variant) / step_s("ddp") if measured else None
+    return result
+
+
+def run_worker(name: str, args, device: torch.device, nproc_per_node: int | None,
+               threads: int) -> dict:  # fmt: skip
+    """One launch of scripts/scaling_worker.py (its JSON) with ``threads`` threads per process:
+    alone (``nproc_per_node=None``) or under torchrun."""
+    launcher = [sys.executable]
+    if nproc_per_node is not None:
+        launcher += ["-m", "torch.distributed.run", "--standalone",
+                     f"--nproc_per_node={nproc_per_node}"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "result.json"
+        command = [
+            *launcher, str(REPO / "scripts" / "scaling_worker.py"), "--model", name,
+            "--size", *map(str, args.size), "--batch", str(args.batch), "--reps", str(args.reps),
+            "--warmup", str(args.warmup), "--device", str(device), "--out", str(out),
+        ]  # fmt: skip
+        # OMP_NUM_THREADS, not torch.set_num_threads: how a user splits the cores for torchrun.
+        environment = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(
+                f"{shlex.join(command)} failed with exit code {done.returncode}:\n"
+                + (done.stdout + done.stderr)[-4000:]
+            )
+        return json.loads(out.read_text())
+
+
+def print_scaling(name: str, result: dict) -> None:
+    n = result["processes"]
+    layout = ", channels_last" if result["channels_last"] else ""
+    rows = [
+        ("processes x threads", "img/s", "step s"),
+        (f"1 x {result['single_threads']}", f"{result['single_img_s']:.2f}",
+         f"{result['single_step_s']:.3f}"),
+        (f"{n} x {result['ddp_threads_per_process']} ({result['backend']}, DDP)",
+         f"{result['ddp_img_s']:.2f}", f"{result['ddp_step_s']:.3f}"),
+    ]  # fmt: skip
+    shares = [
+        f", {label} {100 * result[key]:.0f}% of the {n}-process step"
+        for key, label in (("grad_allreduce_share", "gradient all-reduce"),
+                           ("sync_bn_share", "SyncBatchNorm"))
+        if result[key] is not None
+    ]  # fmt: skip
+    print(
+        f"scaling {name} ({result['precision']}{layout}, batch {result['batch_per_process']} "
+        "per process):\n"
+        + "".join(f"  {a:<24}{b:>8}{c:>9}\n" for a, b, c in rows)
+        + f"  efficiency {100 * result['efficiency']:.0f}% (ideal {result['ideal_img_s']:.2f} "
+        "img/s)" + "".join(shares),
+        flush=True,
+    )
 
 
 class TorchvisionPipeline(Dataset):
@@ -347,14 +462,27 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--default-run", action="store_true", help="time `python train.py` too")
+    parser.add_argument("--scaling", type=int, metavar="N",
+                        help="also time 1 process vs N under torchrun (CPU: threads split evenly)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    if args.scaling is not None:  # refused before the minutes of the other sections
+        if args.scaling < 1:
+            parser.error(f"--scaling {args.scaling}: give a number of processes, 1 or more")
+        if device.type == "cuda" and args.scaling > torch.cuda.device_count():
+            parser.error(f"--scaling {args.scaling} needs one GPU per process; this machine "
+                         f"has {torch.cuda.device_count()}")  # fmt: skip
+        if device.type == "cpu" and threads % args.scaling:
+            divisors = [n for n in range(1, threads + 1) if threads % n == 0]
+            parser.error(f"--scaling {args.scaling} does not split {threads} threads evenly; "
+                         f"use one of {divisors}, or set OMP_NUM_THREADS")  # fmt: skip
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     report = {
         "machine": {
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "python": platform.python_version(),
         },
@@ -380,6 +508,11 @@ def main() -> None:
             f"eval {report['eval'][name]['img_s']:.2f} img/s",
             flush=True,
         )
+    if args.scaling is not None:
+        report["scaling"] = {}
+        for name in args.models:
+            report["scaling"][name] = bench_scaling(name, args, device, threads)
+            print_scaling(name, report["scaling"][name])
     if not args.skip_data:
         report["data"] = bench_data(args)
         print(

@@ -21,8 +21,10 @@ from seg.config import (
 )
 from seg.data import loader
 from seg.doctor import quick_check
+from seg.engine import dist
 from seg.engine.checkpoint import check_compatible, load_checkpoint
-from seg.engine.trainer import StopTraining
+from seg.engine.recorder import Recorder
+from seg.engine.trainer import StopTraining, resolve_device
 from seg.models import load_checkpoint_weights
 from seg.run_dir import (
     RunLog,
@@ -88,13 +90,19 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], explicit_run_dir: 
     overrides, which win). Nothing is written until the config, data and weights passed their
     checks; a start that fails leaves no directory behind.
     """
+    # Under torchrun: join the process group first; rank 0 decides and writes, the other ranks
+    # report warnings and errors only.
+    dist.init(resolve_device(cfg.trainer.device))
+    if not dist.is_main():
+        logging.getLogger().setLevel(logging.WARNING)
     run_log = RunLog()
     try:
         return start(cfg, run_dir, overrides, explicit_run_dir, run_log)
     finally:
         run_log.close()
-        # Hydra creates its run directory up front: gone again if this run did not use it.
+        # Hydra creates its run directory up front (on every rank): gone again if unused.
         remove_if_empty(run_dir, Path(cfg.output_root))
+        dist.shutdown()
 
 
 def start(
@@ -103,12 +111,20 @@ def start(
     """Check, build, place the run, train: in that order, so that a failed check writes nothing."""
     check_values(cfg)
     identity = run_identity(overrides, cfg.run_name)
-    found = find_resume_checkpoint(cfg.resume, Path(cfg.output_root), identity, run_dir)
+    found = None
+
+    def locate_checkpoint() -> Path | None:
+        nonlocal found
+        found = find_resume_checkpoint(cfg.resume, Path(cfg.output_root), identity, run_dir)
+        if found is None and explicit_run_dir:
+            refuse_taken(run_dir)  # early: before anything slow is built
+        return None if found is None else found[0]
+
+    # Rank 0 decides which checkpoint (if any) continues; the other ranks load the same file.
+    checkpoint_path = dist.decided_by_main(locate_checkpoint)
     checkpoint = None
-    if found is None and explicit_run_dir:
-        refuse_taken(run_dir)  # early: before anything slow is built
-    if found is not None:
-        checkpoint_path, checkpoint = found
+    if checkpoint_path is not None:
+        checkpoint = found[1] if found is not None else load_checkpoint(checkpoint_path)
         overrides = checkpoint["overrides"] + [o for o in overrides if not o.startswith("resume=")]
         cfg = hydra.compose(config_name="train", overrides=overrides)
         check_values(cfg)
@@ -141,18 +157,34 @@ def start(
     if checkpoint is not None:  # the complete compatibility check, before anything is written
         load_checkpoint_weights(model, checkpoint["model"], f"checkpoint {checkpoint_path}")
 
-    # Every check passed: now the run takes its directory and starts writing.
-    run_dir = (
-        checkpoint_path.parent.parent if checkpoint else claim(run_dir, identity, explicit_run_dir)
+    # Every check passed: now the run takes its directory (decided once, by rank 0) and
+    # starts writing.
+    run_dir = dist.decided_by_main(
+        lambda: (
+            checkpoint_path.parent.parent
+            if checkpoint
+            else claim(run_dir, identity, explicit_run_dir)
+        )
     )
-    check_writable(run_dir)
-    run_log.write_to(run_dir)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(config_yaml)
-    return train(cfg, run_dir, overrides, checkpoint, model, train_set, val_set, config_yaml)
+    if dist.is_main():
+        check_writable(run_dir)
+        run_log.write_to(run_dir)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    recorder = Recorder(
+        run_dir,
+        class_names=list(cfg.data.class_names),
+        palette=OmegaConf.to_container(cfg.data.palette),
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+        config_yaml=config_yaml,
+        overrides=overrides,
+        write=dist.is_main(),
+    )
+    return train(cfg, recorder, checkpoint, model, train_set, val_set)
 
 
-def train(cfg, run_dir, overrides, checkpoint, model, train_set, val_set, config_yaml) -> float:
+def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
     """Build loss, optimizer, schedule and Trainer around ``model``, restore ``checkpoint``
     if any, and train; returns the last val mIoU."""
     loss_fn = build(cfg.loss)
@@ -164,27 +196,27 @@ def train(cfg, run_dir, overrides, checkpoint, model, train_set, val_set, config
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=scheduler,
-        run_dir=run_dir,
-        class_names=list(cfg.data.class_names),
-        palette=OmegaConf.to_container(cfg.data.palette),
+        recorder=recorder,
         ignore_index=cfg.data.ignore_index,
-        mean=list(cfg.data.mean),
-        std=list(cfg.data.std),
-        config_yaml=config_yaml,
-        overrides=overrides,
     )
+    samples_per_iteration = cfg.data.batch_size * cfg.trainer.grad_accum_steps * dist.world_size()
+    log.info(
+        "%d process(es) x data.batch_size %d x trainer.grad_accum_steps %d = global batch %d",
+        dist.world_size(), cfg.data.batch_size, cfg.trainer.grad_accum_steps,
+        samples_per_iteration,
+    )  # fmt: skip
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
+        trainer.samples_seen = data_position(checkpoint, samples_per_iteration)
         log_schedule_change(checkpoint, cfg, scheduler, trainer.iteration)
 
     pin_memory = trainer.device.type == "cuda"
-    samples_per_iteration = cfg.data.batch_size * cfg.trainer.grad_accum_steps
     train_loader = loader.train_loader(
         train_set,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
-        start_sample=trainer.iteration * samples_per_iteration,
+        start_sample=trainer.samples_seen,
         pin_memory=pin_memory,
     )
     val_loader = loader.val_loader(
@@ -200,6 +232,28 @@ def train(cfg, run_dir, overrides, checkpoint, model, train_set, val_set, config
         for dataset in (train_set, val_set):
             dataset.report_skipped()
     return metrics.get("mIoU", float("nan"))
+
+
+def data_position(checkpoint: dict, samples_per_iteration: int) -> int:
+    """Where a resumed run continues in the data order: the samples all ranks consumed.
+
+    With another number of processes the run continues at that same global sample, with a
+    warning: the iterations after it see other global batches than an uninterrupted run would.
+    """
+    iteration = checkpoint["iteration"]
+    # Checkpoints from before samples_seen existed: one process, the same batch throughout.
+    seen = checkpoint.get("samples_seen", iteration * samples_per_iteration)
+    before = checkpoint.get("world_size", 1)
+    if before != dist.world_size():
+        log.warning(
+            "The checkpoint was trained by %d process(es) with a global batch of %d; this run has "
+            "%d, global batch %d. It continues at the same global sample (%d), but iteration "
+            "%d onwards differs from an uninterrupted run, and trainer.max_iters now counts "
+            "batches of the new size. Resume with %d process(es) for an exact continuation.",
+            before, seen // max(iteration, 1), dist.world_size(), samples_per_iteration, seen,
+            iteration + 1, before,
+        )  # fmt: skip
+    return seen
 
 
 def log_schedule_change(checkpoint: dict, cfg: DictConfig, scheduler, iteration: int) -> None:

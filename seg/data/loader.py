@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from seg.data.sampler import InfiniteSampler
+from seg.engine import dist
 
 
 def _worker_init(worker_id: int) -> None:
@@ -30,20 +31,24 @@ def train_loader(
     start_sample: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Endless batches; ``start_sample`` is the number of samples a resumed run already used."""
+    """Endless batches; ``start_sample`` is the number of samples (all ranks together) that a
+    resumed run already used."""
     if len(dataset) == 0:
         raise ValueError("the training split is empty")
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=InfiniteSampler(len(dataset), seed=seed, start=start_sample),
+        # Each rank takes every world_size-th sample of the one global order.
+        sampler=InfiniteSampler(
+            len(dataset), seed, start=start_sample, rank=dist.rank(), world_size=dist.world_size()
+        ),
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=num_workers > 0,
         worker_init_fn=_worker_init,
         # Worker seeds come from this generator, not from the global RNG state.
-        generator=torch.Generator().manual_seed(seed + start_sample),
+        generator=torch.Generator().manual_seed(seed + start_sample + dist.rank()),
     )
 
 
@@ -54,9 +59,13 @@ def val_loader(
     max_samples: int | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """The first ``max_samples`` samples (all when None), in order."""
-    if max_samples is not None and max_samples < len(dataset):
-        dataset = Subset(dataset, range(max_samples))
+    """The first ``max_samples`` samples (all when None), in order; under torchrun this
+    rank's share of them (every ``world_size``-th, no padding: each sample is evaluated
+    once), which ``seg.engine.evaluation.evaluate`` puts back together."""
+    limit = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    indices = dist.shard(range(limit))
+    if len(indices) < len(dataset):
+        dataset = Subset(dataset, indices)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from seg.data.base import DataError
 from seg.engine import checkpoint as checkpoint_module
-from seg.engine import trainer as trainer_module
+from seg.engine import recorder as recorder_module
 from seg.engine.checkpoint import load_checkpoint
+from seg.engine.recorder import Recorder
 from seg.engine.trainer import EXIT_NONFINITE, StopTraining, Trainer
 from seg.models import Segmenter, torchvision_model
 from seg.schedulers import poly
@@ -60,9 +61,10 @@ def make_trainer(tmp_path, loss_fn, model=None, **kwargs):
     model = model or Segmenter(nn.Conv2d(3, 3, 3, padding=1), stride=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     settings = dict(device="cpu", precision="fp32", max_iters=6, val_every=100, ckpt_every=100)
+    recorder = Recorder(tmp_path, ["a", "b", "c"], [[0, 0, 0]] * 3, [0.5] * 3, [0.5] * 3)
     return Trainer(
-        model, loss_fn, optimizer, poly(optimizer, max_iters=6), tmp_path, ["a", "b", "c"],
-        [[0, 0, 0]] * 3, 255, [0.5] * 3, [0.5] * 3, **(settings | kwargs),
+        model, loss_fn, optimizer, poly(optimizer, max_iters=6), recorder, 255,
+        **(settings | kwargs),
     )  # fmt: skip
 
 
@@ -301,6 +303,25 @@ def test_a_second_signal_during_a_save_waits_for_it_then_stops(tmp_path, monkeyp
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"]
 
 
+class TwiceTerminatedLoss(nn.CrossEntropyLoss):
+    """SIGTERM twice in the first step: the launcher's and the one torchrun forwards."""
+
+    def forward(self, logits, target):
+        if not getattr(self, "signalled", False):
+            self.signalled = True
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+        return super().forward(logits, target)
+
+
+def test_a_repeated_sigterm_still_stops_after_the_step_with_a_save(tmp_path):
+    trainer = make_trainer(tmp_path, TwiceTerminatedLoss())
+    with pytest.raises(StopTraining, match="SIGTERM: stopped at iteration 1") as stop:
+        fit_with(trainer, batches())
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 1
+
+
 def test_progress_lines_are_logged_under_a_progress_bar_too(tmp_path, monkeypatch, caplog):
     shown = []
 
@@ -309,7 +330,7 @@ def test_progress_lines_are_logged_under_a_progress_bar_too(tmp_path, monkeypatc
         shown.append(not bar.disable)
         return bar
 
-    monkeypatch.setattr(trainer_module, "tqdm", shown_bar)
+    monkeypatch.setattr(recorder_module, "tqdm", shown_bar)
     caplog.set_level(logging.INFO)
     trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=2, log_every=1)
     fit_with(trainer, batches())

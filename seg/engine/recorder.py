@@ -1,0 +1,178 @@
+"""What a training run writes: checkpoints, TensorBoard, metrics.jsonl, figures, the class table,
+progress and the loss lines. The entry point builds one; the Trainer calls it at its
+``if iteration % every == 0`` lines and never asks which rank it is: on every rank but rank 0
+(``write=False``) nothing is written or printed."""
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from seg.engine import dist
+from seg.engine.checkpoint import save_checkpoint
+from seg.engine.evaluation import Evaluation, figures
+from seg.metrics import format_table, named
+from seg.visualize import save_png
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Writes the run directory ``run_dir`` (README "Outputs").
+
+    ``class_names``, ``palette``, ``mean``/``std`` (to draw the pictures), ``config_yaml`` and
+    ``overrides`` also go into every checkpoint, so that a checkpoint rebuilds its model alone.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        class_names: Sequence[str],
+        palette: Sequence[Sequence[int]],
+        mean: Sequence[float],
+        std: Sequence[float],
+        config_yaml: str = "",
+        overrides: Sequence[str] = (),
+        write: bool = True,
+    ):
+        self.run_dir = Path(run_dir)
+        self.class_names = list(class_names)
+        self.palette = [list(color) for color in palette]
+        self.mean, self.std = list(mean), list(std)
+        self.config_yaml = config_yaml
+        self.overrides = list(overrides)
+        self.write = write
+        self.writer: SummaryWriter | None = None
+        self.bar: tqdm | None = None
+        self.seconds = {"training steps": 0.0, "validation": 0.0, "checkpoints": 0.0}
+        # The loss between two log lines, summed on the device: no host sync per step.
+        self.loss_sum = torch.zeros(())
+        self.applied_steps = 0
+        self.steps = 0
+        self.clock = time.perf_counter()
+        self.images_per_step = 0
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.run_dir / "checkpoints" / f"{name}.pt"
+
+    @contextmanager
+    def session(
+        self, iteration: int, max_iters: int, images_per_step: int, device: torch.device
+    ) -> Iterator[None]:
+        """Open TensorBoard and the progress bar for a ``fit`` from ``iteration``; on resume,
+        drop what the interrupted run logged after its checkpoint."""
+        self.images_per_step = images_per_step
+        self.loss_sum = torch.zeros((), device=device)
+        self.restart_clock()
+        if not self.write:
+            yield
+            return
+        self.truncate_metrics(iteration)
+        purge_step = iteration + 1 if iteration else None
+        with (
+            SummaryWriter(self.run_dir / "tb", purge_step=purge_step) as self.writer,
+            logging_redirect_tqdm(),
+            tqdm(total=max_iters, initial=iteration, disable=None, unit="it") as self.bar,
+        ):
+            yield
+        self.writer = self.bar = None
+        log.info(
+            "Time: " + ", ".join(f"{value:.1f} s {name}" for name, value in self.seconds.items())
+        )
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Add the block's wall time to the breakdown logged at the end."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+    def step(self, loss: torch.Tensor, applied: bool) -> None:
+        """Count a training step; ``loss`` (on the device) enters the average if it was applied."""
+        self.steps += 1
+        if applied:
+            self.loss_sum += loss.detach()
+            self.applied_steps += 1
+        if self.bar is not None:
+            self.bar.update()
+
+    def training(self, iteration: int, max_iters: int, lr: float, skipped_steps: int) -> None:
+        """The loss (the mean over all ranks' batches), LR and speed since the last call:
+        TensorBoard, progress bar, train.log. Called on every rank at the same iteration."""
+        # Summed over ranks: every rank applied the same steps, so this is the global mean.
+        window = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.applied_steps))])
+        loss_sum, applied = dist.sum_over_ranks(window).tolist()  # the sync between log lines
+        if self.write:
+            loss = loss_sum / max(applied, 1)
+            images_per_s = self.steps * self.images_per_step / (time.perf_counter() - self.clock)
+            for tag, value in (("loss", loss), ("lr", lr), ("img_per_s", images_per_s),
+                               ("skipped_steps", skipped_steps)):  # fmt: skip
+                self.writer.add_scalar(f"train/{tag}", value, iteration)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+            # Also under a progress bar (printed above it): train.log keeps the history.
+            log.info(
+                "iteration %d/%d  loss %.4f  lr %.3e  %.1f img/s",
+                iteration, max_iters, loss, lr, images_per_s,
+            )  # fmt: skip
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Start a new averaging window (img/s counts training time only)."""
+        self.loss_sum.zero_()
+        self.applied_steps, self.steps = 0, 0
+        self.clock = time.perf_counter()
+
+    def validation(self, iteration: int, result: Evaluation) -> None:
+        """Scalars, figures, the class table and a metrics.jsonl line for one validation."""
+        if not self.write:
+            return
+        metrics = result.metrics
+        for key in ("mIoU", "mDice", "aAcc", "mAcc"):
+            self.writer.add_scalar(f"val/{key}", metrics[key], iteration)
+        # TensorBoard groups by the first path component: per-class curves in groups of their
+        # own leave the headline metrics alone at the top of ``val``.
+        for name, iou, dice in zip(self.class_names, metrics["IoU"], metrics["Dice"], strict=True):
+            self.writer.add_scalar(f"val_class/IoU/{name}", iou, iteration)
+            self.writer.add_scalar(f"val_class/Dice/{name}", dice, iteration)
+        pictures = figures(result, self.class_names, self.palette, self.mean, self.std)
+        for name, array in pictures.items():
+            self.writer.add_image(f"val/{name}", array, iteration, dataformats="HWC")
+            if not name.startswith("example"):
+                save_png(array, self.run_dir / "figures" / f"val_{name}.png")
+        self.writer.flush()
+        log.info(
+            "Validation at iteration %d:\n%s", iteration, format_table(metrics, self.class_names)
+        )
+        with open(self.run_dir / "metrics.jsonl", "a") as file:
+            record = {"iteration": iteration, **named(metrics, self.class_names)}
+            file.write(json.dumps(record) + "\n")
+
+    def save(self, state: Callable[[], dict], name: str) -> Path:
+        """Write ``checkpoints/<name>.pt`` from ``state()`` plus what rebuilds the model."""
+        path = self.checkpoint_path(name)
+        if self.write:
+            save_checkpoint(
+                state() | {"class_names": self.class_names, "palette": self.palette,
+                           "config": self.config_yaml, "overrides": self.overrides},
+                path,
+            )  # fmt: skip
+        return path
+
+    def truncate_metrics(self, iteration: int) -> None:
+        """Keep only the metrics.jsonl lines up to ``iteration`` (the restored one)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["iteration"] <= iteration]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
