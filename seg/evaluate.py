@@ -3,19 +3,21 @@
 import csv
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from seg.config import apply_overrides, build, override_keys, report_user_errors, run_command
+from seg import restore
+from seg.config import report_user_errors, run_command
 from seg.data import loader
-from seg.engine.checkpoint import check_compatible, load_checkpoint
+from seg.engine import dist
 from seg.engine.evaluation import Evaluation, evaluate, figures
-from seg.engine.trainer import resolve_channels_last, resolve_device, resolve_precision
+from seg.engine.trainer import resolve_device
 from seg.inference import Predictor, memory_advice, progress
 from seg.metrics import bootstrap_miou, format_table, iou_from_counts, named
 from seg.visualize import save_png
@@ -23,12 +25,7 @@ from seg.visualize import save_png
 log = logging.getLogger(__name__)
 
 # evaluate.yaml's own keys: everything else on the command line edits the checkpoint's config.
-OWN_KEYS = (
-    "checkpoint", "split", "max_samples", "out", "report_dir", "mode", "crop", "stride", "scales",
-    "flip", "window_batch", "num_worst", "bootstrap",
-)  # fmt: skip
-# The keys that may limit the images evaluated, when given on this command line.
-LIMIT_KEYS = ("max_samples", "data.max_val_samples")
+OWN_KEYS = restore.own_keys("evaluate")
 
 
 def main() -> None:
@@ -40,65 +37,6 @@ def main() -> None:
 def hydra_main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
     report_user_errors(lambda: run(cfg, overrides))
-
-
-def load_model(
-    checkpoint: dict, train_cfg: DictConfig
-) -> tuple[torch.nn.Module, torch.device, str, bool]:
-    """Rebuild the checkpoint's model on the configured device, with its precision and layout."""
-    # The weights come from the checkpoint: never download pretrained ones here.
-    model = build(train_cfg.model, pretrained=False)
-    model.load_state_dict(checkpoint["model"])
-    device = resolve_device(train_cfg.trainer.device)
-    precision = resolve_precision(train_cfg.trainer.precision, device)
-    channels_last = resolve_channels_last(train_cfg.trainer.channels_last, device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return model.to(device, memory_format=memory_format).eval(), device, precision, channels_last
-
-
-def predictor_from(cfg: DictConfig, train_cfg: DictConfig, checkpoint: dict) -> Predictor:
-    """The Predictor that ``mode``, ``crop``, ``stride``, ``scales``, ``flip`` ask for."""
-    model, device, precision, channels_last = load_model(checkpoint, train_cfg)
-    crop = cfg.crop if cfg.crop is not None else train_cfg.data.train_transform.crop_size
-    return Predictor(
-        model,
-        device,
-        precision,
-        channels_last,
-        mode=cfg.mode,
-        crop=list(crop) if cfg.mode == "slide" else None,
-        stride=list(cfg.stride) if cfg.stride is not None else None,
-        scales=list(cfg.scales),
-        flip=cfg.flip,
-        window_batch=cfg.window_batch,
-    )
-
-
-def checkpoint_config(cfg: DictConfig, overrides: list[str], checkpoint: dict) -> DictConfig:
-    """The checkpoint's training config with this command line's keys applied."""
-    train_cfg = apply_overrides(OmegaConf.create(checkpoint["config"]), cfg, overrides, OWN_KEYS)
-    check_compatible(checkpoint, train_cfg, cfg.checkpoint)
-    return train_cfg
-
-
-def sample_limit(cfg: DictConfig, overrides: list[str]) -> tuple[int | None, str | None]:
-    """The number of images to evaluate and the key that set it; (None, None): the whole split.
-
-    Only this command line counts: the training config's ``data.max_val_samples`` (set to
-    validate quickly during training) would otherwise cut the split without a word.
-    """
-    keys = [key for key in override_keys(overrides) if key in LIMIT_KEYS]
-    if len(keys) > 1:
-        raise ValueError(f"{' and '.join(keys)} both limit the images evaluated: give one")
-    if not keys:
-        return None, None
-    value = OmegaConf.select(cfg, keys[0])
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(
-            f"{keys[0]}={value}: give the number of images to evaluate (>= 1), or null for "
-            "the whole split"
-        )
-    return value, keys[0]
 
 
 def report_name(predictor: Predictor, max_samples: int | None) -> str:
@@ -127,14 +65,32 @@ def default_report_dir(checkpoint: Path, split: str, settings: str = "") -> Path
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict:
-    """Evaluate ``cfg.checkpoint`` on ``cfg.split``; returns metrics keyed by class name."""
-    max_samples, limit_key = sample_limit(cfg, overrides)
+    """Evaluate ``cfg.checkpoint`` on ``cfg.split``; returns metrics keyed by class name.
+
+    Under torchrun each process evaluates its share of the split; all return the metrics of
+    the whole split, and rank 0 alone logs them and writes the report and ``out``."""
+    max_samples, limit_key = restore.sample_limit(cfg, overrides)
+    checkpoint, train_cfg = restore.load(cfg, overrides, OWN_KEYS)
+    device = dist.init(resolve_device(train_cfg.trainer.device))  # this rank's, under torchrun
+    try:
+        return evaluate_split(cfg, checkpoint, train_cfg, device, max_samples, limit_key)
+    finally:
+        dist.shutdown()
+
+
+def evaluate_split(
+    cfg: DictConfig,
+    checkpoint: dict,
+    train_cfg: DictConfig,
+    device: torch.device,
+    max_samples: int | None,
+    limit_key: str | None,
+) -> dict:
+    """``run`` once the checkpoint is loaded and the process group joined."""
     checkpoint_path = Path(cfg.checkpoint)
-    checkpoint = load_checkpoint(checkpoint_path)
-    train_cfg = checkpoint_config(cfg, overrides, checkpoint)
     data = train_cfg.data
-    dataset = build(data.dataset, split=cfg.split, transform=build(data.val_transform))
-    predictor = predictor_from(cfg, train_cfg, checkpoint)
+    dataset = restore.split_dataset(train_cfg, cfg.split)
+    predictor = restore.predictor_from(cfg, train_cfg, checkpoint, device)
     data_loader = loader.val_loader(
         dataset,
         batch_size=data.val_batch_size,
@@ -142,26 +98,30 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         max_samples=max_samples,
         pin_memory=predictor.device.type == "cuda",
     )
-    total = len(data_loader.dataset)
-    if total < len(dataset):
-        log.warning(
-            "Evaluating the first %d of the %d images of split '%s' (%s=%d on the command line); "
-            "drop it to evaluate the whole split",
-            total, len(dataset), cfg.split, limit_key, max_samples,
+    total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    if dist.is_main():
+        if total < len(dataset):
+            log.warning(
+                "Evaluating the first %d of the %d images of split '%s' (%s=%d on the command "
+                "line); drop it to evaluate the whole split",
+                total, len(dataset), cfg.split, limit_key, max_samples,
+            )  # fmt: skip
+        log.info(
+            "Evaluating %s (iteration %d) on split '%s' (%d images, %d process(es)): %s "
+            "inference, %d pass(es), %s, %s",
+            checkpoint_path, checkpoint["iteration"], cfg.split, total, dist.world_size(),
+            cfg.mode, predictor.num_passes, predictor.device, predictor.precision,
         )  # fmt: skip
-    log.info(
-        "Evaluating %s (iteration %d) on split '%s' (%d images): %s inference, %d pass(es), %s, %s",
-        checkpoint_path, checkpoint["iteration"], cfg.split, total, cfg.mode,
-        predictor.num_passes, predictor.device, predictor.precision,
-    )  # fmt: skip
-    with progress("evaluate", total) as bar:
+    # One progress display, rank 0's over its share: the ranks' would garble one another.
+    bar = progress("evaluate", len(data_loader.dataset)) if dist.is_main() else nullcontext()
+    with bar:
         result = evaluate(
             predictor,
             data_loader,
             data.num_classes,
             data.ignore_index,
             num_worst=cfg.num_worst,
-            progress=bar.update,
+            progress=bar.update if dist.is_main() else None,
             memory_advice=memory_advice(predictor, "data.val_batch_size"),
         )
     dataset.report_skipped()
@@ -171,6 +131,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     if cfg.bootstrap:
         low, high = bootstrap_miou(result.image_counts, resamples=cfg.bootstrap)
         summary["mIoU_ci95"] = [low, high]
+    if not dist.is_main():
+        return summary  # the same metrics: rank 0 reports them
     log.info("\n%s", format_table(result.metrics, class_names))
     if cfg.bootstrap:
         log.info("mIoU %.4f, 95%% bootstrap interval [%.4f, %.4f]", summary["mIoU"], low, high)

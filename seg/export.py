@@ -13,11 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import nn
 
-from seg.config import build, report_user_errors, run_command
+from seg import restore
+from seg.config import report_user_errors, run_command
 from seg.data import loader
+from seg.engine import dist
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluation import evaluate
-from seg.evaluate import checkpoint_config, sample_limit
 from seg.inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 # protobuf caps a whole ONNX file at 2 GiB: weights up to this size are embedded in the one
 # file; larger ones go to a <output>.data file beside it. 64 MiB are left for the graph.
 ONNX_EMBED_LIMIT = 2**31 - 2**26
-OWN_KEYS = ("checkpoint", "format", "dynamic", "output", "sample_size", "verify_split", "tolerance")
+# export.yaml's own keys: everything else on the command line edits the checkpoint's config.
+OWN_KEYS = restore.own_keys("export")
 EXIT_MISMATCH = 1
 
 
@@ -160,17 +162,19 @@ def verification_inputs(sample: torch.Tensor, dynamic: bool, stride: int) -> lis
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict:
+    if dist.launched_by_torchrun():  # every rank would write the same files
+        raise ValueError(
+            "export runs in one process (it writes one file): python scripts/export.py ..., "
+            "not under torchrun"
+        )
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}; options: {list(FORMATS)}")
     checkpoint_path = Path(cfg.checkpoint)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint, train_cfg = restore.load(cfg, overrides, OWN_KEYS)
     output = Path(cfg.output) if cfg.output else default_output(checkpoint_path, cfg.format)
     check_output(output, checkpoint_path, cfg.format)
-    train_cfg = checkpoint_config(cfg, overrides, checkpoint)
     # Exported graphs are fp32 and CPU-traced; runtimes pick their own precision and device.
-    model = build(train_cfg.model, pretrained=False)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
+    model = restore.model_from(checkpoint, train_cfg)
     height, width = cfg.sample_size or train_cfg.data.train_transform.crop_size
     sample = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     log.info(
@@ -194,7 +198,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         "passed": max_difference <= cfg.tolerance,
     }
     if cfg.verify_split:
-        limit = sample_limit(cfg, overrides)[0]
+        limit = restore.sample_limit(cfg, overrides)[0]
         verification |= compare_miou(model, exported, train_cfg, cfg.verify_split, limit)
         verification["passed"] &= (
             abs(verification["mIoU_exported"] - verification["mIoU_pytorch"]) < 1e-3
@@ -251,7 +255,7 @@ def compare_miou(
     """``split``'s mIoU through PyTorch (fp32, CPU) and through the exported file, on the same
     data: its first ``max_samples`` images (None: all)."""
     data = train_cfg.data
-    dataset = build(data.dataset, split=split, transform=build(data.val_transform))
+    dataset = restore.split_dataset(train_cfg, split)
     data_loader = loader.val_loader(dataset, data.val_batch_size, data.num_workers, max_samples)
     if len(data_loader.dataset) < len(dataset):
         log.warning(

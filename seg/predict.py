@@ -5,6 +5,7 @@ import glob
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -13,15 +14,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from seg import restore
 from seg.config import report_user_errors, run_command
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID
 from seg.data.transforms import val_transform
-from seg.engine.checkpoint import load_checkpoint
-from seg.evaluate import checkpoint_config, predictor_from
-from seg.inference import explain_out_of_memory, memory_advice, progress
+from seg.engine import dist
+from seg.engine.trainer import resolve_device
+from seg.inference import Predictor, explain_out_of_memory, memory_advice, progress
 from seg.visualize import colorize, overlay
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,8 @@ for _label_id, _train_id in LABEL_TO_TRAIN_ID.items():
     TRAIN_ID_TO_LABEL_ID[_train_id] = _label_id
 
 FORMATS = ("index", "color", "overlay", "cityscapes")
-OWN_KEYS = (
-    "checkpoint", "input", "output", "format", "batch_size", "alpha", "mode", "crop", "stride",
-    "scales", "flip", "window_batch",
-)  # fmt: skip
+# predict.yaml's own keys: everything else on the command line edits the checkpoint's config.
+OWN_KEYS = restore.own_keys("predict")
 
 
 def main() -> None:
@@ -132,7 +132,10 @@ def same_size_batches(loader: DataLoader, batch_size: int) -> Iterator[list]:
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict:
-    """Write the requested formats for every input image; returns counts of written/skipped."""
+    """Write the requested formats for every input image; returns counts of written/skipped.
+
+    Under torchrun each process predicts its share of the images; all return the counts of
+    the whole input, and rank 0 alone logs them."""
     formats = [cfg.format] if isinstance(cfg.format, str) else list(cfg.format)
     formats = [f.strip() for name in formats for f in name.split(",")]
     unknown = sorted(set(formats) - set(FORMATS))
@@ -143,7 +146,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     files, base = find_inputs(str(cfg.input))
     if not files:
         raise FileNotFoundError(f"input={cfg.input}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    checkpoint = load_checkpoint(cfg.checkpoint)
+    checkpoint, train_cfg = restore.load(cfg, overrides, OWN_KEYS)
     if "cityscapes" in formats and len(checkpoint["class_names"]) != len(LABEL_TO_TRAIN_ID):
         raise ValueError(
             f"format=cityscapes writes the 19 Cityscapes classes as labelIds, but checkpoint "
@@ -152,57 +155,81 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     relatives, renamed = output_paths(files, base)
     if "cityscapes" in formats:  # one flat folder: names from different folders may meet
         refuse_clashes(files, [Path(path.name) for path in relatives], " by format=cityscapes")
-    train_cfg = checkpoint_config(cfg, overrides, checkpoint)
-    predictor = predictor_from(cfg, train_cfg, checkpoint)
+    device = dist.init(resolve_device(train_cfg.trainer.device))  # this rank's, under torchrun
+    try:
+        if dist.is_main():
+            log.info(
+                "Predicting %d images from %s into %s (%s)",
+                len(files), cfg.input, cfg.output, ", ".join(formats),
+            )  # fmt: skip
+            if renamed:
+                shown = ", ".join(map(str, renamed[:6])) + (" ..." if len(renamed) > 6 else "")
+                log.warning(
+                    "%d inputs differ only in their suffix (e.g. img.jpg and img.png): their "
+                    "outputs keep it (img.jpg.png, img.png.png) so that none replaces another: %s",
+                    len(renamed), shown,
+                )  # fmt: skip
+        predictor = restore.predictor_from(cfg, train_cfg, checkpoint, device)
+        share = predict_share(cfg, predictor, files, relatives, formats, checkpoint, train_cfg)
+        shares = dist.gather(share)
+        written = sum(count for count, _ in shares)
+        # (index, error) of every rank, in the inputs' order
+        skipped = [error for _, error in sorted(item for _, errors in shares for item in errors)]
+        if dist.is_main():
+            log.info("Wrote predictions for %d images to %s", written, cfg.output)
+            if skipped:
+                log.warning(
+                    "Skipped %d unreadable files:\n%s",
+                    len(skipped), "\n".join(f"  {error}" for error in skipped),
+                )  # fmt: skip
+    finally:
+        dist.shutdown()
+    return {"written": written, "skipped": len(skipped)}
+
+
+def predict_share(
+    cfg: DictConfig,
+    predictor: Predictor,
+    files: list[Path],
+    relatives: list[Path],
+    formats: list[str],
+    checkpoint: dict,
+    train_cfg: DictConfig,
+) -> tuple[int, list[tuple[int, str]]]:
+    """Predict this rank's share of ``files`` (all of them in one process) and write their
+    outputs; returns how many were written and the (index, error) of those skipped."""
     advice = memory_advice(predictor, "batch_size")
     palette = checkpoint["palette"]
     output = Path(cfg.output)
     dataset = ImageFiles(files, train_cfg.data.mean, train_cfg.data.std)
     loader = DataLoader(
-        dataset,
+        Subset(dataset, dist.shard(range(len(files)))),  # items keep their index into files
         batch_size=1,
         num_workers=train_cfg.data.num_workers,
         collate_fn=list,  # sizes may differ: batches are formed below
     )
     written, skipped = 0, []
-    log.info(
-        "Predicting %d images from %s into %s (%s)",
-        len(files),
-        cfg.input,
-        output,
-        ", ".join(formats),
-    )
-    if renamed:
-        shown = ", ".join(map(str, renamed[:6])) + (" ..." if len(renamed) > 6 else "")
-        log.warning(
-            "%d inputs differ only in their suffix (e.g. img.jpg and img.png): their outputs "
-            "keep it (img.jpg.png, img.png.png) so that none replaces another: %s",
-            len(renamed),
-            shown,
-        )
-    with progress("predict", len(files)) as bar:
+    # One progress display, rank 0's over its share: the ranks' would garble one another.
+    bar = progress("predict", len(loader.dataset)) if dist.is_main() else nullcontext()
+    with bar:
         for batch in same_size_batches(loader, cfg.batch_size):
-            if batch[0][3] is not None:
-                skipped.append(batch[0][3])
-                log.warning("Skipped: %s", batch[0][3])
-                bar.update(1)
-                continue
-            images = torch.stack([item[1] for item in batch])
-            names = [str(files[item[0]]) for item in batch]
-            with explain_out_of_memory(images, names, advice):
-                labels = predictor.predict(images).cpu()
-            for (index, _, original, _), label in zip(batch, labels, strict=True):
-                write_outputs(
-                    label, original, formats, output, relatives[index], palette, cfg.alpha
-                )
-                written += 1
-            bar.update(len(batch))
-    log.info("Wrote predictions for %d images to %s", written, output)
-    if skipped:
-        log.warning(
-            "Skipped %d unreadable files:\n%s", len(skipped), "\n".join(f"  {e}" for e in skipped)
-        )
-    return {"written": written, "skipped": len(skipped)}
+            index, _, _, error = batch[0]
+            if error is not None:
+                skipped.append((index, error))
+                log.warning("Skipped: %s", error)
+            else:
+                images = torch.stack([item[1] for item in batch])
+                names = [str(files[item[0]]) for item in batch]
+                with explain_out_of_memory(images, names, advice):
+                    labels = predictor.predict(images).cpu()
+                for (index, _, original, _), label in zip(batch, labels, strict=True):
+                    write_outputs(
+                        label, original, formats, output, relatives[index], palette, cfg.alpha
+                    )
+                    written += 1
+            if dist.is_main():
+                bar.update(len(batch))
+    return written, skipped
 
 
 def write_outputs(label, original, formats, output: Path, relative: Path, palette, alpha: float):

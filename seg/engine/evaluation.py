@@ -3,11 +3,13 @@
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from seg.engine import dist
 from seg.inference import Predictor, explain_out_of_memory
 from seg.metrics import ConfusionMatrix, iou_from_counts, per_image_counts
 from seg.visualize import comparison, confusion_figure, gallery, iou_figure
@@ -47,6 +49,10 @@ def evaluate(
 ) -> Evaluation | None:
     """Run ``predictor`` over ``loader``; None as soon as ``stop()`` is true (a stop signal).
 
+    Under torchrun each rank passes its share of the split (``loader.val_loader`` shards it):
+    the confusion matrices are summed and the per-image results and pictures gathered, so
+    that every rank returns the Evaluation one process would have computed over the whole
+    split, images in the split's order. A stop on any rank stops them all at the same batch.
     ``progress`` is called with each batch's number of images (e.g. a bar's ``update``).
     With ``memory_advice``, running out of memory raises a MemoryError naming the batch's
     images, their size and the advice; without, the allocator's own error passes (the
@@ -56,12 +62,25 @@ def evaluate(
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, predictor.device)
-    image_counts, examples, worst, names = [], [], [], []
-    seen = 0
+    names, image_counts = [], []
+    # Pictures of this rank's candidates, by position in its share: its first num_examples
+    # images and its num_worst lowest (mIoU, position), kept in a heap of negated keys. The
+    # split's first and worst images are among the ranks' candidates.
+    pictures: dict[int, Example] = {}
+    worst: list[tuple[float, int]] = []
+    # Shares differ by up to one sample, so batch counts may too: every rank runs the largest
+    # count of steps, so that the per-step stop decisions (a collective) always pair up.
+    steps = max(dist.gather(len(loader)))
+    batches = iter(loader)
     try:
-        for images, masks in loader:
-            if stop is not None and stop():
+        for _ in range(steps):
+            batch = next(batches, None)
+            if stop is not None and stop_on_any_rank(stop, predictor.device):
                 return None
+            if batch is None:
+                continue  # this rank's share is done: it only joins the stop decisions
+            images, masks = batch
+            seen = len(names)
             masks = masks.to(predictor.device, non_blocking=True)
             batch_names = [sample_name(loader.dataset, seen + i) for i in range(len(images))]
             with explain_out_of_memory(images, batch_names, memory_advice):
@@ -70,39 +89,71 @@ def evaluate(
             confusion.update(predictions, masks)
             counts = per_image_counts(predictions, masks, num_classes, ignore_index)
             image_counts.append(counts)
-            if len(examples) < num_examples:
-                take = num_examples - len(examples)
-                examples += zip(
-                    images[:take], masks[:take].cpu(), predictions[:take].cpu(), strict=True
-                )
+            for i in range(min(num_examples - seen, len(images))):
+                pictures[seen + i] = example(images, masks, predictions, i)
             if num_worst:
                 image_mious = iou_from_counts(counts.cpu().double()).nanmean(1).tolist()
                 for i, miou in enumerate(image_mious):
                     if miou != miou:
                         continue  # nothing labelled in this image: no mIoU to rank
-                    # max-heap of the num_worst lowest: keys negated; seen + i breaks ties
-                    entry = (-miou, seen + i, (images[i], masks[i].cpu(), predictions[i].cpu()))
+                    key = (-miou, -(seen + i))
+                    if len(worst) == num_worst and key < worst[0]:
+                        continue  # not below the num_worst kept (ties: the earlier stays)
                     if len(worst) < num_worst:
-                        heapq.heappush(worst, entry)
-                    elif -miou > worst[0][0]:
-                        heapq.heapreplace(worst, entry)
-            seen += len(images)
+                        heapq.heappush(worst, key)
+                    else:
+                        dropped = -heapq.heapreplace(worst, key)[1]
+                        if dropped >= num_examples:
+                            del pictures[dropped]
+                    pictures[seen + i] = example(images, masks, predictions, i)
             if progress is not None:
                 progress(len(images))
     finally:
         model.train(was_training)
+    dist.sum_over_ranks(confusion.matrix)  # integer pixel counts: the sum is exact
+    worst_miou = {-at: -miou for miou, at in worst}
+    empty = torch.zeros(0, 3, num_classes, dtype=torch.int64)  # (0, 3, C): no images
+    rows = torch.cat(image_counts).cpu() if image_counts else empty
+    samples = [
+        # clone: a row (a view) would carry the whole matrix along to the other ranks
+        Sample(name, row.clone(), pictures.get(at), worst_miou.get(at))
+        for at, (name, row) in enumerate(zip(names, rows, strict=True))
+    ]
+    samples = dist.unshard(dist.gather(samples))
+    names = [sample.name for sample in samples]
+    # lowest mIoU first; ties: the earlier image first
+    ranked = sorted((s.worst_miou, at) for at, s in enumerate(samples) if s.worst_miou is not None)
     return Evaluation(
         metrics=confusion.compute(),
         confusion=confusion.matrix.cpu(),
-        image_counts=torch.cat(image_counts).cpu()
-        if image_counts
-        else torch.zeros(0, 3, num_classes),
+        image_counts=torch.stack([sample.counts for sample in samples]) if samples else empty,
         image_names=names,
-        examples=examples,
-        worst=[
-            (-key, names[index], example) for key, index, example in sorted(worst, reverse=True)
-        ],
+        examples=[sample.picture for sample in samples[:num_examples]],
+        worst=[(miou, names[at], samples[at].picture) for miou, at in ranked[:num_worst]],
     )
+
+
+def example(
+    images: torch.Tensor, masks: torch.Tensor, predictions: torch.Tensor, i: int
+) -> Example:
+    """Image ``i`` of a batch for pictures, copied to the CPU: a view would keep (and carry
+    along to the other ranks) the whole batch."""
+    return tuple(batch[i].to("cpu", copy=True) for batch in (images, masks, predictions))
+
+
+class Sample(NamedTuple):
+    """One image's results, as the ranks exchange them."""
+
+    name: str
+    counts: torch.Tensor  # (3, C): true positives, target and predicted pixels
+    picture: Example | None  # for the examples and worst candidates only
+    worst_miou: float | None  # its mIoU, where it is among its rank's num_worst lowest
+
+
+def stop_on_any_rank(stop: Callable[[], bool], device: torch.device) -> bool:
+    """Whether ``stop()`` is true on any rank: every rank then stops at the same batch, none
+    left waiting for the others in a collective."""
+    return bool(dist.any_rank(torch.tensor([int(stop())], device=device)).item())
 
 
 def figures(

@@ -1,12 +1,14 @@
-"""Sliding windows, test-time augmentation, progress and out-of-memory reports, and the
-bootstrap interval."""
+"""Sliding windows, test-time augmentation, progress and out-of-memory reports, the
+bootstrap interval, and the images an evaluation keeps to show."""
 
 import logging
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from seg.engine.evaluation import evaluate
 from seg.inference import (
     Predictor,
     ProgressLog,
@@ -203,3 +205,31 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images()
     assert bootstrap_miou(many, 500)[1] - bootstrap_miou(many, 500)[0] < (
         bootstrap_miou(few, 500)[1] - bootstrap_miou(few, 500)[0]
     )
+
+
+class ChannelZero(nn.Module):
+    """Predicts class 1 where the image's first channel is 1, else class 0."""
+
+    def forward(self, images):
+        return torch.stack([1 - images[:, 0], images[:, 0]], 1)
+
+
+def test_evaluate_keeps_the_first_examples_and_the_lowest_miou_images_in_order():
+    # every pixel is class 1; image i predicts it on hits[i] of 16 pixels: mIoU hits / 32
+    hits = [8, 4, 12, 4, 2, 8]
+    images = torch.zeros(len(hits), 3, 4, 4)
+    for i, count in enumerate(hits):
+        images[i, 0].view(-1)[:count] = 1
+    masks = torch.ones(len(hits), 4, 4, dtype=torch.int64)
+    loader = DataLoader(TensorDataset(images, masks), batch_size=4)
+    result = evaluate(predictor(ChannelZero()), loader, 2, 255, num_examples=2, num_worst=2)
+    assert result.image_names == [str(i) for i in range(len(hits))]
+    assert result.image_counts[:, 0, 1].tolist() == hits  # true positives of class 1, in order
+    # images 1 and 3 tie at 4/32: the earlier one is kept
+    assert [(miou, name) for miou, name, _ in result.worst] == [(2 / 32, "4"), (4 / 32, "1")]
+    for (_, _, (image, _, prediction)), index in zip(result.worst, (4, 1), strict=True):
+        assert torch.equal(image, images[index]) and torch.equal(prediction, image[0].long())
+    assert len(result.examples) == 2
+    for (image, mask, _), index in zip(result.examples, (0, 1), strict=True):
+        assert torch.equal(image, images[index]) and torch.equal(mask, masks[index])
+    assert result.metrics["IoU"][1] == sum(hits) / (16 * len(hits))

@@ -1,0 +1,95 @@
+"""A checkpoint put back to work, for the entry points that start from one (evaluate, predict,
+export): its training config with the command line's changes, its model with the weights, the
+Predictor, and the dataset of a split."""
+
+from importlib import resources
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from seg.config import apply_overrides, build, override_keys
+from seg.engine.checkpoint import check_compatible, load_checkpoint
+from seg.engine.trainer import resolve_channels_last, resolve_precision
+from seg.inference import Predictor
+
+# The keys that may limit the images of a split, when given on this command line.
+LIMIT_KEYS = ("max_samples", "data.max_val_samples")
+
+
+def own_keys(config_name: str) -> tuple[str, ...]:
+    """The keys that ``configs/<config_name>.yaml`` adds to the training config it extends
+    (``checkpoint``, ``split``, ...): every other key on its command line edits the
+    checkpoint's training config."""
+    text = resources.files("seg.configs").joinpath(f"{config_name}.yaml").read_text()
+    return tuple(key for key in OmegaConf.create(text) if key not in ("defaults", "hydra"))
+
+
+def load(cfg: DictConfig, overrides: list[str], own: tuple[str, ...]) -> tuple[dict, DictConfig]:
+    """``cfg.checkpoint`` (loaded safely, onto the CPU) and its training config with this
+    command line's keys applied, all but the entry point's ``own`` keys (``own_keys``)."""
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    train_cfg = apply_overrides(OmegaConf.create(checkpoint["config"]), cfg, overrides, own)
+    check_compatible(checkpoint, train_cfg, cfg.checkpoint)
+    return checkpoint, train_cfg
+
+
+def model_from(checkpoint: dict, train_cfg: DictConfig) -> nn.Module:
+    """The checkpoint's model with its weights: fp32, on the CPU, in eval mode."""
+    # The weights come from the checkpoint: never download pretrained ones here.
+    model = build(train_cfg.model, pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def predictor_from(
+    cfg: DictConfig, train_cfg: DictConfig, checkpoint: dict, device: torch.device
+) -> Predictor:
+    """The Predictor that ``mode``, ``crop``, ``stride``, ``scales``, ``flip`` and
+    ``window_batch`` ask for, over the checkpoint's model on ``device`` with the configured
+    precision and memory layout (``trainer.precision``, ``trainer.channels_last``)."""
+    precision = resolve_precision(train_cfg.trainer.precision, device)
+    channels_last = resolve_channels_last(train_cfg.trainer.channels_last, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model_from(checkpoint, train_cfg).to(device, memory_format=memory_format)
+    crop = cfg.crop if cfg.crop is not None else train_cfg.data.train_transform.crop_size
+    return Predictor(
+        model,
+        device,
+        precision,
+        channels_last,
+        mode=cfg.mode,
+        crop=list(crop) if cfg.mode == "slide" else None,
+        stride=list(cfg.stride) if cfg.stride is not None else None,
+        scales=list(cfg.scales),
+        flip=cfg.flip,
+        window_batch=cfg.window_batch,
+    )
+
+
+def split_dataset(train_cfg: DictConfig, split: str) -> Dataset:
+    """The dataset of ``split``, through the validation transform."""
+    data = train_cfg.data
+    return build(data.dataset, split=split, transform=build(data.val_transform))
+
+
+def sample_limit(cfg: DictConfig, overrides: list[str]) -> tuple[int | None, str | None]:
+    """The number of images of the split to use and the key that set it; (None, None): the
+    whole split.
+
+    Only this command line counts: the training config's ``data.max_val_samples`` (set to
+    validate quickly during training) would otherwise cut the split without a word.
+    """
+    keys = [key for key in override_keys(overrides) if key in LIMIT_KEYS]
+    if len(keys) > 1:
+        raise ValueError(f"{' and '.join(keys)} both limit the images evaluated: give one")
+    if not keys:
+        return None, None
+    value = OmegaConf.select(cfg, keys[0])
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"{keys[0]}={value}: give the number of images to evaluate (>= 1), or null for "
+            "the whole split"
+        )
+    return value, keys[0]
