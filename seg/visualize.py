@@ -1,11 +1,19 @@
-"""Palettes and overlays for TensorBoard images (and, later, prediction files)."""
+"""Palettes, overlays and figures for TensorBoard, reports and predictions; fast PNG encoding."""
 
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
+
+# A panel's long side is at most this many pixels: a TensorBoard image or figure wider than the
+# screen shows no more, while every pixel costs PNG encoding time, here and in TensorBoard's own
+# encoder (issue 11: encoding full-resolution 1024x2048 panels cost more than the model did).
+MAX_PANEL_SIDE = 1024
+# zlib level 1: on photos and overlays 2-8 times faster than PIL's default level 6, for files
+# 10-25% larger (scripts/profile_pictures.py).
+PNG_COMPRESSION = 1
 
 
 def colorize(mask: torch.Tensor, palette: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -15,16 +23,41 @@ def colorize(mask: torch.Tensor, palette: Sequence[Sequence[int]]) -> torch.Tens
     return colors[mask.long().clamp(0, 255)].permute(2, 0, 1)
 
 
-def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Undo ``Normalize``: (3, H, W) float -> (3, H, W) uint8 RGB."""
-    mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
-    return ((image.float() * std_t + mean_t) * 255).clamp(0, 255).to(torch.uint8)
-
-
 def overlay(image: torch.Tensor, colored: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Blend a (3, H, W) uint8 colour mask over a (3, H, W) uint8 image."""
     return (image.float() * (1 - alpha) + colored.float() * alpha).to(torch.uint8)
+
+
+def panel_size(height: int, width: int, max_side: int = MAX_PANEL_SIDE) -> tuple[int, int]:
+    """(height, width) scaled down, aspect kept, so that the long side is at most ``max_side``;
+    unchanged when it already is."""
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, *size) uint8, antialiased (no aliasing moire when shrinking)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    batch = image[None].float()
+    resized = torch.nn.functional.interpolate(
+        batch, size=size, mode="bilinear", antialias=True, align_corners=False
+    )[0]
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) -> size by nearest neighbour, same dtype: every value is one of the input's
+    (a class index is never blended into another class)."""
+    height, width = mask.shape[-2:]
+    if (height, width) == tuple(size):
+        return mask
+    # the source pixel whose centre is nearest each output pixel's centre ("nearest-exact")
+    rows = ((torch.arange(size[0]) + 0.5) * (height / size[0])).long().clamp_max(height - 1)
+    cols = ((torch.arange(size[1]) + 0.5) * (width / size[1])).long().clamp_max(width - 1)
+    return mask[rows[:, None], cols]
 
 
 def comparison(
@@ -32,11 +65,14 @@ def comparison(
     mask: torch.Tensor,
     prediction: torch.Tensor,
     palette: Sequence[Sequence[int]],
-    mean: Sequence[float],
-    std: Sequence[float],
 ) -> torch.Tensor:
-    """Image | ground truth overlay | prediction overlay, side by side: (3, H, 3W) uint8."""
-    rgb = denormalize(image, mean, std)
+    """Image | ground truth overlay | prediction overlay, side by side: (3, h, 3w) uint8, where
+    (h, w) is the (3, H, W) uint8 image's size scaled down to a long side of at most
+    ``MAX_PANEL_SIDE``."""
+    # Shrink first: the colouring and blending then run on the small panels too.
+    size = panel_size(*image.shape[-2:])
+    rgb = resize_image(image, size)
+    mask, prediction = resize_mask(mask, size), resize_mask(prediction, size)
     ground_truth = overlay(rgb, colorize(mask, palette))
     predicted = overlay(rgb, colorize(prediction, palette))
     return torch.cat([rgb, ground_truth, predicted], dim=2)
@@ -110,7 +146,36 @@ def gallery(rows: Sequence[torch.Tensor]) -> np.ndarray:
     return torch.cat(padded, dim=1).permute(1, 2, 0).numpy()
 
 
+def encode_png(array: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 RGB array as PNG bytes, with OpenCV's encoder at ``PNG_COMPRESSION``
+    (several times faster than PIL's at its default level: scripts/profile_pictures.py)."""
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {array.shape} {array.dtype}")
+    # OpenCV reads BGR; the copy also makes a permuted (non-contiguous) array contiguous.
+    bgr = np.ascontiguousarray(array[..., ::-1])
+    ok, encoded = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {array.shape} array as PNG")
+    return encoded.tobytes()
+
+
 def save_png(array: np.ndarray, path: Path) -> None:
     """Write an (H, W, 3) uint8 RGB array as a PNG."""
+    data = encode_png(array)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    path.write_bytes(data)
+
+
+def add_png(writer, tag: str, array: np.ndarray, step: int) -> None:
+    """``writer.add_image(tag, array, step, dataformats="HWC")`` for an (H, W, 3) uint8 RGB
+    array, with ``encode_png`` in place of PIL's slower encoder (``writer``: a SummaryWriter)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    height, width, channels = array.shape
+    image = Summary.Image(
+        height=height, width=width, colorspace=channels, encoded_image_string=encode_png(array)
+    )
+    # SummaryWriter takes no encoded image; its own add_image ends in this same call.
+    writer._get_file_writer().add_summary(
+        Summary(value=[Summary.Value(tag=tag, image=image)]), step
+    )
