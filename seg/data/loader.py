@@ -2,6 +2,8 @@
 
 import random
 import signal
+from collections.abc import Iterator
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -75,3 +77,42 @@ def val_loader(
         persistent_workers=num_workers > 0,
         worker_init_fn=_worker_init,
     )
+
+
+class DeviceBatches:
+    """The batches of ``batches`` (uint8 images, masks) on ``device``, one batch ahead: while
+    the model computes on batch k, batch k+1 is already being copied, on a side CUDA stream
+    from pinned memory. On the CPU the same lines run without a stream (the copy is a no-op).
+
+    An error fetching the batch ahead is raised when that batch is asked for, not earlier, so
+    a failing batch still fails the step it belongs to.
+    """
+
+    def __init__(self, batches: Iterator, device: torch.device):
+        self.batches = batches
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead: tuple[torch.Tensor, ...] | Exception | None = None
+
+    def __iter__(self) -> "DeviceBatches":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        batch = self.ahead if self.ahead is not None else self.fetch()
+        self.ahead = self.fetch()  # the next copy starts before this step computes
+        if isinstance(batch, Exception):
+            raise batch
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)  # the copy must be done before the step reads it
+            for tensor in batch:
+                tensor.record_stream(current)  # its memory is in use on this stream now
+        return batch
+
+    def fetch(self) -> tuple[torch.Tensor, ...] | Exception:
+        try:
+            batch = next(self.batches)
+        except Exception as error:  # StopIteration included: raised in its turn
+            return error
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            return tuple(tensor.to(self.device, non_blocking=True) for tensor in batch)

@@ -1,4 +1,8 @@
-"""Paired (image, mask) transforms built on albumentations.
+"""Paired (image, mask) transforms built on albumentations, on uint8 throughout.
+
+Samples leave the CPU small: the image as uint8 (3, H, W), the mask as uint8 or int16 (H, W).
+Normalization (``(x / 255 - mean) / std`` with ``data.mean``/``data.std``) and the float
+conversion happen on the device, after the copy (issue 11: a float32 image is 4x the bytes).
 
 Masks are always resized with nearest-neighbour and padded with ``ignore_index``, so no
 transform can invent a label value.
@@ -6,14 +10,86 @@ transform can invent a label value.
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
-from albumentations.pytorch import ToTensorV2
+import torch
 
+# ImageNet statistics: the default of data.mean/data.std, which the consumers apply on the device.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RandomScaleCrop(A.DualTransform):
+    """Random scale, pad bottom/right + random crop to (height, width), computed crop-first.
+
+    Draws what ``A.RandomScale`` -> ``A.PadIfNeeded(position="top_left")`` -> ``A.RandomCrop``
+    draw, in the same order from the same random stream: a scale ``s`` uniform in
+    ``scale_range``, then a crop position uniform over the padded scaled image. So the crops
+    have that pipeline's distribution (a seed even gives the same crop window), but only the
+    source region under the crop, about (height / s, width / s), is resized: at Cityscapes size
+    (scale 0.5-2, 1024x2048 -> 512x1024) that is 0.5 MP of output instead of 3.5 MP on average.
+    The region's edges are rounded to whole source pixels, which moves the crop by under one
+    source pixel and changes its scale by under 1 / (crop side in source pixels).
+    The image resizes bilinearly, the mask nearest; where the scaled image would be smaller
+    than the crop the image is padded with 0 and the mask with ``fill_mask``.
+    """
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        scale_range: Sequence[float],
+        fill_mask: int,
+        p: float = 1.0,
+    ):
+        super().__init__(p=p)
+        self.height, self.width = height, width
+        self.scale_range = tuple(scale_range)
+        self.fill_mask = fill_mask
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width", "scale_range", "fill_mask")
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        low, high = self.scale_range
+        # As A.RandomScale(scale_limit=(low - 1, high - 1)) draws it, and not at all for (1, 1),
+        # where that pipeline switched it off: the same stream gives the same crops.
+        scale = 1.0 if (low, high) == (1.0, 1.0) else self.py_random.uniform(low - 1, high - 1) + 1
+        # A.RandomScale's rounding (at least one pixel, where it would fail on tiny images)
+        scaled_h, scaled_w = max(1, int(height * scale)), max(1, int(width * scale))
+        # A.RandomCrop's position on the image padded (bottom/right) to at least the crop size
+        top = int((max(scaled_h, self.height) - self.height + 1) * self.py_random.random())
+        left = int((max(scaled_w, self.width) - self.width + 1) * self.py_random.random())
+        # The part of the crop inside the scaled image; the rest is padding.
+        valid_h, valid_w = min(self.height, scaled_h - top), min(self.width, scaled_w - left)
+        # Its source region, in whole source pixels (at least one).
+        y0, x0 = round(top * height / scaled_h), round(left * width / scaled_w)
+        y1 = max(y0 + 1, min(height, round((top + valid_h) * height / scaled_h)))
+        x1 = max(x0 + 1, min(width, round((left + valid_w) * width / scaled_w)))
+        return {"region": (y0, y1, x0, x1), "valid": (valid_h, valid_w), "scale": scale}
+
+    def apply(self, img: np.ndarray, region, valid, **params) -> np.ndarray:
+        return self._crop_resize(img, region, valid, cv2.INTER_LINEAR, 0)
+
+    def apply_to_mask(self, mask: np.ndarray, region, valid, **params) -> np.ndarray:
+        return self._crop_resize(mask, region, valid, cv2.INTER_NEAREST, self.fill_mask)
+
+    def _crop_resize(self, array, region, valid, interpolation: int, fill: int) -> np.ndarray:
+        y0, y1, x0, x1 = region
+        valid_h, valid_w = valid
+        source = array[y0:y1, x0:x1]
+        if (valid_h, valid_w) == (self.height, self.width):
+            return cv2.resize(source, (valid_w, valid_h), interpolation=interpolation)
+        out = np.full((self.height, self.width, *array.shape[2:]), fill, array.dtype)
+        # cv2 writes into the top-left view: the padding stays bottom/right, as before.
+        cv2.resize(
+            source, (valid_w, valid_h), dst=out[:valid_h, :valid_w], interpolation=interpolation
+        )
+        return out
 
 
 def train_transform(
@@ -22,12 +98,14 @@ def train_transform(
     scale_range: Sequence[float] = (0.5, 2.0),
     hflip: float = 0.5,
     color_jitter: float = 0.0,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> A.Compose:
-    """Random scale, pad + random crop to ``crop_size`` (height, width), flip, jitter, normalize.
+    """Random scale + crop to ``crop_size`` (height, width) (``RandomScaleCrop``), flip, jitter.
 
     ``color_jitter`` is the probability of a brightness/contrast/saturation/hue jitter (0 = off).
+    ``mean``/``std`` are accepted and unused: the configs stored in checkpoints written before
+    normalization moved to the device pass them (issue 11).
     """
     crop_height, crop_width = crop_size
     low, high = scale_range
@@ -35,41 +113,36 @@ def train_transform(
         raise ValueError(f"scale_range must be 0 < low <= high, got {list(scale_range)}")
     return A.Compose(
         [
-            # scale_limit is relative to 1 in albumentations: (0.5, 2.0) -> (-0.5, 1.0).
-            A.RandomScale(
-                scale_limit=(low - 1.0, high - 1.0),
-                interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST,
-                p=1.0 if (low, high) != (1.0, 1.0) else 0.0,
-            ),
-            A.PadIfNeeded(
-                min_height=crop_height,
-                min_width=crop_width,
-                position="top_left",
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=ignore_index,  # padded pixels are ignored by loss and metrics
-            ),
-            A.RandomCrop(height=crop_height, width=crop_width),
+            # padded mask pixels are ignored by loss and metrics
+            RandomScaleCrop(crop_height, crop_width, (low, high), fill_mask=ignore_index),
             A.HorizontalFlip(p=hflip),
             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=color_jitter),
-            A.Normalize(mean=mean, std=std),
-            ToTensorV2(),
         ]
     )
 
 
 def val_transform(
-    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> A.Compose:
-    """Normalize only: validation runs on whole images at their original resolution."""
-    return A.Compose([A.Normalize(mean=mean, std=std), ToTensorV2()])
+    """Nothing to do: validation runs on whole uint8 images at their original resolution.
+
+    ``mean``/``std``: accepted and unused, as in ``train_transform``.
+    """
+    return A.Compose([])
+
+
+def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, W, 3) uint8 and (H, W) arrays -> (3, H, W) uint8 and (H, W) tensors, no copy: the
+    image is a channels-first view, which the DataLoader's collate copies into the batch."""
+    image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)  # from_numpy: no flips
+    return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask)
 
 
 def apply(
     transform: A.Compose, image: np.ndarray, mask: np.ndarray, seed: tuple[int, ...] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``transform`` on an (H, W, 3) uint8 image and (H, W) mask, seeded when ``seed`` is set.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``transform`` on an (H, W, 3) uint8 image and (H, W) mask, seeded when ``seed`` is set;
+    returns ``to_tensors`` of the result: image (3, h, w) uint8, mask (h, w) of the mask's dtype.
 
     One numpy and one Python generator are shared by all transforms of the pipeline
     (``Compose.set_random_seed`` would give every transform the same stream and so correlate,
@@ -78,4 +151,4 @@ def apply(
     if seed is not None:
         transform.set_random_state(np.random.default_rng(seed), random.Random(hash(seed)))
     out = transform(image=image, mask=mask)  # mask by keyword: albumentations resizes it nearest
-    return out["image"], out["mask"]
+    return to_tensors(out["image"], out["mask"])

@@ -62,8 +62,9 @@ def test_data_configs_build(folder_root, cityscapes_root, camvid_root, voc_root,
                 cfg.data.dataset, split=split, transform=instantiate(cfg.data[transform])
             )
             image, mask = dataset[0]
-            assert image.dtype == torch.float32 and image.shape[0] == 3
-            assert mask.dtype == torch.int64 and mask.shape == image.shape[1:]
+            # uint8 in transit: normalized and widened on the device
+            assert image.dtype == torch.uint8 and image.shape[0] == 3
+            assert mask.dtype == torch.uint8 and mask.shape == image.shape[1:]
         assert len(cfg.data.class_names) == len(cfg.data.palette) == cfg.data.num_classes
 
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from seg.data.base import DataError
+from seg.data.base import DataError, mask_dtype
 from seg.data.cityscapes import Cityscapes
 from seg.data.folder import FolderDataset
 from seg.data.sampler import InfiniteSampler
 from seg.data.synthetic import SyntheticScenes
+from seg.data.transforms import train_transform
 from tests.conftest import CITYSCAPES_IDS, write_png
 
 
@@ -43,7 +44,7 @@ def test_folder_pairs_by_stem_and_reads_palette_pngs_as_indices(folder_root):
     dataset = FolderDataset(str(folder_root), "train", num_classes=2)
     assert [p.stem for p, _ in dataset.samples] == ["img0", "img1", "img2"]
     _, loaded = dataset[0]
-    assert torch.equal(loaded, torch.from_numpy(mask).long())
+    assert torch.equal(loaded, torch.from_numpy(mask))
 
 
 def test_folder_unmatched_files_are_named(folder_root):
@@ -202,3 +203,50 @@ def test_workers_start_after_the_parent_used_opencv_threads(folder_root):
     dataset.load(0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, timeout=60)
     assert len(list(loader)) == 3
+
+
+@pytest.mark.parametrize("transform", [None, train_transform((24, 40), 255, (0.5, 1.5))])
+def test_samples_and_batches_travel_as_uint8(transform):
+    """The contract of issue 11: (3, H, W) uint8 images, not normalized, and uint8 masks; the
+    consumers normalize and widen on the device."""
+    dataset = SyntheticScenes("train", image_size=32, num_samples={"train": 4}, transform=transform)
+    image, mask = dataset[(1, 0, 5)]  # an InfiniteSampler key: (index, seed, position)
+    size = (32, 32) if transform is None else (24, 40)
+    assert image.dtype == torch.uint8 and image.shape == (3, *size)
+    assert mask.dtype == torch.uint8 and mask.shape == size
+    if transform is None:  # the decoded pixels, untouched
+        raw_image, raw_mask = dataset.load(1)
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), raw_image)
+        assert np.array_equal(mask.numpy(), raw_mask)
+    images, masks = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, *size)
+    assert masks.dtype == torch.uint8 and masks.shape == (2, *size)
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "ignore_index", "dtype"),
+    [(19, 255, np.uint8), (256, 255, np.uint8), (257, 255, np.int16), (19, -1, np.int16),
+     (19, 256, np.int16), (32768, -32768, np.int16)],
+)  # fmt: skip
+def test_masks_are_uint8_unless_classes_or_ignore_index_pass_255(num_classes, ignore_index, dtype):
+    assert mask_dtype(num_classes, ignore_index) is dtype
+
+
+@pytest.mark.parametrize(("num_classes", "ignore_index"), [(19, 40000), (19, -40000), (40000, 255)])
+def test_masks_beyond_int16_are_refused_naming_the_values(num_classes, ignore_index):
+    with pytest.raises(
+        ValueError, match=rf"num_classes={num_classes}, ignore_index={ignore_index}"
+    ):
+        mask_dtype(num_classes, ignore_index)
+
+
+@pytest.mark.parametrize("transform", [None, train_transform((32, 32), -1, (0.5, 2.0))])
+def test_an_ignore_index_outside_0_255_gives_int16_masks(cityscapes_root, transform):
+    dataset = Cityscapes(str(cityscapes_root), "train", ignore_index=-1, transform=transform)
+    values = set()
+    for seed in range(8):
+        _, mask = dataset[(0, 0, seed)]
+        assert mask.dtype == torch.int16
+        values |= set(mask.unique().tolist())
+    expected = {-1 if train_id == 255 else train_id for train_id in CITYSCAPES_IDS.values()}
+    assert -1 in values and values <= expected

@@ -127,8 +127,8 @@ def test_predict_reports_a_zero_byte_image_instead_of_failing(tmp_path):
 
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    index, image, original, error = ImageFiles([empty], mean=(0, 0, 0), std=(1, 1, 1))[0]
-    assert (index, image, original) == (0, None, None)
+    index, image, error = ImageFiles([empty])[0]
+    assert (index, image) == (0, None)
     assert error.startswith(f"{empty}: image file is empty")
 
 
@@ -145,7 +145,7 @@ def test_binary_masks_of_any_bit_depth(folder_root, dtype, low, high):
     write_png(folder_root / "masks" / "val" / "img0.png", mask)
     assert np.asarray(Image.open(folder_root / "masks" / "val" / "img0.png")).dtype == dtype
     dataset = FolderDataset(str(folder_root), "val", num_classes=2, mask_format="binary")
-    expected = np.zeros((40, 48), np.int64)
+    expected = np.zeros((40, 48), np.uint8)
     expected[10:30, 10:30] = 1
     expected[1, :24] = 1
     assert torch.equal(dataset[0][1], torch.from_numpy(expected))
@@ -187,5 +187,5 @@ def test_a_1_bit_index_mask_is_padded_with_ignore_index(folder_root):
     write_png(folder_root / "masks" / "val" / "img0.png", mask)  # a 1-bit PNG, read as bool
     pad = train_transform((64, 64), ignore_index=255, scale_range=(1.0, 1.0), hflip=0.0)
     _, padded = FolderDataset(str(folder_root), "val", num_classes=2, transform=pad)[0]
-    assert torch.equal(padded[:40, :48], torch.from_numpy(mask).long())
+    assert torch.equal(padded[:40, :48], torch.from_numpy(mask).to(torch.uint8))
     assert (padded[40:] == 255).all() and (padded[:, 48:] == 255).all()
