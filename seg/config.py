@@ -102,6 +102,19 @@ def flat_keys(config: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def flat_values(config: DictConfig) -> dict[str, Any]:
+    """Every leaf of ``config`` by dotted key, interpolations resolved."""
+
+    def leaves(tree: dict, prefix: str):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return dict(leaves(OmegaConf.to_container(config, resolve=True), ""))
+
+
 def check_writable(directory: Path) -> None:
     """Fail before training when the run directory cannot be created or written."""
     try:

@@ -20,7 +20,7 @@ from seg.engine.evaluation import Evaluation, evaluate, figures
 from seg.engine.trainer import resolve_device
 from seg.inference import Predictor, memory_advice, progress
 from seg.metrics import bootstrap_miou, format_table, iou_from_counts, named
-from seg.visualize import save_png
+from seg.visualize import add_png, save_png
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def evaluate_split(
         if cfg.report_dir
         else default_report_dir(checkpoint_path, cfg.split, settings)
     )
-    write_report(result, report_dir, class_names, checkpoint, train_cfg, cfg.split)
+    write_report(result, report_dir, class_names, checkpoint, cfg.split)
     if cfg.out is not None:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,6 @@ def write_report(
     report_dir: Path,
     class_names: list[str],
     checkpoint: dict,
-    train_cfg: DictConfig,
     split: str,
 ) -> None:
     """Per-image CSV and figures in ``report_dir``; the figures also in the run's TensorBoard,
@@ -180,8 +179,7 @@ def write_report(
             writer.writerow(
                 [name, _cell(iou.nanmean().item()), _cell(accuracy), *map(_cell, iou.tolist())]
             )
-    data = train_cfg.data
-    pictures = figures(result, class_names, checkpoint["palette"], data.mean, data.std)
+    pictures = figures(result, class_names, checkpoint["palette"])
     for name, array in pictures.items():
         save_png(array, report_dir / f"{name}.png")
     if report_dir.parent.joinpath("checkpoints").is_dir():  # a run directory: add to its TB
@@ -190,9 +188,7 @@ def write_report(
         tb_dir = report_dir.parent / "tb" / report_dir.name
         with SummaryWriter(tb_dir, purge_step=checkpoint["iteration"]) as writer:
             for name, array in pictures.items():
-                writer.add_image(
-                    f"eval_{split}/{name}", array, checkpoint["iteration"], dataformats="HWC"
-                )
+                add_png(writer, f"eval_{split}/{name}", array, checkpoint["iteration"])
     log.info("Per-image metrics and figures in %s", report_dir)
 
 

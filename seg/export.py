@@ -264,7 +264,7 @@ def compare_miou(
         )  # fmt: skip
     results = {}
     for name, candidate in (("pytorch", model), ("exported", exported)):
-        predictor = Predictor(candidate, torch.device("cpu"))
+        predictor = Predictor(candidate, torch.device("cpu"), list(data.mean), list(data.std))
         result = evaluate(predictor, data_loader, data.num_classes, data.ignore_index)
         results[f"mIoU_{name}"] = result.metrics["mIoU"]
     log.info(

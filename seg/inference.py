@@ -21,8 +21,42 @@ MODES = ("whole", "slide")
 CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 
 
+class Normalize:
+    """uint8 RGB images (N, 3, H, W) to the model's input on ``device``: float32
+    ``(x / 255 - mean) / std`` in ``memory_format``.
+
+    Batches travel as uint8, a quarter of float32's bytes, and are converted where the model
+    runs (on a GPU, after a pinned, non-blocking copy): less host work, smaller copies.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale = 1 / (255 * std_t)
+        self.shift = (
+            -torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) / std_t
+        )
+        self.device = device
+        self.memory_format = memory_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(
+                f"images of dtype {images.dtype}: seg's datasets give uint8 RGB (N, 3, H, W) "
+                "and the model's input is normalized on its device"
+            )
+        images = images.to(self.device, non_blocking=True)
+        inputs = images.to(torch.float32, memory_format=self.memory_format)
+        return inputs.mul_(self.scale).add_(self.shift)  # in place: the layout stays
+
+
 class Predictor:
-    """Turns a batch of normalized images (N, 3, H, W) into class scores (N, C, H, W).
+    """Turns a batch of uint8 RGB images (N, 3, H, W) into class scores (N, C, H, W).
 
     ``mode="slide"`` runs ``crop``-sized windows every ``stride`` pixels, ``window_batch``
     windows per forward pass, and averages the logits where windows overlap: memory is bounded
@@ -35,6 +69,8 @@ class Predictor:
         self,
         model: nn.Module,
         device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
         precision: str = "fp32",
         channels_last: bool = False,
         mode: str = "whole",
@@ -56,6 +92,8 @@ class Predictor:
         self.device = device
         self.precision = precision
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # mean and std: the data config's, of pixel values in [0, 1]
+        self.normalize = Normalize(mean, std, device, self.memory_format)
         self.mode = mode
         self.crop = tuple(crop) if crop is not None else None
         # Default stride: 2/3 of the window, so that every pixel is seen at least once with
@@ -75,7 +113,7 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        images = self.normalize(images)
         if self.num_passes == 1 and self.scales[0] == 1.0:
             return self.logits(images)
         height, width = images.shape[-2:]

@@ -15,8 +15,10 @@ class ConfusionMatrix:
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
-        """predictions, targets: (N, H, W) integer class indices."""
+        """predictions, targets: (N, H, W) integer class indices (any integer dtype)."""
         n = self.num_classes
+        # int64 for the bin arithmetic: uint8 masks (as datasets give them) would overflow
+        targets, predictions = targets.long(), predictions.long()
         valid = targets != self.ignore_index
         # Ignored pixels go to an extra bin instead of being removed by boolean indexing,
         # which would need a host sync for the output size and is about 5x slower.
@@ -36,6 +38,7 @@ def per_image_counts(
     """(N, 3, C) per image and class: true positives, target pixels, predicted pixels
     (ignored pixels left out): enough for per-image IoU and for resampling images."""
     batch, n = targets.shape[0], num_classes
+    targets, predictions = targets.long(), predictions.long()  # no uint8 overflow in the bins
     valid = targets != ignore_index
     offsets = torch.arange(batch, device=targets.device).view(batch, 1, 1) * n
 

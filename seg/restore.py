@@ -57,8 +57,10 @@ def predictor_from(
     return Predictor(
         model,
         device,
-        precision,
-        channels_last,
+        mean=list(train_cfg.data.mean),
+        std=list(train_cfg.data.std),
+        precision=precision,
+        channels_last=channels_last,
         mode=cfg.mode,
         crop=list(crop) if cfg.mode == "slide" else None,
         stride=list(cfg.stride) if cfg.stride is not None else None,

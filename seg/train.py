@@ -16,6 +16,7 @@ from seg.config import (
     check_data_config,
     check_values,
     check_writable,
+    flat_values,
     report_user_errors,
     run_command,
 )
@@ -130,6 +131,7 @@ def start(
         check_values(cfg)
         check_compatible(checkpoint, cfg, checkpoint_path)
         log.info("Resuming %s from iteration %d", checkpoint_path, checkpoint["iteration"])
+        log_changed_settings(OmegaConf.create(checkpoint["config"]), cfg)
         if checkpoint["iteration"] >= cfg.trainer.max_iters:
             log.warning(
                 "The checkpoint is at iteration %d of trainer.max_iters=%d: nothing to train. "
@@ -175,8 +177,6 @@ def start(
         run_dir,
         class_names=list(cfg.data.class_names),
         palette=OmegaConf.to_container(cfg.data.palette),
-        mean=list(cfg.data.mean),
-        std=list(cfg.data.std),
         config_yaml=config_yaml,
         overrides=overrides,
         write=dist.is_main(),
@@ -198,6 +198,8 @@ def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
         scheduler=scheduler,
         recorder=recorder,
         ignore_index=cfg.data.ignore_index,
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
     )
     samples_per_iteration = cfg.data.batch_size * cfg.trainer.grad_accum_steps * dist.world_size()
     log.info(
@@ -232,6 +234,19 @@ def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
         for dataset in (train_set, val_set):
             dataset.report_skipped()
     return metrics.get("mIoU", float("nan"))
+
+
+def log_changed_settings(stored: DictConfig, cfg: DictConfig) -> None:
+    """Name the settings a resumed run changes (``trainer.precision bf16 -> fp32``): the
+    command line's overrides win over the checkpoint's, and the user should see which did."""
+    before, after = flat_values(stored), flat_values(cfg)
+    changed = [
+        f"{key} {before.get(key)} -> {after.get(key)}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key) and key not in ("resume", "trainer.max_iters")
+    ]
+    if changed:
+        log.warning("Resuming with settings other than the checkpoint's: %s", ", ".join(changed))
 
 
 def data_position(checkpoint: dict, samples_per_iteration: int) -> int:

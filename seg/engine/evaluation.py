@@ -81,7 +81,7 @@ def evaluate(
                 continue  # this rank's share is done: it only joins the stop decisions
             images, masks = batch
             seen = len(names)
-            masks = masks.to(predictor.device, non_blocking=True)
+            masks = masks.to(predictor.device, non_blocking=True).long()  # uint8/int16 in transit
             batch_names = [sample_name(loader.dataset, seen + i) for i in range(len(images))]
             with explain_out_of_memory(images, batch_names, memory_advice):
                 predictions = predictor.predict(images)
@@ -160,14 +160,12 @@ def figures(
     result: Evaluation,
     class_names: Sequence[str],
     palette: Sequence[Sequence[int]],
-    mean: Sequence[float],
-    std: Sequence[float],
 ) -> dict[str, np.ndarray]:
     """The pictures of an evaluation as (H, W, 3) uint8 arrays: ``confusion``, ``iou``,
     ``worst`` (image | truth | prediction of the lowest-mIoU images) and ``example_<i>``."""
 
     def picture(example: Example) -> torch.Tensor:
-        return comparison(*example, palette, mean, std)
+        return comparison(*example, palette)
 
     pictures = {
         "confusion": confusion_figure(result.confusion, class_names),

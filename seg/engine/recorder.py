@@ -19,7 +19,7 @@ from seg.engine import dist
 from seg.engine.checkpoint import save_checkpoint
 from seg.engine.evaluation import Evaluation, figures
 from seg.metrics import format_table, named
-from seg.visualize import save_png
+from seg.visualize import add_png, save_png
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Recorder:
     """Writes the run directory ``run_dir`` (README "Outputs").
 
-    ``class_names``, ``palette``, ``mean``/``std`` (to draw the pictures), ``config_yaml`` and
+    ``class_names``, ``palette`` (to draw the pictures), ``config_yaml`` and
     ``overrides`` also go into every checkpoint, so that a checkpoint rebuilds its model alone.
     """
 
@@ -36,8 +36,6 @@ class Recorder:
         run_dir: str | Path,
         class_names: Sequence[str],
         palette: Sequence[Sequence[int]],
-        mean: Sequence[float],
-        std: Sequence[float],
         config_yaml: str = "",
         overrides: Sequence[str] = (),
         write: bool = True,
@@ -45,7 +43,6 @@ class Recorder:
         self.run_dir = Path(run_dir)
         self.class_names = list(class_names)
         self.palette = [list(color) for color in palette]
-        self.mean, self.std = list(mean), list(std)
         self.config_yaml = config_yaml
         self.overrides = list(overrides)
         self.write = write
@@ -143,9 +140,9 @@ class Recorder:
         for name, iou, dice in zip(self.class_names, metrics["IoU"], metrics["Dice"], strict=True):
             self.writer.add_scalar(f"val_class/IoU/{name}", iou, iteration)
             self.writer.add_scalar(f"val_class/Dice/{name}", dice, iteration)
-        pictures = figures(result, self.class_names, self.palette, self.mean, self.std)
+        pictures = figures(result, self.class_names, self.palette)
         for name, array in pictures.items():
-            self.writer.add_image(f"val/{name}", array, iteration, dataformats="HWC")
+            add_png(self.writer, f"val/{name}", array, iteration)
             if not name.startswith("example"):
                 save_png(array, self.run_dir / "figures" / f"val_{name}.png")
         self.writer.flush()

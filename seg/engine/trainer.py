@@ -6,7 +6,8 @@ import os
 import random
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
@@ -15,11 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from seg.data.loader import DeviceBatches
 from seg.engine import dist
 from seg.engine.checkpoint import unwrapped_state_dict
 from seg.engine.evaluation import Evaluation, evaluate
 from seg.engine.recorder import Recorder
-from seg.inference import AMP_DTYPES, Predictor
+from seg.inference import AMP_DTYPES, Normalize, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,16 @@ def resolve_channels_last(channels_last: bool | str, device: torch.device) -> bo
     if not isinstance(channels_last, bool):
         raise ValueError(f"trainer.channels_last={channels_last!r}; options: auto, true, false")
     return channels_last
+
+
+def resolve_compile(compile: bool | str, device: torch.device) -> bool:
+    """``auto`` -> torch.compile on CUDA, where it pays (U-Net-R34 on an H100: 282 against 159
+    img/s after 48 s of compilation), not on the CPU, where it was 0.91-0.99x of eager."""
+    if compile == "auto":
+        return device.type == "cuda"
+    if not isinstance(compile, bool):
+        raise ValueError(f"trainer.compile={compile!r}; options: auto, true, false")
+    return compile
 
 
 def resolve_sync_bn(sync_bn: bool | str, model: nn.Module) -> bool:
@@ -154,11 +166,13 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         recorder: Recorder,
         ignore_index: int,
+        mean: Sequence[float],
+        std: Sequence[float],
         device: str = "auto",
         precision: str = "auto",
         channels_last: bool | str = "auto",
         deterministic: bool = False,
-        compile: bool = False,
+        compile: bool | str = "auto",
         sync_bn: bool | str = "auto",
         max_iters: int = 1000,
         grad_accum_steps: int = 1,
@@ -184,7 +198,8 @@ class Trainer:
         # the compiled model; validation, checkpoints and the fallback use the plain one
         # (compilation is lazy: failures show at the first step).
         self.ddp_model = dist.wrap(self.model, self.device)
-        self.forward_model = torch.compile(self.ddp_model) if compile else self.ddp_model
+        self.compiling = resolve_compile(compile, self.device)
+        self.forward_model = torch.compile(self.ddp_model) if self.compiling else self.ddp_model
         self.loss_fn = loss_fn.to(self.device)
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -197,6 +212,8 @@ class Trainer:
         # Fixed crop sizes: let cuDNN pick the fastest kernels, unless results must repeat.
         torch.backends.cudnn.benchmark = self.device.type == "cuda" and not deterministic
         self.ignore_index = ignore_index
+        self.mean, self.std = list(mean), list(std)
+        self.normalize = Normalize(self.mean, self.std, self.device, self.memory_format)
         self.max_iters = max_iters
         self.grad_accum_steps = grad_accum_steps
         self.clip_grad_norm = clip_grad_norm
@@ -225,7 +242,7 @@ class Trainer:
             self.device, self.precision, ", channels_last" if self.channels_last else "",
             self.iteration, self.max_iters, self.recorder.run_dir,
         )  # fmt: skip
-        batches = iter(train_loader)
+        batches = DeviceBatches(iter(train_loader), self.device)  # one batch ahead
         metrics = {}
         self.model.train()
         with (
@@ -376,19 +393,26 @@ class Trainer:
                 signal.signal(signum, handler)
 
     def run_model(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The training forward pass; if torch.compile fails, warn and continue eagerly."""
+        """The training forward pass; if torch.compile fails, warn and continue eagerly (still
+        under DDP). The first compiled call compiles: its time is logged."""
+        started = time.perf_counter()
         try:
-            return self.forward_model(images, with_aux=True)
+            outputs = self.forward_model(images, with_aux=True)
         except Exception as error:
-            if self.forward_model is self.model:
+            if self.forward_model is self.ddp_model:
                 raise
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
             log.warning(
                 "trainer.compile: torch.compile failed (%s: %s); continuing without it",
                 type(error).__name__, message[:300],
             )  # fmt: skip
-            self.forward_model = self.model
-            return self.model(images, with_aux=True)
+            self.forward_model = self.ddp_model
+            return self.ddp_model(images, with_aux=True)
+        if self.compiling:
+            self.compiling = False
+            log.info("trainer.compile: compiled the training step in %.1f s (its first forward "
+                     "pass)", time.perf_counter() - started)  # fmt: skip
+        return outputs
 
     def train_step(self, batches: Iterator) -> StepResult:
         """One optimizer step over ``grad_accum_steps`` batches, skipped if non-finite."""
@@ -400,9 +424,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         try:
             for index in range(self.grad_accum_steps):
-                images, masks = next(batches)
-                images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                masks = masks.to(self.device, non_blocking=True)
+                images, masks = next(batches)  # uint8, pinned for a GPU by the DataLoader
+                images = self.normalize(images)  # copied as uint8, converted on the device
+                masks = masks.to(self.device, non_blocking=True).long()
                 # DDP averages the gradients over ranks once per step, in the last backward.
                 last = index == self.grad_accum_steps - 1
                 with nullcontext() if last else dist.no_sync(self.ddp_model):
@@ -481,7 +505,8 @@ class Trainer:
     def validate(self, loader: DataLoader) -> Evaluation | None:
         """Evaluate on ``loader`` (each rank its share, the counts summed over ranks); None when
         a stop signal cut the validation short."""
-        predictor = Predictor(self.model, self.device, self.precision, self.channels_last)
+        predictor = Predictor(self.model, self.device, self.mean, self.std, self.precision,
+                              self.channels_last)  # fmt: skip
         try:
             return evaluate(
                 predictor,

@@ -19,7 +19,10 @@ def test_tiny_run_on_cuda_resumes_and_loads_on_the_cpu(tmp_path, precision):
     run_dir = tmp_path / "run"
     settings = ("trainer.device=cuda", f"trainer.precision={precision}", "data.num_workers=1")
     run_training(run_dir, *settings, "trainer.max_iters=2", "scheduler.max_iters=4")
-    run_training(tmp_path / "x", "resume=auto", "trainer.max_iters=4")
+    # The same command, resumed: run_training's own trainer.precision=fp32 must not win over
+    # the run's precision (it did here, so the fp16 run resumed without its grad scaler).
+    run_training(tmp_path / "x", *settings, "scheduler.max_iters=4", "resume=auto",
+                 "trainer.max_iters=4")  # fmt: skip
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["iteration"] == 4
     assert all(value.device.type == "cpu" for value in state["model"].values())

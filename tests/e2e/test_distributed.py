@@ -89,9 +89,10 @@ def test_two_processes_with_sync_bn_match_one_process_with_twice_the_batch(tmp_p
         weights(tmp_path / "one/checkpoints/last.pt"),
     )
     # The same global batches in the same order: only the order of float sums differs. Measured
-    # after 3 SGD steps: loss 1e-5, weights 4e-5, BatchNorm running statistics 9e-4 apart
-    # (relative); without SyncBN (each rank normalising its 2 images) 3e-3, 5e-4 and 0.1.
-    assert train_loss(tmp_path / "two") == pytest.approx(train_loss(tmp_path / "one"), rel=1e-4)
+    # after 3 SGD steps: loss 1e-5 to 1.2e-4, weights 4e-5, BatchNorm running statistics 9e-4
+    # apart (relative); without SyncBN (each rank normalising its 2 images) 3e-3 to 1e-2 in the
+    # loss, 5e-4 in the weights, 0.1 in the statistics.
+    assert train_loss(tmp_path / "two") == pytest.approx(train_loss(tmp_path / "one"), rel=1e-3)
     assert relative_difference(two, one, running_stats=False) < 1e-4
     assert relative_difference(two, one, running_stats=True) < 1e-2
 

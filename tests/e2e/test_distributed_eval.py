@@ -99,9 +99,9 @@ from seg.engine.evaluation import evaluate
 from seg.inference import Predictor
 
 dist.init(torch.device("cpu"))
-images, masks = torch.zeros(7, 3, 4, 4), torch.zeros(7, 4, 4, dtype=torch.int64)
+images, masks = torch.zeros(7, 3, 4, 4, dtype=torch.uint8), torch.zeros(7, 4, 4, dtype=torch.uint8)
 loader = val_loader(TensorDataset(images, masks), batch_size=3, num_workers=0)
-predictor = Predictor(nn.Conv2d(3, 2, 1), torch.device("cpu"))
+predictor = Predictor(nn.Conv2d(3, 2, 1), torch.device("cpu"), (0.5,) * 3, (0.25,) * 3)
 checks = 0
 
 

@@ -21,12 +21,11 @@ def final_loss(tmp_path, precision: str) -> float:
     model = smp_model("Unet", 6, encoder_name="resnet18", encoder_depth=3,
                       options={"decoder_channels": [32, 16, 8]})  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    recorder = Recorder(
-        tmp_path / precision, [str(i) for i in range(6)], [[0, 0, 0]] * 6, [0.5] * 3, [0.5] * 3
-    )
+    recorder = Recorder(tmp_path / precision, [str(i) for i in range(6)], [[0, 0, 0]] * 6)
     trainer = Trainer(
         model, CrossEntropy(), optimizer, poly(optimizer, max_iters=STEPS, warmup_iters=10),
-        recorder, 255, device="cpu", precision=precision, max_iters=STEPS,
+        recorder, 255, [0.5] * 3, [0.25] * 3, device="cpu", precision=precision,
+        max_iters=STEPS,
     )  # fmt: skip
     transform = train_transform((32, 32), 255, scale_range=(1.0, 1.0))
     scenes = SyntheticScenes(

@@ -182,3 +182,25 @@ def test_a_failed_start_prints_one_line_and_leaves_no_directory(tmp_path):
     assert "nowhere" in output
     assert "Traceback" not in output and "Error executing job" not in output
     assert not [p for p in (tmp_path / "outputs").rglob("*")]
+
+
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no fast bf16"
+)
+def test_a_resumed_run_keeps_its_precision_unless_the_command_changes_it(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    common = ["debug=tiny", f"output_root={tmp_path}", "scheduler.max_iters=4"]
+    overrides = [*common, "trainer.precision=bf16", "trainer.max_iters=2"]
+    with hydra_context():
+        train.run(compose("train", overrides=overrides), run_dir, overrides)
+        resume = [*common, f"resume={run_dir}/checkpoints/last.pt", "trainer.max_iters=3"]
+        train.run(compose("train", overrides=resume), tmp_path / "x", resume)
+    assert "precision: bf16" in (run_dir / "config.yaml").read_text()
+    assert "settings other than the checkpoint's" not in caplog.text
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["scaler"] == {}  # bf16
+    # an explicit change wins, and is named
+    train_in(
+        tmp_path / "y", tmp_path, f"resume={run_dir}/checkpoints/last.pt", "trainer.max_iters=4"
+    )
+    assert "trainer.precision bf16 -> fp32" in caplog.text
+    assert "precision: fp32" in (run_dir / "config.yaml").read_text()

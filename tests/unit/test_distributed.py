@@ -1,9 +1,12 @@
-"""The rank-sharded data order: ranks together replay the single-process stream."""
+"""The data order shared by ranks (they together replay the single-process stream), the
+resume position across world sizes, and batches fetched one ahead onto the device."""
 
 import itertools
 
 import pytest
+import torch
 
+from seg.data.loader import DeviceBatches
 from seg.data.sampler import InfiniteSampler
 from seg.train import data_position
 
@@ -47,3 +50,22 @@ def test_a_resume_with_another_world_size_continues_at_the_same_global_sample(ca
     # checkpoints from before samples_seen: one process, the same batch throughout
     assert data_position({"iteration": 5}, samples_per_iteration=4) == 20
     assert not caplog.text
+
+
+def test_device_batches_run_one_ahead_and_raise_an_error_in_its_turn():
+    fetched = []
+
+    def source():
+        for index in range(3):
+            fetched.append(index)
+            if index == 2:
+                raise ValueError("bad file in batch 2")
+            yield torch.full((1,), index), torch.zeros(1)
+
+    batches = DeviceBatches(source(), torch.device("cpu"))
+    assert next(batches)[0].item() == 0
+    assert fetched == [0, 1]  # batch 1 is on its way while batch 0 is in use
+    assert next(batches)[0].item() == 1
+    assert fetched == [0, 1, 2]  # batch 2 failed ahead of time...
+    with pytest.raises(ValueError, match="bad file in batch 2"):
+        next(batches)  # ...and fails the step it belongs to

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from seg.engine.evaluation import evaluate
 from seg.inference import (
+    Normalize,
     Predictor,
     ProgressLog,
     explain_out_of_memory,
@@ -19,9 +20,32 @@ from seg.inference import (
 from seg.metrics import ConfusionMatrix, bootstrap_miou, iou_from_counts, per_image_counts
 from seg.models import Segmenter, smp_model
 
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 def predictor(model, **kwargs):
-    return Predictor(model.eval(), torch.device("cpu"), **kwargs)
+    return Predictor(model.eval(), torch.device("cpu"), MEAN, STD, **kwargs)
+
+
+def pixels(*shape: int) -> torch.Tensor:
+    """uint8 RGB images, as the datasets give them."""
+    return torch.randint(
+        0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def test_normalize_converts_uint8_on_the_device_in_the_layout_asked_for():
+    images = pixels(2, 3, 5, 7)
+    normalize = Normalize(MEAN, STD, torch.device("cpu"), torch.channels_last)
+    inputs = normalize(images)
+    expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        STD
+    ).view(1, 3, 1, 1)
+    assert inputs.dtype == torch.float32
+    assert torch.allclose(inputs, expected, atol=1e-5)
+    assert inputs.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(images.float())  # already converted: normalizing twice would be wrong
 
 
 def test_windows_cover_the_image_flush_with_the_border():
@@ -37,7 +61,7 @@ def test_windows_cover_the_image_flush_with_the_border():
 
 def test_slide_over_an_image_equal_to_the_crop_equals_whole():
     model = smp_model("Unet", 4, encoder_name="resnet18")
-    images = torch.randn(2, 3, 64, 96)
+    images = pixels(2, 3, 64, 96)
     whole = predictor(model)(images)
     slide = predictor(model, mode="slide", crop=(64, 96), window_batch=3)(images)
     assert torch.allclose(whole, slide, atol=1e-5)
@@ -46,7 +70,7 @@ def test_slide_over_an_image_equal_to_the_crop_equals_whole():
 def test_slide_averages_overlapping_windows():
     # A pointwise model gives the same logits whatever window a pixel is seen in.
     model = Segmenter(nn.Conv2d(3, 5, 1), stride=1)
-    images = torch.randn(2, 3, 50, 70)
+    images = pixels(2, 3, 50, 70)
     slide = predictor(model, mode="slide", crop=(32, 32), stride=(20, 20), window_batch=2)(images)
     assert torch.allclose(slide, predictor(model)(images), atol=1e-6)
 
@@ -55,7 +79,7 @@ def test_flip_tta_on_a_flip_symmetric_model_equals_no_tta():
     model = Segmenter(nn.Conv2d(3, 5, 3, padding=1), stride=1)
     with torch.no_grad():  # symmetric kernels: the model commutes with a horizontal flip
         model.net.weight.copy_((model.net.weight + model.net.weight.flip(-1)) / 2)
-    images = torch.randn(2, 3, 24, 40)
+    images = pixels(2, 3, 24, 40)
     plain = predictor(model)(images).softmax(1)
     flipped = predictor(model, flip=True)(images)
     assert torch.allclose(plain, flipped, atol=1e-6)
@@ -69,7 +93,7 @@ def test_flip_tta_on_a_flip_symmetric_model_equals_no_tta():
 
 def test_multi_scale_tta_returns_probabilities_at_input_size():
     model = smp_model("Unet", 4, encoder_name="resnet18")
-    scores = predictor(model, scales=[0.5, 1.0, 1.5], flip=True)(torch.randn(1, 3, 50, 70))
+    scores = predictor(model, scales=[0.5, 1.0, 1.5], flip=True)(pixels(1, 3, 50, 70))
     assert scores.shape == (1, 4, 50, 70)
     assert torch.allclose(scores.sum(1), torch.ones(1, 50, 70), atol=1e-5)
 
@@ -102,14 +126,14 @@ def test_slide_settings_are_checked(crop, stride, window_batch, message):
 def test_slide_with_stride_equal_to_crop_tiles_the_image():
     # The largest stride allowed: windows touch without overlap and still cover every pixel.
     model = Segmenter(nn.Conv2d(3, 5, 1), stride=1)
-    images = torch.randn(1, 3, 50, 70)
+    images = pixels(1, 3, 50, 70)
     slide = predictor(model, mode="slide", crop=(16, 16), stride=(16, 16))(images)
     assert torch.allclose(slide, predictor(model)(images), atol=1e-6)
 
 
 def test_out_of_memory_names_the_images_their_size_and_what_to_change():
     model = Segmenter(nn.Conv2d(3, 2, 1), stride=1)
-    images = torch.zeros(2, 3, 600, 800)
+    images = torch.zeros(2, 3, 600, 800, dtype=torch.uint8)
     names = ["a.jpg", "b.jpg"]
     advice = memory_advice(predictor(model), "batch_size")
     for error in (
@@ -217,18 +241,21 @@ class ChannelZero(nn.Module):
 def test_evaluate_keeps_the_first_examples_and_the_lowest_miou_images_in_order():
     # every pixel is class 1; image i predicts it on hits[i] of 16 pixels: mIoU hits / 32
     hits = [8, 4, 12, 4, 2, 8]
-    images = torch.zeros(len(hits), 3, 4, 4)
+    images = torch.zeros(len(hits), 3, 4, 4, dtype=torch.uint8)
     for i, count in enumerate(hits):
-        images[i, 0].view(-1)[:count] = 1
-    masks = torch.ones(len(hits), 4, 4, dtype=torch.int64)
+        images[i, 0].view(-1)[:count] = 255
+    masks = torch.ones(len(hits), 4, 4, dtype=torch.uint8)
     loader = DataLoader(TensorDataset(images, masks), batch_size=4)
-    result = evaluate(predictor(ChannelZero()), loader, 2, 255, num_examples=2, num_worst=2)
+    # mean 0, std 1: the model sees pixels / 255, 1 where a hit was drawn
+    unscaled = Predictor(ChannelZero(), torch.device("cpu"), (0, 0, 0), (1, 1, 1))
+    result = evaluate(unscaled, loader, 2, 255, num_examples=2, num_worst=2)
     assert result.image_names == [str(i) for i in range(len(hits))]
     assert result.image_counts[:, 0, 1].tolist() == hits  # true positives of class 1, in order
     # images 1 and 3 tie at 4/32: the earlier one is kept
     assert [(miou, name) for miou, name, _ in result.worst] == [(2 / 32, "4"), (4 / 32, "1")]
     for (_, _, (image, _, prediction)), index in zip(result.worst, (4, 1), strict=True):
-        assert torch.equal(image, images[index]) and torch.equal(prediction, image[0].long())
+        assert torch.equal(image, images[index])
+        assert torch.equal(prediction, (image[0] == 255).long())
     assert len(result.examples) == 2
     for (image, mask, _), index in zip(result.examples, (0, 1), strict=True):
         assert torch.equal(image, images[index]) and torch.equal(mask, masks[index])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from seg.metrics import ConfusionMatrix, format_table, named
+from seg.metrics import ConfusionMatrix, format_table, named, per_image_counts
 
 IGNORE = 255
 
@@ -68,3 +68,19 @@ def test_named_and_table():
     assert result["IoU"] == {"road": 0.5, "sky": None}
     table = format_table(metrics, ["road", "sky"])
     assert "road" in table and "50.00" in table and "nan" in table
+
+
+def test_uint8_targets_count_as_their_int64_selves():
+    # 19 classes: target * 19 + prediction passes 255, which uint8 arithmetic would wrap
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 19, (2, 8, 8), generator=generator)
+    targets[0, 0] = 255
+    predictions = torch.randint(0, 19, (2, 8, 8), generator=generator)
+    wide, narrow = ConfusionMatrix(19, 255), ConfusionMatrix(19, 255)
+    wide.update(predictions, targets)
+    narrow.update(predictions, targets.to(torch.uint8))
+    assert torch.equal(wide.matrix, narrow.matrix)
+    assert torch.equal(
+        per_image_counts(predictions, targets, 19, 255),
+        per_image_counts(predictions, targets.to(torch.uint8), 19, 255),
+    )

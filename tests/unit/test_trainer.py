@@ -19,17 +19,18 @@ from seg.engine import checkpoint as checkpoint_module
 from seg.engine import recorder as recorder_module
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.recorder import Recorder
-from seg.engine.trainer import EXIT_NONFINITE, StopTraining, Trainer
+from seg.engine.trainer import EXIT_NONFINITE, StopTraining, Trainer, resolve_compile
 from seg.models import Segmenter, torchvision_model
 from seg.schedulers import poly
 
 
 def batches(batch_size=2, num_classes=3, size=16):
+    """uint8 images and masks, as the datasets give them."""
     generator = torch.Generator().manual_seed(0)
     while True:
         yield (
-            torch.randn(batch_size, 3, size, size, generator=generator),
-            torch.randint(0, num_classes, (batch_size, size, size), generator=generator),
+            torch.randint(0, 256, (batch_size, 3, size, size), generator=generator).byte(),
+            torch.randint(0, num_classes, (batch_size, size, size), generator=generator).byte(),
         )
 
 
@@ -61,10 +62,10 @@ def make_trainer(tmp_path, loss_fn, model=None, **kwargs):
     model = model or Segmenter(nn.Conv2d(3, 3, 3, padding=1), stride=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     settings = dict(device="cpu", precision="fp32", max_iters=6, val_every=100, ckpt_every=100)
-    recorder = Recorder(tmp_path, ["a", "b", "c"], [[0, 0, 0]] * 3, [0.5] * 3, [0.5] * 3)
+    recorder = Recorder(tmp_path, ["a", "b", "c"], [[0, 0, 0]] * 3)
     return Trainer(
-        model, loss_fn, optimizer, poly(optimizer, max_iters=6), recorder, 255,
-        **(settings | kwargs),
+        model, loss_fn, optimizer, poly(optimizer, max_iters=6), recorder, 255, [0.5] * 3,
+        [0.25] * 3, **(settings | kwargs),
     )  # fmt: skip
 
 
@@ -124,7 +125,21 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatc
     step = trainer.train_step(batches())
     assert step.applied
     assert "torch.compile failed (RuntimeError: backend exploded)" in caplog.text
-    assert trainer.forward_model is trainer.model
+    assert trainer.forward_model is trainer.ddp_model  # eager, and still under DDP if any
+
+
+def test_compile_auto_is_on_for_cuda_only_and_its_time_is_logged(tmp_path, monkeypatch, caplog):
+    assert resolve_compile("auto", torch.device("cuda")) is True
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    with pytest.raises(ValueError, match=r"trainer.compile='yes'; options: auto, true, false"):
+        resolve_compile("yes", torch.device("cpu"))
+    assert not make_trainer(tmp_path, nn.CrossEntropyLoss()).compiling  # auto on the CPU
+    monkeypatch.setattr(torch, "compile", lambda model: lambda *a, **k: model(*a, **k))
+    caplog.set_level(logging.INFO)
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), compile=True)
+    trainer.train_step(batches())
+    trainer.train_step(batches())
+    assert caplog.text.count("trainer.compile: compiled the training step in") == 1
 
 
 def test_fit_logs_where_the_time_went(tmp_path, caplog):
@@ -160,8 +175,10 @@ def test_a_validation_skipped_by_a_signal_is_owed_and_runs_on_resume(tmp_path, w
     if where == "validation":
         val.at = 1  # inside the last validation, before its second batch
     else:
-        train = SignallingLoader(train)
-        train.at = 1  # inside the last step, just before validation is due
+        # Inside the last step, just before validation is due: batches are fetched one
+        # ahead, so the fetch of batch 2 happens during step 2.
+        train = SignallingLoader(itertools.islice(batches(), 3))
+        train.at = 2
     with pytest.raises(StopTraining) as stop:
         trainer.fit(train, val)
     assert stop.value.exit_code == 128 + signal.SIGINT
