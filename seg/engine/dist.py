@@ -203,8 +203,10 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
             return super().forward(input)
         # Sums over the local batch, then over all ranks: mean and biased variance of the
         # global batch, with the gradient flowing back to every rank's input.
-        count = torch.tensor([input.numel() / input.shape[1]], dtype=input.dtype)
-        local = torch.cat([input.sum((0, 2, 3)), input.square().sum((0, 2, 3)), count])
+        # In float32 whatever the autocast dtype: bf16 sums of squares lose the variance.
+        values = input.float()
+        count = torch.tensor([values.numel() / values.shape[1]], dtype=torch.float32)
+        local = torch.cat([values.sum((0, 2, 3)), values.square().sum((0, 2, 3)), count])
         total = SumOverRanks.apply(local)
         channels = input.shape[1]
         n = total[-1]
@@ -222,10 +224,10 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
                 # The running variance is unbiased, as BatchNorm2d's.
                 self.running_var.lerp_(variance.detach() * n / (n - 1).clamp_min(1), momentum)
         shape = (1, channels, 1, 1)
-        output = (input - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
+        output = (values - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
         if self.affine:
             output = output * self.weight.view(shape) + self.bias.view(shape)
-        return output
+        return output.to(input.dtype)
 
 
 class SumOverRanks(torch.autograd.Function):
