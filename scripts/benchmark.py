@@ -4,13 +4,15 @@
     python scripts/benchmark.py --models unet --size 512 1024 --batch 2 --json bench.json
     python scripts/benchmark.py --default-run         # also time `python train.py` end to end
     python scripts/benchmark.py --models unet --scaling 2   # also 1 process vs 2 under torchrun
+    python scripts/benchmark.py --only data           # the data pipeline alone (about a minute)
 
 For each model: (a) seg's training step as the Trainer runs it (precision and channels_last as
 `auto` picks them), (b) a plain fp32 loop (model, loss, backward, SGD step: what torchvision's
 reference script or Lightning's defaults do), (c) the same plain loop with seg's settings, so
 that (a)/(c) is the Trainer's own overhead; FLOPs per image, achieved GFLOP/s, peak memory; the
 machine's fp32/bf16 GEMM ceilings; the data pipeline (Cityscapes-sized PNGs, random
-scale/crop/flip/normalize) against torchvision.transforms.v2; evaluation throughput. Medians of
+scale/crop/flip, see ``bench_data``) per core against seg's before issue 11 and
+torchvision.transforms.v2; evaluation throughput. Medians of
 --reps timed repetitions after --warmup untimed ones. --scaling N: seg's training step in one
 process against N processes under torchrun (DDP), see ``bench_scaling``.
 """
@@ -20,6 +22,7 @@ import copy
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import statistics
@@ -32,23 +35,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from seg.data.base import read_image, read_mask  # noqa: E402
 from seg.data.cityscapes import Cityscapes  # noqa: E402
 from seg.data.loader import train_loader  # noqa: E402
 from seg.data.synthetic import SyntheticScenes  # noqa: E402
 from seg.data.transforms import train_transform  # noqa: E402
 from seg.engine.evaluation import evaluate  # noqa: E402
 from seg.engine.recorder import Recorder  # noqa: E402
-from seg.inference import Predictor  # noqa: E402
+from seg.inference import Normalize, Predictor  # noqa: E402
 from seg.schedulers import poly  # noqa: E402
 
 NUM_CLASSES = 19  # Cityscapes-sized heads
@@ -153,29 +159,35 @@ def make_trainer(cfg, model: torch.nn.Module, sync_bn: bool | str = "auto"):
     """seg's Trainer as train.py builds it from ``cfg``, writing nothing."""
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
     recorder = Recorder(
-        tempfile.mkdtemp(),
-        [str(i) for i in range(NUM_CLASSES)],
-        [[0, 0, 0]] * NUM_CLASSES,
-        mean=[0.5] * 3,
-        std=[0.5] * 3,
+        tempfile.mkdtemp(), [str(i) for i in range(NUM_CLASSES)], [[0, 0, 0]] * NUM_CLASSES,
         write=False,
-    )
+    )  # fmt: skip
     return instantiate(
         cfg.trainer, model=model, loss_fn=instantiate(cfg.loss), optimizer=optimizer,
         scheduler=poly(optimizer, max_iters=10_000), recorder=recorder, ignore_index=255,
-        sync_bn=sync_bn,
+        mean=list(cfg.data.mean), std=list(cfg.data.std), sync_bn=sync_bn,
     )  # fmt: skip
+
+
+def random_batch(batch: int, height: int, width: int, seed: int):
+    """(images, masks) as seg's datasets give them: uint8 RGB (N, 3, H, W), uint8 (N, H, W)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, height, width), generator=generator,
+                           dtype=torch.uint8)  # fmt: skip
+    masks = torch.randint(0, NUM_CLASSES, (batch, height, width), generator=generator,
+                          dtype=torch.uint8)  # fmt: skip
+    return images, masks
 
 
 def bench_model(name: str, args, device, sync) -> dict:
     cfg = train_config(name, device)
     torch.manual_seed(0)
     template = instantiate(cfg.model)
-    height, width = args.size
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, height, width, generator=generator)
-    masks = torch.randint(0, NUM_CLASSES, (args.batch, height, width), generator=generator)
-    flops_per_image = 3 * forward_flops(template, images)
+    images, masks = random_batch(args.batch, *args.size, seed=0)
+    # The plain loops get float32 inputs, normalized beforehand as torchvision's reference
+    # pipeline does on the CPU; seg's step normalizes the uint8 batch on its device.
+    inputs = Normalize(cfg.data.mean, cfg.data.std, torch.device("cpu"))(images)
+    flops_per_image = 3 * forward_flops(template, inputs)
     result = {"flops_per_image": flops_per_image}
 
     # (a) seg's Trainer step, with the settings precision=auto / channels_last=auto choose
@@ -198,8 +210,8 @@ def bench_model(name: str, args, device, sync) -> dict:
     for key, (autocast_dtype, memory_format) in variants.items():
         model = copy.deepcopy(template).to(device, memory_format=memory_format)
         optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-        x = images.to(device, memory_format=memory_format)
-        y = masks.to(device)
+        x = inputs.to(device, memory_format=memory_format)
+        y = masks.to(device).long()
         steps[key] = lambda m=model, o=optimizer, d=autocast_dtype, x=x, y=y: plain_step(
             m, o, x, y, d
         )
@@ -213,11 +225,12 @@ def bench_model(name: str, args, device, sync) -> dict:
 
     if args.compile:
         result["compile"] = bench_compile(
-            copy.deepcopy(template), images, masks, trainer, args, sync
+            copy.deepcopy(template), inputs, masks.long(), trainer, args, sync
         )
 
     # evaluation: whole-image inference + metric accumulation, as validation runs it
-    predictor = Predictor(trainer.model, trainer.device, trainer.precision, trainer.channels_last)
+    predictor = Predictor(trainer.model, trainer.device, trainer.mean, trainer.std,
+                          trainer.precision, trainer.channels_last)  # fmt: skip
     eval_batches = [(images, masks)] * args.eval_batches
     evaluate(predictor, _Batches(eval_batches[:1]), NUM_CLASSES, 255)  # warm-up
     start = time.perf_counter()
@@ -263,7 +276,8 @@ def bench_scaling(name: str, args, device: torch.device, threads: int) -> dict:
     throughput is the 1-process one and efficiency = img/s(N) / img/s(1). On GPUs each process
     drives a GPU of its own: the ideal is N x img/s(1). ``--scaling 1`` shows DDP's own cost
     (on a GPU: NCCL initialised, world size 1). Shares: the part of the N-process step that
-    goes away without DDP's gradient all-reduce, and without SyncBatchNorm.
+    goes away without DDP's gradient all-reduce, and without SyncBatchNorm; and the N-process
+    img/s with ``trainer.sync_bn=false``, the option that trades it for per-process statistics.
     """
     processes = args.scaling
     runs = {"single": (None, threads), "ddp": (processes, threads // processes)}
@@ -293,6 +307,10 @@ def bench_scaling(name: str, args, device: torch.device, threads: int) -> dict:
                          ("no_sync_bn", "sync_bn_share")):  # fmt: skip
         measured = variant in ddp["seconds"]
         result[key] = 1 - step_s("ddp", variant) / step_s("ddp") if measured else None
+    result["ddp_no_sync_bn_img_s"] = (
+        processes * args.batch / step_s("ddp", "no_sync_bn") if "no_sync_bn" in ddp["seconds"]
+        else None
+    )  # fmt: skip
     return result
 
 
@@ -332,6 +350,14 @@ def print_scaling(name: str, result: dict) -> None:
         (f"{n} x {result['ddp_threads_per_process']} ({result['backend']}, DDP)",
          f"{result['ddp_img_s']:.2f}", f"{result['ddp_step_s']:.3f}"),
     ]  # fmt: skip
+    if result["ddp_no_sync_bn_img_s"] is not None:
+        rows.append(("  same, sync_bn=false", f"{result['ddp_no_sync_bn_img_s']:.2f}",
+                     f"{n * result['batch_per_process'] / result['ddp_no_sync_bn_img_s']:.3f}"))  # fmt: skip
+    no_sync_bn = (
+        f", sync_bn=false {100 * result['ddp_no_sync_bn_img_s'] / result['ideal_img_s']:.0f}%"
+        if result["ddp_no_sync_bn_img_s"] is not None
+        else ""
+    )
     shares = [
         f", {label} {100 * result[key]:.0f}% of the {n}-process step"
         for key, label in (("grad_allreduce_share", "gradient all-reduce"),
@@ -342,14 +368,21 @@ def print_scaling(name: str, result: dict) -> None:
         f"scaling {name} ({result['precision']}{layout}, batch {result['batch_per_process']} "
         "per process):\n"
         + "".join(f"  {a:<24}{b:>8}{c:>9}\n" for a, b, c in rows)
-        + f"  efficiency {100 * result['efficiency']:.0f}% (ideal {result['ideal_img_s']:.2f} "
-        "img/s)" + "".join(shares),
+        + f"  efficiency {100 * result['efficiency']:.0f}%{no_sync_bn} (ideal "
+        f"{result['ideal_img_s']:.2f} img/s)" + "".join(shares),
         flush=True,
     )
+    # Launches of one run that disagree mean another program took cores during one of them.
+    for run, seconds in result["step_s_per_launch"].items():
+        if max(seconds) > 1.15 * min(seconds):
+            print(f"  warning: the {run} launches took {', '.join(f'{s:.3f}' for s in seconds)} "
+                  "s per step: the machine was busy during one of them; rerun", flush=True)  # fmt: skip
 
 
 class TorchvisionPipeline(Dataset):
-    """The same augmentation with torchvision.io + transforms.v2 on tensors (masks as Mask)."""
+    """The same augmentation with torchvision.io + transforms.v2 on tensors (masks as Mask), to
+    seg's contract: uint8 images and masks, normalized on the device (issue 11). It maps no
+    label ids and checks no labels: less work than seg's pipeline does."""
 
     def __init__(self, samples, crop, scale_range):
         from torchvision import tv_tensors
@@ -361,8 +394,6 @@ class TorchvisionPipeline(Dataset):
             v2.RandomResize(int(1024 * scale_range[0]), int(1024 * scale_range[1])),
             v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
             v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
         ])  # fmt: skip
 
     def __len__(self):
@@ -375,7 +406,37 @@ class TorchvisionPipeline(Dataset):
         image = self.tv_tensors.Image(decode_png(read_file(str(image_path))))
         mask = self.tv_tensors.Mask(decode_png(read_file(str(label_path)))[0])
         image, mask = self.transform(image, mask)
-        return image, mask.long()
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+def previous_train_transform(crop, ignore_index: int, scale_range) -> A.Compose:
+    """seg's training transform before issue 11, kept here to measure against: scale the whole
+    image, pad, crop, flip, then normalize to float32 on the CPU."""
+    low, high = scale_range
+    return A.Compose([
+        A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR,
+                      mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+        A.PadIfNeeded(min_height=crop[0], min_width=crop[1], position="top_left",
+                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index),
+        A.RandomCrop(height=crop[0], width=crop[1]),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.0),
+        A.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ToTensorV2(),
+    ])  # fmt: skip
+
+
+class PreviousCityscapes(Cityscapes):
+    """Cityscapes as seg prepared it before issue 11: labels mapped by indexing, the previous
+    transform, float32 (3, H, W) images and int64 masks."""
+
+    def prepare(self, index, seed):
+        image, mask = self.load(index)
+        mask = self.label_map[mask]
+        self.check_labels(mask, index)
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(hash(seed)))
+        out = self.transform(image=image, mask=mask)
+        return out["image"], torch.as_tensor(np.asarray(out["mask"]), dtype=torch.int64)
 
 
 def write_cityscapes_tree(root: Path, count: int) -> None:
@@ -397,40 +458,119 @@ def write_cityscapes_tree(root: Path, count: int) -> None:
             Image.fromarray(array).save(path)
 
 
+def data_loader(dataset, workers: int, batch_size: int = 2) -> DataLoader:
+    if isinstance(dataset, Cityscapes):  # seg's: the endless, seeded training order
+        return train_loader(dataset, batch_size, workers, seed=0)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True,
+                      sampler=torch.utils.data.RandomSampler(dataset, num_samples=10**9),
+                      persistent_workers=workers > 0)  # fmt: skip
+
+
 def loader_img_s(dataset, workers: int, batches: int, batch_size: int) -> float:
-    if isinstance(dataset, Cityscapes):
-        data_loader = train_loader(dataset, batch_size, workers, seed=0)
-    else:
-        data_loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                 persistent_workers=workers > 0, drop_last=True)  # fmt: skip
-    iterator = iter(data_loader)
+    iterator = iter(data_loader(dataset, workers, batch_size))
     next(iterator)  # start-up (workers, first decode) is not throughput
     start = time.perf_counter()
     for _ in range(batches):
-        try:
-            next(iterator)
-        except StopIteration:
-            iterator = iter(data_loader)
-            next(iterator)
+        next(iterator)
     return batches * batch_size / (time.perf_counter() - start)
 
 
+def pipeline_img_s_per_core(pipelines: dict, rounds: int, batches: int) -> dict:
+    """Samples per second of each pipeline in this process (DataLoader, 0 workers, batches of
+    2, collation included) on one thread of torch and OpenCV: a core's worth, which is what a
+    DataLoader worker gets. Each round times ``batches`` batches of every pipeline in turn, so
+    that a slow spell of a shared machine hits all of them alike; the figure is the median
+    over rounds, after one untimed batch each."""
+    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        iterators = {name: iter(data_loader(dataset, 0)) for name, dataset in pipelines.items()}
+        for iterator in iterators.values():
+            next(iterator)
+        seconds = {name: [] for name in pipelines}
+        for _ in range(rounds):
+            for name, iterator in iterators.items():
+                start = time.perf_counter()
+                for _ in range(batches):
+                    next(iterator)
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
+    return {name: 2 * batches / statistics.median(seconds[name]) for name in pipelines}
+
+
+def decode_ms(samples, reps: int = 5) -> dict:
+    """Milliseconds to decode one image and one label file of ``samples`` (median, one thread):
+    the part of a sample's time that no transform can save."""
+    cv2_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    times = {"image": [], "mask": []}
+    for _ in range(reps):
+        for image_path, mask_path in samples:
+            for kind, read, path in (("image", read_image, image_path),
+                                     ("mask", read_mask, mask_path)):  # fmt: skip
+                start = time.perf_counter()
+                read(path)
+                times[kind].append(1000 * (time.perf_counter() - start))
+    cv2.setNumThreads(cv2_threads)
+    return {kind: statistics.median(values) for kind, values in times.items()}
+
+
 def bench_data(args) -> dict:
+    """Cityscapes-sized training samples (2048x1024 PNG + labelIds, scale 0.5-2, crop 512x1024,
+    flip): seg's pipeline, seg's pipeline before issue 11 and torchvision.transforms.v2, per
+    core and with 2 DataLoader workers."""
     crop, scale_range = (512, 1024), (0.5, 2.0)
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         write_cityscapes_tree(root, args.data_images)
         seg_set = Cityscapes(str(root), "train", transform=train_transform(crop, 255, scale_range))
+        before = PreviousCityscapes(str(root), "train",
+                                    transform=previous_train_transform(crop, 255, scale_range))  # fmt: skip
         tv_set = TorchvisionPipeline(seg_set.samples, crop, scale_range)
-        result = {}
-        for workers in (0, 2):
-            result[f"seg_img_s_{workers}_workers"] = loader_img_s(
-                seg_set, workers, args.data_batches, 2
-            )
-            result[f"torchvision_v2_img_s_{workers}_workers"] = loader_img_s(
-                tv_set, workers, args.data_batches, 2
-            )
+        result = {  # DataLoader with 2 worker processes, default threads
+            f"{name}_img_s_2_workers": loader_img_s(dataset, 2, args.data_batches, 2)
+            for name, dataset in (("seg", seg_set), ("torchvision_v2", tv_set))
+        }
+        per_core = pipeline_img_s_per_core(
+            {"seg": seg_set, "seg_before_issue_11": before, "torchvision_v2": tv_set},
+            args.data_rounds, batches=3,
+        )  # fmt: skip
+        # The same two seg pipelines on samples decoded beforehand: the work this issue changed
+        # (label mapping, augmentation, conversion, collation), without the decode.
+        decoded = [seg_set.load(i) for i in range(min(4, len(seg_set)))]
+        for dataset in (seg_set, before):
+            dataset.samples = dataset.samples[: len(decoded)]
+            dataset.load = decoded.__getitem__  # an instance attribute: replaces the method
+        after_decode = pipeline_img_s_per_core(
+            {"seg": seg_set, "seg_before_issue_11": before}, args.data_rounds, batches=3
+        )
+        result |= {
+            "pipeline_img_s_per_core": per_core,
+            "speedup_vs_before": per_core["seg"] / per_core["seg_before_issue_11"],
+            "speedup_vs_torchvision_v2": per_core["seg"] / per_core["torchvision_v2"],
+            "decode_ms_per_core": decode_ms(tv_set.samples[:4]),
+            "after_decode_ms_per_core": {name: 1000 / v for name, v in after_decode.items()},
+        }
     return result
+
+
+def print_data(result: dict) -> None:
+    per_core, decode = result["pipeline_img_s_per_core"], result["decode_ms_per_core"]
+    after_decode = result["after_decode_ms_per_core"]
+    print(
+        "data pipeline, img/s per core: "
+        + ", ".join(f"{name} {value:.1f}" for name, value in per_core.items())
+        + f" (x{result['speedup_vs_before']:.2f} vs before issue 11, "
+        f"x{result['speedup_vs_torchvision_v2']:.2f} vs torchvision v2); per sample: decode "
+        f"{decode['image']:.1f} ms image + {decode['mask']:.1f} ms labels, then seg "
+        f"{after_decode['seg']:.1f} ms (before issue 11: {after_decode['seg_before_issue_11']:.1f}"
+        f" ms); 2 workers: seg {result['seg_img_s_2_workers']:.1f}, torchvision v2 "
+        f"{result['torchvision_v2_img_s_2_workers']:.1f} img/s",
+        flush=True,
+    )
 
 
 def default_run() -> dict:
@@ -457,15 +597,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--eval-batches", type=int, default=5)
     parser.add_argument("--data-images", type=int, default=12)
-    parser.add_argument("--data-batches", type=int, default=10)
+    parser.add_argument("--data-batches", type=int, default=10, help="with 2 workers")
+    parser.add_argument("--data-rounds", type=int, default=10, help="per core: 6 samples each")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--only", choices=["data"], help="run this section alone")
     parser.add_argument("--default-run", action="store_true", help="time `python train.py` too")
     parser.add_argument("--scaling", type=int, metavar="N",
                         help="also time 1 process vs N under torchrun (CPU: threads split evenly)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args()
+    if args.only == "data":
+        args.models, args.skip_data, args.scaling = [], False, None
     device = torch.device(args.device)
     threads = torch.get_num_threads()
     if args.scaling is not None:  # refused before the minutes of the other sections
@@ -488,12 +632,13 @@ def main() -> None:
         },
         "settings": {"size": args.size, "batch": args.batch, "reps": args.reps, "warmup": args.warmup},
     }  # fmt: skip
-    report["ceilings"] = {
-        "fp32_gemm_gflops": gemm_ceiling(torch.float32, device, sync),
-        "bf16_gemm_gflops": gemm_ceiling(torch.bfloat16, device, sync),
-    }
-    print(f"GEMM ceilings: fp32 {report['ceilings']['fp32_gemm_gflops']:.0f}, "
-          f"bf16 {report['ceilings']['bf16_gemm_gflops']:.0f} GFLOP/s", flush=True)  # fmt: skip
+    if args.models:
+        report["ceilings"] = {
+            "fp32_gemm_gflops": gemm_ceiling(torch.float32, device, sync),
+            "bf16_gemm_gflops": gemm_ceiling(torch.bfloat16, device, sync),
+        }
+        print(f"GEMM ceilings: fp32 {report['ceilings']['fp32_gemm_gflops']:.0f}, "
+              f"bf16 {report['ceilings']['bf16_gemm_gflops']:.0f} GFLOP/s", flush=True)  # fmt: skip
     report["train"] = {}
     for name in args.models:
         result = bench_model(name, args, device, sync)
@@ -515,11 +660,7 @@ def main() -> None:
             print_scaling(name, report["scaling"][name])
     if not args.skip_data:
         report["data"] = bench_data(args)
-        print(
-            "data pipeline (img/s): "
-            + ", ".join(f"{k} {v:.1f}" for k, v in report["data"].items()),
-            flush=True,
-        )
+        print_data(report["data"])
     if args.default_run:
         report["default_run"] = default_run()
         print(
