@@ -626,7 +626,7 @@ def main() -> None:
 
     report = {
         "machine": {
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
+            "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "python": platform.python_version(),
         },
@@ -672,7 +672,7 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -12,7 +12,6 @@ Each time is the best of ``--repeats`` runs (the machine may be shared).
 
 import argparse
 import io
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchmark import cpu_name  # scripts/ is on the path when a script runs
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
@@ -101,16 +101,6 @@ def best_of(repeats: int, work: Callable[[], object]) -> tuple[float, object]:
         result = work()
         times.append(time.perf_counter() - start)
     return min(times), result
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def profile(examples, num_classes, with_examples, repeats, folder: Path) -> None:
@@ -210,7 +200,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-encoders", action="store_true", help="skip the encoder table")
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}")
+    print(f"CPU: {cpu_name()}, torch threads: {torch.get_num_threads()}")
     examples = synthetic(args.images, args.height, args.width, args.classes)
     with tempfile.TemporaryDirectory() as folder:
         print(

@@ -168,13 +168,18 @@ main()
 """
 
 
+def run_script(template: str, run_dir: Path) -> subprocess.CompletedProcess:
+    """Run a training script (``template`` with ``{run_dir}``) in its own Python process."""
+    script = textwrap.dedent(template).format(run_dir=run_dir)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    script = textwrap.dedent(KILLED_IN_SAVE).format(run_dir=run_dir)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True, timeout=300,
-    )  # fmt: skip
+    result = run_script(KILLED_IN_SAVE, run_dir)
     assert result.returncode == -signal.SIGKILL
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == 2
     assert list((run_dir / "checkpoints").glob(".*.tmp"))  # the half-written temp file
@@ -272,11 +277,7 @@ main()
 
 def test_ctrl_c_twice_inside_a_save_finishes_it_and_exits_130(tmp_path):
     run_dir = tmp_path / "run"
-    script = textwrap.dedent(CTRL_C_TWICE_IN_A_SAVE).format(run_dir=run_dir)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_script(CTRL_C_TWICE_IN_A_SAVE, run_dir)
     output = result.stdout + result.stderr
     assert result.returncode == 128 + signal.SIGINT, output[-3000:]
     assert "unexpected pos" not in output
