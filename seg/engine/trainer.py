@@ -464,7 +464,8 @@ class Trainer:
         # The one host sync per step (GradScaler makes the same under fp16), one small
         # all-reduce under DDP: whether to apply the step (a non-finite loss on any rank skips it
         # on all) and whether a stop signal reached any rank (all then stop after this step).
-        signal_number = torch.tensor(float(self.stop_signal or 0), device=self.device)
+        # A fill on the device: torch.tensor(value, device=cuda) would be a blocking copy.
+        signal_number = torch.full((), float(self.stop_signal or 0), device=self.device)
         decision = torch.stack([total.isfinite().logical_not().float(),
                                 grad_norm.isfinite().logical_not().float(), signal_number])  # fmt: skip
         nonfinite_loss, nonfinite_grads, stop = dist.any_rank(decision).tolist()
