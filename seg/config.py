@@ -177,6 +177,8 @@ VALUE_RULES = {
     "trainer.nonfinite_patience": (int, 1, True, False),
     "trainer.num_val_images": (int, 0, True, False),
     "trainer.clip_grad_norm": (float, 0, False, True),
+    "trainer.ema_decay": (float, 0, False, True),
+    "trainer.early_stop_patience": (int, 1, True, True),
     "data.batch_size": (int, 1, True, False),
     "data.val_batch_size": (int, 1, True, False),
     "data.num_workers": (int, 0, True, False),
@@ -184,12 +186,31 @@ VALUE_RULES = {
     "optimizer.lr": (float, 0, False, False),
     "optimizer.weight_decay": (float, 0, True, False),
 }
+# Keys with a fixed set of values (YAML's true/false are Python's True/False), checked with
+# the rules above: ``trainer.precision=fp64`` fails naming the options before data or model
+# are built.
+CHOICES = {
+    "trainer.precision": ("auto", "fp32", "fp16", "bf16"),
+    "trainer.channels_last": ("auto", True, False),
+    "trainer.compile": ("auto", True, False),
+    "trainer.sync_bn": ("auto", True, False),
+    "trainer.deterministic": (True, False),
+    "model.pretrained": (True, False),
+}
 _ABSENT = object()
 
 
-def check_values(cfg: DictConfig, rules: dict = VALUE_RULES) -> None:
-    """Refuse a wrong type or range before any work, naming the key, the value and what is
-    allowed (``trainer.max_iters=abc``, ``data.batch_size=0``, ``optimizer.lr=-1``)."""
+def check_values(cfg: DictConfig, rules: dict = VALUE_RULES, choices: dict = CHOICES) -> None:
+    """Refuse a wrong type, range or option before any work, naming the key, the value and
+    what is allowed (``trainer.max_iters=abc``, ``data.batch_size=0``, ``optimizer.lr=-1``,
+    ``trainer.precision=fp64``)."""
+    for key, options in choices.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        # ``1 in (True,)`` holds in Python: compare types too, so 1 is not taken for true.
+        if value is _ABSENT or any(value == o and type(value) is type(o) for o in options):
+            continue
+        shown = ", ".join(str(option).lower() for option in options)
+        raise ValueError(f"{key}={value!r} is not allowed: options are {shown}")
     for key, (kind, minimum, inclusive, nullable) in rules.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
         if value is _ABSENT or (value is None and nullable):

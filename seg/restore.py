@@ -36,10 +36,11 @@ def load(cfg: DictConfig, overrides: list[str], own: tuple[str, ...]) -> tuple[d
 
 
 def model_from(checkpoint: dict, train_cfg: DictConfig) -> nn.Module:
-    """The checkpoint's model with its weights: fp32, on the CPU, in eval mode."""
+    """The checkpoint's model with its weights: fp32, on the CPU, in eval mode. A run with
+    ``trainer.ema_decay`` validated its averaged weights: those are the ones used here too."""
     # The weights come from the checkpoint: never download pretrained ones here.
     model = build(train_cfg.model, pretrained=False)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.get("ema", checkpoint["model"]))
     return model.eval()
 
 

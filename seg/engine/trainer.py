@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from seg.data.loader import DeviceBatches
@@ -86,6 +87,18 @@ def resolve_sync_bn(sync_bn: bool | str, model: nn.Module) -> bool:
     return sync_bn and dist.world_size() > 1
 
 
+def averaged_model(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics
+    included), or None when ``decay`` is null. Its step counter stays on the CPU, so the
+    per-step update costs no device sync."""
+    if decay is None:
+        return None
+    if not 0 < decay < 1:
+        raise ValueError(f"trainer.ema_decay={decay!r}; give a number between 0 and 1 "
+                         "(e.g. 0.999), or null for no averaging")  # fmt: skip
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def rng_state() -> dict:
     """Every random generator's state as tensors and primitives (``weights_only``-loadable)."""
     numpy_state = np.random.get_state(legacy=False)
@@ -156,6 +169,9 @@ class Trainer:
     ``last.pt`` at the last completed iteration, then propagates.
     A step with a non-finite loss or gradient on any rank is skipped on all; ``nonfinite_patience``
     such steps in a row stop training with ``last.pt`` untouched.
+    With ``ema_decay``, validation and ``best.pt`` use an exponential moving average of the
+    weights. With ``early_stop_patience``, training ends after that many validations in a row
+    without a better val mIoU; the count is checkpointed, so a resumed run keeps it.
     """
 
     def __init__(
@@ -182,6 +198,8 @@ class Trainer:
         ckpt_every: int = 250,
         log_every: int = 20,
         num_val_images: int = 4,
+        ema_decay: float | None = None,
+        early_stop_patience: int | None = None,
     ):
         # Under torchrun each rank trains on its own device (cuda:LOCAL_RANK).
         self.device = dist.init(resolve_device(device))
@@ -222,6 +240,11 @@ class Trainer:
         self.ckpt_every = ckpt_every
         self.log_every = log_every
         self.num_val_images = num_val_images
+        # Averages the plain model's weights after each applied step (not DDP's or compile's
+        # wrapper: the same tensors, without their prefixes).
+        self.ema = averaged_model(self.model, ema_decay)
+        self.early_stop_patience = early_stop_patience
+        self.validations_without_improvement = 0
         self.iteration = 0
         self.samples_seen = 0  # training samples consumed by all ranks: the data order's position
         self.best_miou = -math.inf
@@ -254,7 +277,7 @@ class Trainer:
                 if self.stop_signal is not None:
                     self.stop_after_signal()
                 self.save("last")  # record it done: a later resume does not repeat it
-            while self.iteration < self.max_iters:
+            while self.iteration < self.max_iters and not self.patience_spent():
                 with self.recorder.timed("training steps"):
                     step = self.fit_step(batches)
                 self.iteration += 1
@@ -272,15 +295,29 @@ class Trainer:
                     metrics = self.validate_and_keep_best(val_loader) or metrics
                     self.recorder.restart_clock()  # img/s counts training time only
 
-                if self.iteration % self.ckpt_every == 0 or last:
+                if self.iteration % self.ckpt_every == 0 or last or self.patience_spent():
                     with self.recorder.timed("checkpoints"):
                         self.save("last")
                 if self.stop_signal is not None:
                     self.stop_after_signal()
+        if self.patience_spent():
+            log.warning(
+                "Early stop at iteration %d of %d: val mIoU has not improved on %.4f for %d "
+                "validations (trainer.early_stop_patience). To train on, resume with a larger "
+                "trainer.early_stop_patience, or null.",
+                self.iteration, self.max_iters, self.best_miou,
+                self.validations_without_improvement,
+            )  # fmt: skip
         log.info(
             "Done: best val mIoU %.4f, checkpoints in %s", self.best_miou, self.recorder.run_dir
         )
         return metrics
+
+    def patience_spent(self) -> bool:
+        """Whether early stopping ends the run: ``early_stop_patience`` validations in a row
+        without a better val mIoU (the same on every rank: the metrics are)."""
+        patience = self.early_stop_patience
+        return patience is not None and self.validations_without_improvement >= patience
 
     def check_nonfinite(self, step: StepResult) -> None:
         """Count a skipped step; stop after ``nonfinite_patience`` unhealthy steps in a row."""
@@ -478,6 +515,8 @@ class Trainer:
         if finite_loss and finite_grads:
             self.scaler.step(self.optimizer)
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         self.scaler.update()  # under fp16, an overflow lowers the scale for the next step
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(total, finite_loss, finite_grads)
@@ -500,13 +539,17 @@ class Trainer:
         metrics = result.metrics
         if metrics["mIoU"] > self.best_miou:  # False for NaN; the same on every rank
             self.best_miou = metrics["mIoU"]
+            self.validations_without_improvement = 0
             self.save("best")
+        else:
+            self.validations_without_improvement += 1
         return metrics
 
     def validate(self, loader: DataLoader) -> Evaluation | None:
         """Evaluate on ``loader`` (each rank its share, the counts summed over ranks); None when
         a stop signal cut the validation short."""
-        predictor = Predictor(self.model, self.device, self.mean, self.std, self.precision,
+        model = self.model if self.ema is None else self.ema.module
+        predictor = Predictor(model, self.device, self.mean, self.std, self.precision,
                               self.channels_last)  # fmt: skip
         try:
             return evaluate(
@@ -536,8 +579,17 @@ class Trainer:
             "best_miou": self.best_miou,
             "skipped_steps": self.skipped_steps,
             "pending_validation": self.pending_validation,
+            "validations_without_improvement": self.validations_without_improvement,
             "rng": rng_state(),
-        }
+        } | self.ema_state()
+
+    def ema_state(self) -> dict:
+        """The averaged weights (what evaluate, predict and export use) and how many steps
+        they average; nothing without ``ema_decay``."""
+        if self.ema is None:
+            return {}
+        return {"ema": unwrapped_state_dict(self.ema.module),
+                "ema_updates": int(self.ema.n_averaged)}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -550,4 +602,9 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         # Checkpoints written before this key existed owe no validation.
         self.pending_validation = state.get("pending_validation", False)
+        self.validations_without_improvement = state.get("validations_without_improvement", 0)
+        if self.ema is not None:
+            # A checkpoint without an average (EMA newly switched on) starts one from its weights.
+            self.ema.module.load_state_dict(state.get("ema", state["model"]))
+            self.ema.n_averaged.fill_(state.get("ema_updates", 0))
         set_rng_state(state["rng"])

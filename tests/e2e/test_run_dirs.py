@@ -142,6 +142,10 @@ def test_incompatible_resume_names_the_weights_and_writes_nothing(tmp_path):
         "data.batch_size=0",
         "optimizer.lr=-1",
         "data.max_val_samples=0",
+        "trainer.precision=fp64",
+        "trainer.compile=yes",
+        "trainer.ema_decay=0",
+        "trainer.early_stop_patience=0",
     ],
 )
 def test_a_bad_value_fails_before_any_work_naming_its_key(tmp_path, override):
