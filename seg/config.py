@@ -134,7 +134,8 @@ def build(config: DictConfig, **kwargs):
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as error:
-        if isinstance(error.__cause__, ValueError | OSError):  # DataError is a ValueError
+        # DataError is a ValueError; ImportError: a tracker's optional package is missing
+        if isinstance(error.__cause__, ValueError | OSError | ImportError):
             raise error.__cause__ from None
         raise
 
@@ -165,7 +166,8 @@ def report_user_errors(job: Callable[[], Any]) -> Any:
 
 
 # Values checked before any work, so that a wrong one fails naming its key instead of deep in
-# training: key -> (type, minimum, whether the minimum itself is allowed, whether null is).
+# training: key -> (type, minimum, whether the minimum itself is allowed, whether null is[, an
+# exclusive maximum]).
 # Keys that a config does not have are skipped.
 VALUE_RULES = {
     "seed": (int, 0, True, False),
@@ -177,7 +179,7 @@ VALUE_RULES = {
     "trainer.nonfinite_patience": (int, 1, True, False),
     "trainer.num_val_images": (int, 0, True, False),
     "trainer.clip_grad_norm": (float, 0, False, True),
-    "trainer.ema_decay": (float, 0, False, True),
+    "trainer.ema_decay": (float, 0, False, True, 1),
     "trainer.early_stop_patience": (int, 1, True, True),
     "data.batch_size": (int, 1, True, False),
     "data.val_batch_size": (int, 1, True, False),
@@ -185,6 +187,7 @@ VALUE_RULES = {
     "data.max_val_samples": (int, 1, True, True),
     "optimizer.lr": (float, 0, False, False),
     "optimizer.weight_decay": (float, 0, True, False),
+    "optimizer.encoder_lr_mult": (float, 0, True, False),
 }
 # Keys with a fixed set of values (YAML's true/false are Python's True/False), checked with
 # the rules above: ``trainer.precision=fp64`` fails naming the options before data or model
@@ -211,16 +214,19 @@ def check_values(cfg: DictConfig, rules: dict = VALUE_RULES, choices: dict = CHO
             continue
         shown = ", ".join(str(option).lower() for option in options)
         raise ValueError(f"{key}={value!r} is not allowed: options are {shown}")
-    for key, (kind, minimum, inclusive, nullable) in rules.items():
+    for key, (kind, minimum, inclusive, nullable, *maximum) in rules.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
         if value is _ABSENT or (value is None and nullable):
             continue
         types = (int,) if kind is int else (int, float)
         # bool is an int to Python, but never a count or a rate
         valid = isinstance(value, types) and not isinstance(value, bool)
-        if valid and (value >= minimum if inclusive else value > minimum):
+        above_minimum = valid and (value >= minimum if inclusive else value > minimum)
+        if above_minimum and (not maximum or value < maximum[0]):
             continue
         expected = f"{'an integer' if kind is int else 'a number'} {'>=' if inclusive else '>'} "
+        below = f" and < {maximum[0]}" if maximum else ""
         raise ValueError(
-            f"{key}={value!r} is not allowed: give {expected}{minimum}{' or null' if nullable else ''}"
+            f"{key}={value!r} is not allowed: give {expected}{minimum}{below}"
+            f"{' or null' if nullable else ''}"
         )

@@ -145,6 +145,7 @@ def test_incompatible_resume_names_the_weights_and_writes_nothing(tmp_path):
         "trainer.precision=fp64",
         "trainer.compile=yes",
         "trainer.ema_decay=0",
+        "trainer.ema_decay=1.5",
         "trainer.early_stop_patience=0",
     ],
 )
