@@ -199,6 +199,7 @@ CHOICES = {
     "trainer.sync_bn": ("auto", True, False),
     "trainer.deterministic": (True, False),
     "model.pretrained": (True, False),
+    "optimizer.norm_bias_decay": (True, False),
 }
 _ABSENT = object()
 

@@ -3,7 +3,10 @@
 
 import difflib
 import inspect
-from contextlib import contextmanager
+import io
+import logging
+from collections import Counter
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -12,6 +15,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from seg.engine.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
 
 TORCHVISION_ARCHS = ("fcn", "deeplabv3", "lraspp")
 NO_DOWNLOAD_HELP = (
@@ -166,20 +173,44 @@ def _load_weights(module: nn.Module, path: str) -> None:
         )
 
 
+def encoder_prefix(model: Segmenter) -> str:
+    """Where the encoder sits in ``model``: ``net.encoder`` (smp) or ``net.backbone``
+    (torchvision), as a module path and a state-dict key prefix."""
+    for name in ("encoder", "backbone"):
+        if isinstance(getattr(model.net, name, None), nn.Module):
+            return f"net.{name}"
+    raise ValueError(
+        f"{type(model.net).__name__} has neither an encoder (smp) nor a backbone (torchvision)"
+    )
+
+
+def _match_weights(
+    own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Sort keys by how ``weights`` fit a model's state dict ``own``: (fitting, of another
+    shape, missing from ``weights``, absent from the model)."""
+    fitting = [
+        key for key, value in weights.items() if key in own and value.shape == own[key].shape
+    ]
+    reshaped = [key for key in weights if key in own and weights[key].shape != own[key].shape]
+    missing = [key for key in own if key not in weights]
+    unexpected = [key for key in weights if key not in own]
+    return fitting, reshaped, missing, unexpected
+
+
 def load_checkpoint_weights(
     model: nn.Module, weights: dict[str, torch.Tensor], source: str
 ) -> None:
     """Load a checkpoint's model weights, or raise a ValueError naming the weights that do not
     fit (shape, missing, unexpected) instead of torch's size-mismatch traceback."""
     own = model.state_dict()
-    reshaped = [
-        f"{key} {list(value.shape)} in the checkpoint, {list(own[key].shape)} in this model"
-        for key, value in weights.items()
-        if key in own and value.shape != own[key].shape
-    ]
-    missing = [key for key in own if key not in weights]
-    unexpected = [key for key in weights if key not in own]
+    _, reshaped, missing, unexpected = _match_weights(own, weights)
     if reshaped or missing or unexpected:
+        reshaped = [
+            f"{key} {list(weights[key].shape)} in the checkpoint, {list(own[key].shape)} in "
+            "this model"
+            for key in reshaped
+        ]
         problems = [
             f"{len(found)} {what} (e.g. {'; '.join(found[:3])})"
             for what, found in (
@@ -191,3 +222,91 @@ def load_checkpoint_weights(
         ]
         raise ValueError(f"{source} does not fit the configured model: {', '.join(problems)}")
     model.load_state_dict(weights)
+
+
+def init_from(model: Segmenter, path: str) -> None:
+    """Start ``model`` from the weights at ``path`` (``init_from=``, a new run's starting point):
+    a seg checkpoint (.pt) or a directory written by smp's ``save_pretrained``.
+
+    Weights whose names and shapes fit are loaded; the model's others keep their fresh
+    initialisation (e.g. the head for another number of classes); the file's others are
+    ignored. Raises a ValueError when none of the encoder's weights fit (another encoder).
+    """
+    weights = _read_weights(path)
+    fitting, reshaped, missing, unexpected = _match_weights(model.state_dict(), weights)
+    encoder = encoder_prefix(model) + "."
+    if not any(key.startswith(encoder) for key in fitting):
+        theirs = [key for key in weights if key.startswith(encoder)] or list(weights)
+        ours = [key for key in missing + reshaped if key.startswith(encoder)]
+        raise ValueError(
+            f"init_from={path} does not fit the configured model: none of the encoder's "
+            f"weights ({encoder}*) match in name and shape (the file has e.g. {theirs[:2]}, "
+            f"the model {ours[:2]}). Configure the model the file was trained with "
+            "(model=..., model.encoder_name=...)"
+        )
+    model.load_state_dict({key: weights[key] for key in fitting}, strict=False)
+    every = list(model.state_dict()) + unexpected
+    # Tensors of the model that the file lacks train from scratch: worth a warning, unlike a
+    # head of another shape, which is what fine-tuning to other classes means.
+    log.log(
+        logging.WARNING if missing else logging.INFO,
+        "init_from=%s:\n  loaded %d tensors: %s\n  re-initialised %d of another shape: %s"
+        "\n  re-initialised %d absent from the file: %s\n  ignored %d the model lacks: %s",
+        path,
+        len(fitting), _grouped(fitting, every),
+        len(reshaped), _grouped(reshaped, every),
+        len(missing), _grouped(missing, every),
+        len(unexpected), _grouped(unexpected, every),
+    )  # fmt: skip
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The model weights at ``path`` with ``Segmenter``'s key names."""
+    location = Path(path)
+    if location.is_dir():
+        if not (location / "config.json").is_file():
+            raise ValueError(
+                f"init_from={path} is a directory without config.json: give a seg checkpoint "
+                "(.pt) or a directory written by smp's save_pretrained"
+            )
+        try:
+            # encoder_weights=None: the directory's weights replace the encoder's, so
+            # nothing is downloaded. huggingface_hub print()s where it loads from: silenced.
+            with redirect_stdout(io.StringIO()):
+                net = smp.from_pretrained(str(location), encoder_weights=None)
+        except (KeyError, ValueError, OSError) as error:
+            raise ValueError(
+                f"init_from={path}: not a directory smp's save_pretrained wrote, or an "
+                f"incomplete one ({type(error).__name__}: {error})"
+            ) from error
+        return {f"net.{key}": value for key, value in net.state_dict().items()}
+    if not location.is_file():
+        raise FileNotFoundError(
+            f"init_from={path}: no such file or directory; give a seg checkpoint (.pt) or a "
+            "directory written by smp's save_pretrained"
+        )
+    checkpoint = load_checkpoint(location)
+    # A run with trainer.ema_decay validated (and evaluate reports) its averaged weights.
+    return checkpoint.get("ema", checkpoint["model"])
+
+
+def _grouped(keys: list[str], every: list[str]) -> str:
+    """``keys`` in short: each module of which all of ``every``'s keys are in ``keys`` is
+    named once (``net.encoder.* (102)``), so a list of hundreds reads in one line."""
+    chosen = set(keys)
+    total, inside = Counter(), Counter()
+    for key in every:
+        for prefix in _prefixes(key):
+            total[prefix] += 1
+            inside[prefix] += key in chosen
+    names = {}  # the outermost module per key whose keys are all chosen; insertion-ordered
+    for key in keys:
+        prefix = next(p for p in _prefixes(key) if inside[p] == total[p])
+        names[prefix] = key if total[prefix] == 1 else f"{prefix}.* ({total[prefix]})"
+    return ", ".join(names.values()) or "none"
+
+
+def _prefixes(key: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``: the modules around a key, outermost first."""
+    parts = key.split(".")
+    return [".".join(parts[:depth]) for depth in range(1, len(parts) + 1)]

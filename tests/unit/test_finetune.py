@@ -1,0 +1,176 @@
+"""Fine-tuning: init_from loads the weights that fit and says which; parameter groups give the
+encoder its own LR and spare normalization layers and biases the weight decay."""
+
+import logging
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from seg.config import check_values
+from seg.models import encoder_prefix, init_from, smp_model, torchvision_model
+from seg.optim import build_optimizer, param_groups
+from seg.schedulers import poly
+from tests.conftest import compose_config, group_options
+
+
+def tiny_unet(num_classes: int = 3, encoder_name: str = "resnet18"):
+    torch.manual_seed(num_classes)  # another seed per class count: fresh heads differ
+    return smp_model("Unet", num_classes, encoder_name=encoder_name)
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A 6-class model and its weights as a seg checkpoint (a plain dict with "model")."""
+    model = tiny_unet(6)
+    path = tmp_path / "source.pt"
+    torch.save({"model": model.state_dict(), "iteration": 4}, path)
+    return model, path
+
+
+def test_init_from_a_checkpoint_with_other_classes_keeps_a_fresh_head(source, caplog):
+    model, path = source
+    target = tiny_unet(3)
+    fresh_head = {k: v.clone() for k, v in target.state_dict().items() if "segmentation_head" in k}
+    with caplog.at_level(logging.INFO, logger="seg.models"):
+        init_from(target, str(path))
+    for key, value in target.state_dict().items():
+        if key in fresh_head:
+            assert torch.equal(value, fresh_head[key]), key
+        else:
+            assert torch.equal(value, model.state_dict()[key]), key
+    message = caplog.records[-1].getMessage()
+    assert caplog.records[-1].levelno == logging.INFO
+    loaded = len(model.state_dict()) - 2
+    assert f"loaded {loaded} tensors: net.encoder.* (" in message
+    assert "re-initialised 2 of another shape: net.segmentation_head.* (2)" in message
+    assert "re-initialised 0 absent from the file: none" in message
+    assert "ignored 0 the model lacks: none" in message
+
+
+def test_init_from_the_same_classes_loads_everything(source):
+    model, path = source
+    target = tiny_unet(6)
+    torch.manual_seed(1)
+    target.net.segmentation_head[0].reset_parameters()  # unlike the source's
+    init_from(target, str(path))
+    for key, value in model.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_init_from_an_smp_save_pretrained_directory(tmp_path):
+    model = tiny_unet(6)
+    model.net.save_pretrained(tmp_path / "smp")  # config.json + model.safetensors
+    target = tiny_unet(3)
+    init_from(target, str(tmp_path / "smp"))
+    assert torch.equal(target.net.encoder.conv1.weight, model.net.encoder.conv1.weight)
+    assert torch.equal(target.net.decoder.blocks[0].conv1[0].weight,
+                       model.net.decoder.blocks[0].conv1[0].weight)  # fmt: skip
+
+
+def test_init_from_lists_what_a_partial_fit_leaves_out(source, caplog):
+    _, path = source
+    target = smp_model("FPN", 3, encoder_name="resnet18")
+    with caplog.at_level(logging.INFO, logger="seg.models"):
+        init_from(target, str(path))
+    record = caplog.records[-1]
+    assert record.levelno == logging.WARNING  # FPN's decoder starts from scratch
+    assert "ignored 60 the model lacks: net.decoder.blocks.* (60)" in record.getMessage()
+    assert "absent from the file: net.decoder.p" in record.getMessage()
+
+
+def test_init_from_refuses_another_encoder(source):
+    _, path = source
+    with pytest.raises(ValueError, match=rf"init_from={path} does not fit .*\(net\.encoder\.\*\)"):
+        init_from(tiny_unet(3, encoder_name="mobilenet_v2"), str(path))
+
+
+def test_init_from_refuses_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"init_from=.*nope\.pt: no such file"):
+        init_from(tiny_unet(), str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match=r"directory without config\.json"):
+        init_from(tiny_unet(), str(tmp_path))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "state_dict.pt")
+    with pytest.raises(ValueError, match="not a seg checkpoint"):
+        init_from(tiny_unet(), str(tmp_path / "state_dict.pt"))
+
+
+@pytest.mark.parametrize("option", group_options("model"))
+def test_every_model_has_an_encoder_and_a_rest(option):
+    model = instantiate(compose_config(f"model={option}").model)
+    groups = param_groups(model, lr=1.0, encoder_lr_mult=0.5)
+    assert [group["name"] for group in groups] == ["base", "encoder"]
+    encoder = model.get_submodule(encoder_prefix(model))
+    assert groups[1]["params"] == list(encoder.parameters())
+
+
+def test_default_groups_are_one_in_parameter_order():
+    model = tiny_unet()
+    groups = param_groups(model, lr=0.1)
+    assert len(groups) == 1 and groups[0]["params"] == list(model.parameters())
+    assert "lr" not in groups[0]  # the optimizer's own
+
+
+def test_encoder_lr_is_the_base_lr_times_the_multiplier_under_the_schedule():
+    model = torchvision_model("lraspp", 3, encoder_name="mobilenet_v3_large")
+    cfg = compose_config("optimizer=sgd", "optimizer.encoder_lr_mult=0.1")
+    optimizer = build_optimizer(cfg.optimizer, model)
+    base, encoder = optimizer.param_groups
+    assert (base["name"], base["lr"]) == ("base", cfg.optimizer.lr)
+    assert encoder["name"] == "encoder"
+    assert encoder["lr"] == pytest.approx(0.1 * cfg.optimizer.lr)
+    assert encoder["params"] == list(model.net.backbone.parameters())
+    scheduler = poly(optimizer, max_iters=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert encoder["lr"] == pytest.approx(0.1 * base["lr"])  # the schedule scales every group
+    assert scheduler.get_last_lr()[0] == base["lr"]  # the LR that is logged
+
+
+def test_no_norm_bias_decay_spares_norm_layers_and_biases():
+    model = tiny_unet()
+    groups = param_groups(model, lr=0.1, encoder_lr_mult=0.5, norm_bias_decay=False)
+    by_name = {group["name"]: group for group in groups}
+    assert list(by_name) == ["base", "base_no_decay", "encoder", "encoder_no_decay"]
+    spared = {id(p) for g in groups if g.get("weight_decay") == 0.0 for p in g["params"]}
+    for name, param in model.named_parameters():
+        module = model.get_submodule(name.rpartition(".")[0])
+        expected = isinstance(module, torch.nn.BatchNorm2d) or name.endswith(".bias")
+        assert (id(param) in spared) == expected, name
+    assert by_name["encoder_no_decay"]["lr"] == 0.05 and "weight_decay" not in by_name["base"]
+
+
+@pytest.mark.parametrize("option", group_options("optimizer"))
+def test_a_zero_decay_group_does_not_decay(option):
+    model = tiny_unet()
+    cfg = compose_config(f"optimizer={option}", "optimizer.norm_bias_decay=false")
+    optimizer = build_optimizer(cfg.optimizer, model)
+    before = [[p.detach().clone() for p in group["params"]] for group in optimizer.param_groups]
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)  # only the weight decay can move a weight
+    optimizer.step()
+    for group, old in zip(optimizer.param_groups, before, strict=True):
+        moved = any(not torch.equal(p, o) for p, o in zip(group["params"], old, strict=True))
+        assert moved == (group["weight_decay"] > 0), group["name"]
+
+
+def test_encoder_lr_mult_zero_freezes_the_encoder_weights():
+    model = tiny_unet()
+    cfg = compose_config("optimizer.encoder_lr_mult=0")
+    optimizer = build_optimizer(cfg.optimizer, model)
+    encoder = [p.detach().clone() for p in model.net.encoder.parameters()]
+    head = model.net.segmentation_head[0].weight.detach().clone()
+    model(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    optimizer.step()
+    assert all(
+        torch.equal(p, o) for p, o in zip(model.net.encoder.parameters(), encoder, strict=True)
+    )
+    assert not torch.equal(model.net.segmentation_head[0].weight, head)
+
+
+def test_group_options_are_checked():
+    with pytest.raises(ValueError, match=r"optimizer.encoder_lr_mult=-0.5 is not allowed"):
+        check_values(compose_config("optimizer.encoder_lr_mult=-0.5"))
+    with pytest.raises(ValueError, match=r"optimizer.norm_bias_decay='no' is not allowed"):
+        check_values(compose_config("optimizer.norm_bias_decay=no"))
