@@ -22,6 +22,7 @@ CONFIG_GROUPS = (
     "optimizer",
     "scheduler",
     "trainer",
+    "tracker",
     "debug",
     "experiment",
 )
