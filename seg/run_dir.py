@@ -34,7 +34,8 @@ def run_identity(overrides: list[str], run_name: str | None = None) -> str:
     kept = [
         override
         for override, key in zip(overrides, keys, strict=True)
-        if key not in NOT_IDENTITY and not key.startswith("hydra")
+        # Where the curves go (tracker=mlflow) does not change what is trained.
+        if key not in NOT_IDENTITY and not key.startswith(("hydra", "tracker"))
     ]
     return " ".join(sorted(kept))
 
@@ -139,6 +140,25 @@ def remove_if_empty(directory: Path, root: Path) -> None:
         except OSError:
             return  # not empty (or not ours to remove)
         directory = directory.parent
+
+
+class RunResult(float):
+    """A run's best val mIoU (NaN if it never validated), which also names its run directory.
+
+    A float, because that is what Hydra's Optuna sweeper maximizes of what a job returns; the
+    directory tells a sweep's summary (seg/sweep.py) where the job trained: its own directory,
+    a ``_1`` one beside it, or the earlier run that ``resume`` continued.
+    """
+
+    run_dir: Path
+
+    def __new__(cls, best_miou: float, run_dir: Path):
+        result = super().__new__(cls, best_miou)
+        result.run_dir = run_dir
+        return result
+
+    def __reduce__(self):  # launchers that run jobs in other processes pickle the result
+        return RunResult, (float(self), self.run_dir)
 
 
 class RunLog:

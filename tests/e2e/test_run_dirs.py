@@ -46,6 +46,8 @@ def test_identity_ignores_what_only_continues_a_run():
             "trainer.max_iters=9",
             "output_root=/x",
             "hydra.verbose=true",
+            "tracker=mlflow",
+            "tracker.mlflow.experiment=x",
         ]
     )
     assert run_identity(base) != run_identity([*base, "loss=dice"])

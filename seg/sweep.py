@@ -1,0 +1,184 @@
+"""Sweeps (``python train.py -m ...``, ``hparams_search=optuna``): what each job did, and one
+summary of the sweep's runs, best val mIoU first, in ``<sweep dir>/summary.csv`` and on the
+console.
+
+Everything is read back from files, not kept in memory: a launcher may run the jobs in other
+processes or on other machines, and a sweep that stops early (a failed grid job, Ctrl-C) keeps
+the summary of the jobs that ended. Each ended job leaves ``<sweep dir>/jobs/<num>.json``
+(its overrides, whether it failed and why, where it trained); its best val mIoU and the
+iteration of that best come from that run directory's ``metrics.jsonl``.
+"""
+
+import csv
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from seg.config import USER_ERRORS
+from seg.engine.trainer import StopTraining
+from seg.run_dir import RUN_FILE
+
+log = logging.getLogger(__name__)
+
+# Failures that a single run reports by their message alone (seg.config.report_user_errors, a
+# stopped run); any other is a bug and keeps its type and traceback.
+EXPECTED_FAILURES = (*USER_ERRORS, StopTraining)
+
+JOBS = "jobs"  # <sweep dir>/jobs/<num>.json, one per ended job
+SUMMARY = "summary.csv"
+
+
+@dataclass
+class Job:
+    """One ended job of a sweep, as ``jobs/<num>.json`` keeps it."""
+
+    num: int  # Hydra's job number (hydra.job.num)
+    overrides: list[str]  # the job's command-line overrides
+    run_dir: str | None  # where it trained; None: it failed before it had a run directory
+    error: str | None = None  # why it failed; None: it completed
+
+
+@dataclass
+class Row:
+    """One line of the summary."""
+
+    job: int  # the job's number
+    status: str  # completed or failed
+    mIoU: float | None  # the best val mIoU of the run (None: no validation)
+    iteration: int | None  # the iteration of that best
+    run_dir: str | None
+    overrides: str  # space-separated
+    error: str | None
+
+
+def record_job(sweep_dir: Path, job: Job) -> None:
+    """Keep ``job`` in ``<sweep_dir>/jobs/<num>.json`` (the sweep directory may be gone: a
+    job that failed to start removes the directories it did not use)."""
+    path = sweep_dir / JOBS / f"{job.num}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(job), indent=2))
+
+
+def best_validation(run_dir: Path) -> tuple[float, int] | None:
+    """The best val mIoU in ``run_dir``'s metrics.jsonl and its iteration (on a tie the
+    first, as the Trainer keeps it); None when the run never validated."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    scored = [line for line in lines if math.isfinite(line.get("mIoU", math.nan))]
+    if not scored:
+        return None
+    best = max(scored, key=lambda line: line["mIoU"])  # max keeps the first of equals
+    return best["mIoU"], best["iteration"]
+
+
+def summarize(sweep_dir: Path) -> list[Row]:
+    """The sweep's ended jobs, completed ones by best val mIoU (highest first), then the
+    failed ones (with what their runs reached, if anything)."""
+    rows = []
+    for path in (sweep_dir / JOBS).glob("*.json"):
+        job = Job(**json.loads(path.read_text()))
+        best = best_validation(Path(job.run_dir)) if job.run_dir else None
+        rows.append(
+            Row(
+                job=job.num,
+                status="failed" if job.error is not None else "completed",
+                mIoU=best[0] if best else None,
+                iteration=best[1] if best else None,
+                run_dir=job.run_dir,
+                overrides=" ".join(job.overrides),
+                error=job.error,
+            )
+        )
+    return sorted(
+        rows,
+        key=lambda row: (
+            row.status != "completed",
+            -row.mIoU if row.mIoU is not None else math.inf,
+            row.job,
+        ),
+    )
+
+
+def write_summary(sweep_dir: Path) -> list[Row]:
+    """Write ``<sweep_dir>/summary.csv`` from the jobs' files; returns its rows."""
+    rows = summarize(sweep_dir)
+    with open(sweep_dir / SUMMARY, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[field.name for field in fields(Row)])
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in rows)
+    return rows
+
+
+def format_summary(rows: list[Row]) -> str:
+    """The summary as a table for people; the overrides that all its jobs share are left out."""
+    if len(rows) > 1:
+        shared = set.intersection(*(set(row.overrides.split()) for row in rows))
+    else:
+        shared = set()
+    overrides = [" ".join(o for o in row.overrides.split() if o not in shared) for row in rows]
+    width = max(len("overrides"), *map(len, overrides))
+    lines = [f"{'mIoU':>7}  {'iteration':>9}  {'job':>4}  {'overrides':{width}}  run directory"]
+    for row, changed in zip(rows, overrides, strict=True):
+        where = row.run_dir or ""
+        if row.error is not None:
+            where = f"failed: {row.error.splitlines()[0]}" + (f" ({where})" if where else "")
+        miou = "-" if row.mIoU is None else f"{row.mIoU:.4f}"
+        iteration = "-" if row.iteration is None else row.iteration
+        lines.append(f"{miou:>7}  {iteration:>9}  {row.job:>4}  {changed:{width}}  {where}")
+    return "\n".join(lines)
+
+
+def describe_failure(error: BaseException) -> str:
+    """A failed job's error as the summary shows it."""
+    if isinstance(error, EXPECTED_FAILURES) and str(error):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+class SweepSummary(Callback):
+    """Hydra callback (``hydra.callbacks`` in configs/train.yaml): records each job of a sweep
+    when it ends, rewrites the summary, and prints it when the sweep ends."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return  # a single run: nothing to summarize
+        sweep_dir = Path(config.hydra.sweep.dir)
+        job_dir = Path(config.hydra.runtime.output_dir)
+        num = config.hydra.job.num
+        overrides = list(job_return.overrides)
+        # ._return_value: the task's result, or a failed job's exception (.return_value would
+        # raise it)
+        result = job_return._return_value
+        if job_return.status == JobStatus.COMPLETED:
+            job = Job(num, overrides, str(Path(result.run_dir).resolve()))
+        else:
+            # A run that failed after it took its directory: Hydra's for a new run (one that
+            # resumed elsewhere fails without its directory in the summary)
+            claimed = (job_dir / RUN_FILE).is_file()
+            job = Job(num, overrides, str(job_dir) if claimed else None, describe_failure(result))
+            log.error(
+                "Job #%d (%s) failed: %s",
+                num, " ".join(overrides), job.error,
+                exc_info=None if isinstance(result, EXPECTED_FAILURES) else result,
+            )  # fmt: skip
+        record_job(sweep_dir, job)
+        # After every job: a sweep that ends early still has the summary of the jobs that ended.
+        write_summary(sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_summary(sweep_dir)
+        log.info(
+            "Sweep of %d run(s), best val mIoU first (%s):\n%s",
+            len(rows), sweep_dir / SUMMARY, format_summary(rows),
+        )  # fmt: skip
