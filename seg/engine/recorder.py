@@ -1,25 +1,26 @@
-"""What a training run writes: checkpoints, TensorBoard, metrics.jsonl, figures, the class table,
-progress and the loss lines. The entry point builds one; the Trainer calls it at its
-``if iteration % every == 0`` lines and never asks which rank it is: on every rank but rank 0
-(``write=False``) nothing is written or printed."""
+"""What a training run writes: checkpoints, the trackers (TensorBoard, MLflow), metrics.jsonl,
+figures, the class table, progress and the loss lines. The entry point builds one; the Trainer
+calls it at its ``if iteration % every == 0`` lines and never asks which rank it is: on every
+rank but rank 0 (``write=False``, no trackers) nothing is written or printed."""
 
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seg.engine import dist
 from seg.engine.checkpoint import save_checkpoint
 from seg.engine.evaluation import Evaluation, figures
+from seg.engine.trackers import Tracker
 from seg.metrics import format_table, named
-from seg.visualize import add_png, save_png
+from seg.visualize import save_png
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class Recorder:
 
     ``class_names``, ``palette`` (to draw the pictures), ``config_yaml`` and
     ``overrides`` also go into every checkpoint, so that a checkpoint rebuilds its model alone.
+    ``trackers`` receive the scalars and pictures, and ``params`` (the resolved config by dotted
+    key) when they open.
     """
 
     def __init__(
@@ -39,6 +42,8 @@ class Recorder:
         config_yaml: str = "",
         overrides: Sequence[str] = (),
         write: bool = True,
+        trackers: Sequence[Tracker] = (),
+        params: Mapping[str, Any] | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.class_names = list(class_names)
@@ -46,12 +51,13 @@ class Recorder:
         self.config_yaml = config_yaml
         self.overrides = list(overrides)
         self.write = write
-        self.writer: SummaryWriter | None = None
+        self.trackers = list(trackers)
+        self.params = dict(params or {})
         self.bar: tqdm | None = None
         self.seconds = {"training steps": 0.0, "validation": 0.0, "checkpoints": 0.0}
         # The loss between two log lines, summed on the device: no host sync per step.
         self.loss_sum = torch.zeros(())
-        self.applied_steps = 0
+        self.applied_steps = torch.zeros(())
         self.steps = 0
         self.clock = time.perf_counter()
         self.images_per_step = 0
@@ -63,23 +69,26 @@ class Recorder:
     def session(
         self, iteration: int, max_iters: int, images_per_step: int, device: torch.device
     ) -> Iterator[None]:
-        """Open TensorBoard and the progress bar for a ``fit`` from ``iteration``; on resume,
-        drop what the interrupted run logged after its checkpoint."""
+        """Open the trackers and the progress bar for a ``fit`` from ``iteration``; on resume,
+        metrics.jsonl and TensorBoard drop what the interrupted run logged after its checkpoint."""
         self.images_per_step = images_per_step
         self.loss_sum = torch.zeros((), device=device)
+        self.applied_steps = torch.zeros((), device=device)
         self.restart_clock()
         if not self.write:
             yield
             return
         self.truncate_metrics(iteration)
-        purge_step = iteration + 1 if iteration else None
-        with (
-            SummaryWriter(self.run_dir / "tb", purge_step=purge_step) as self.writer,
-            logging_redirect_tqdm(),
-            tqdm(total=max_iters, initial=iteration, disable=None, unit="it") as self.bar,
-        ):
-            yield
-        self.writer = self.bar = None
+        with ExitStack() as trackers:
+            for tracker in self.trackers:
+                trackers.enter_context(tracker.session(self.run_dir, iteration, self.params))
+            with (
+                logging_redirect_tqdm(),
+                tqdm(total=max_iters, initial=iteration, disable=None, unit="it") as self.bar,
+            ):
+                self.restart_clock()  # img/s leaves out opening a tracker (a new MLflow store: 6 s)
+                yield
+        self.bar = None
         log.info(
             "Time: " + ", ".join(f"{value:.1f} s {name}" for name, value in self.seconds.items())
         )
@@ -93,27 +102,28 @@ class Recorder:
         finally:
             self.seconds[name] += time.perf_counter() - started
 
-    def step(self, loss: torch.Tensor, applied: bool) -> None:
-        """Count a training step; ``loss`` (on the device) enters the average if it was applied."""
+    def step(self, loss: torch.Tensor, applied: torch.Tensor) -> None:
+        """Count a training step; ``loss`` enters the average if the step was ``applied`` (both
+        on the device, added there: no host sync)."""
         self.steps += 1
-        if applied:
-            self.loss_sum += loss.detach()
-            self.applied_steps += 1
+        self.loss_sum += torch.where(applied, loss.detach(), 0.0)  # a skipped NaN stays out
+        self.applied_steps += applied
         if self.bar is not None:
             self.bar.update()
 
     def training(self, iteration: int, max_iters: int, lr: float, skipped_steps: int) -> None:
         """The loss (the mean over all ranks' batches), LR and speed since the last call:
-        TensorBoard, progress bar, train.log. Called on every rank at the same iteration."""
+        trackers, progress bar, train.log. Called on every rank at the same iteration."""
         # Summed over ranks: every rank applied the same steps, so this is the global mean.
-        window = torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.applied_steps))])
+        window = torch.stack([self.loss_sum, self.applied_steps])
         loss_sum, applied = dist.sum_over_ranks(window).tolist()  # the sync between log lines
         if self.write:
             loss = loss_sum / max(applied, 1)
             images_per_s = self.steps * self.images_per_step / (time.perf_counter() - self.clock)
-            for tag, value in (("loss", loss), ("lr", lr), ("img_per_s", images_per_s),
-                               ("skipped_steps", skipped_steps)):  # fmt: skip
-                self.writer.add_scalar(f"train/{tag}", value, iteration)
+            scalars = {"train/loss": loss, "train/lr": lr, "train/img_per_s": images_per_s,
+                       "train/skipped_steps": skipped_steps}  # fmt: skip
+            for tracker in self.trackers:
+                tracker.scalars(scalars, iteration)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
             # Also under a progress bar (printed above it): train.log keeps the history.
             log.info(
@@ -125,7 +135,8 @@ class Recorder:
     def restart_clock(self) -> None:
         """Start a new averaging window (img/s counts training time only)."""
         self.loss_sum.zero_()
-        self.applied_steps, self.steps = 0, 0
+        self.applied_steps.zero_()
+        self.steps = 0
         self.clock = time.perf_counter()
 
     def validation(self, iteration: int, result: Evaluation) -> None:
@@ -133,19 +144,20 @@ class Recorder:
         if not self.write:
             return
         metrics = result.metrics
-        for key in ("mIoU", "mDice", "aAcc", "mAcc"):
-            self.writer.add_scalar(f"val/{key}", metrics[key], iteration)
+        scalars = {f"val/{key}": metrics[key] for key in ("mIoU", "mDice", "aAcc", "mAcc")}
         # TensorBoard groups by the first path component: per-class curves in groups of their
         # own leave the headline metrics alone at the top of ``val``.
         for name, iou, dice in zip(self.class_names, metrics["IoU"], metrics["Dice"], strict=True):
-            self.writer.add_scalar(f"val_class/IoU/{name}", iou, iteration)
-            self.writer.add_scalar(f"val_class/Dice/{name}", dice, iteration)
+            scalars[f"val_class/IoU/{name}"] = iou
+            scalars[f"val_class/Dice/{name}"] = dice
         pictures = figures(result, self.class_names, self.palette)
+        tagged = {f"val/{name}": array for name, array in pictures.items()}
+        for tracker in self.trackers:
+            tracker.scalars(scalars, iteration)
+            tracker.images(tagged, iteration)
         for name, array in pictures.items():
-            add_png(self.writer, f"val/{name}", array, iteration)
             if not name.startswith("example"):
                 save_png(array, self.run_dir / "figures" / f"val_{name}.png")
-        self.writer.flush()
         log.info(
             "Validation at iteration %d:\n%s", iteration, format_table(metrics, self.class_names)
         )

@@ -7,6 +7,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
@@ -144,15 +145,35 @@ OOM_HELP = (
 )
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip a step on the device: fused Adam and AdamW leave weights
+    and state untouched where ``found_inf`` is 1, so no host sync decides the step. Fused SGD
+    takes ``found_inf`` too, but a skipped first step leaves its momentum uninitialized (torch
+    2.14, seen here; LibreYOLO #771 on CUDA): it decides on the host like every other optimizer."""
+    # The groups, not the defaults: a loaded state dict brings its groups' own ``fused``.
+    fused = all(group.get("fused") for group in optimizer.param_groups)
+    return fused and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+
+
 class StepResult(NamedTuple):
     loss: torch.Tensor  # mean loss of the step's batches, on the device
-    finite_loss: bool
-    finite_grads: bool
+    # On the device, the same on every rank: [non-finite loss, non-finite gradients, the number
+    # of a stop signal that reached any rank (0: none)]. The host reads it one step late.
+    decision: torch.Tensor
+    iteration: int
 
     @property
-    def applied(self) -> bool:
-        """Whether the optimizer and scheduler stepped (not when anything was non-finite)."""
-        return self.finite_loss and self.finite_grads
+    def applied(self) -> torch.Tensor:
+        """Whether the optimizer stepped (not when anything was non-finite), on the device."""
+        return self.decision[:2].sum() == 0
+
+    @property
+    def finite_loss(self) -> bool:
+        return not self.decision[0].item()
+
+    @property
+    def finite_grads(self) -> bool:
+        return not self.decision[1].item()
 
 
 class Trainer:
@@ -162,7 +183,7 @@ class Trainer:
     runs every ``val_every`` iterations and at the end; ``checkpoints/last.pt`` is written every
     ``ckpt_every`` iterations and at the end, ``checkpoints/best.pt`` whenever val mIoU improves;
     ``recorder`` writes them, and everything else the run shows (on rank 0 only).
-    SIGINT/SIGTERM reaching any rank finish the current step on every rank, write ``last.pt``
+    SIGINT/SIGTERM reaching any rank finish the next step on every rank, write ``last.pt``
     and raise ``StopTraining``; a validation they skip or cut short is owed in ``last.pt`` and
     runs first on resume. A second signal stops at once, but never inside a checkpoint's write.
     An error while computing a step's gradients (data, forward, backward, out of memory) writes
@@ -253,7 +274,10 @@ class Trainer:
         # True from the moment a validation is due until it completes: a checkpoint saved in
         # between (a stop signal) makes the resumed run validate before training on.
         self.pending_validation = False
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # a signal that reached this process
+        self.agreed_stop: int | None = None  # the signal on which all ranks stop, once read
+        # Steps whose decisions the host has not read yet (the newest one, between log lines).
+        self.unread_steps: list[StepResult] = []
         self.saving = False  # a checkpoint is being written: a second signal waits for it
         self.deferred_signal: int | None = None
 
@@ -274,7 +298,7 @@ class Trainer:
         ):
             if self.pending_validation:  # the checkpoint's run stopped before it was done
                 metrics = self.validate_and_keep_best(val_loader) or metrics
-                if self.stop_signal is not None:
+                if self.agreed_stop is not None:
                     self.stop_after_signal()
                 self.save("last")  # record it done: a later resume does not repeat it
             while self.iteration < self.max_iters and not self.patience_spent():
@@ -283,22 +307,29 @@ class Trainer:
                 self.iteration += 1
                 self.samples_seen += images_per_step
                 self.recorder.step(step.loss, step.applied)
-                self.check_nonfinite(step)
+                self.unread_steps.append(step)
                 last = self.iteration == self.max_iters
+                due = [self.iteration % every == 0 or last
+                       for every in (self.log_every, self.val_every, self.ckpt_every)]  # fmt: skip
+                # The previous step's decision, read while this one runs on the device; this
+                # one's too where logs, validation or a checkpoint need the counts now.
+                self.read_decisions(keep=0 if any(due) else 1)
+                if self.agreed_stop is not None:
+                    self.read_decisions(keep=0)
 
-                if self.iteration % self.log_every == 0 or last:
+                if due[0]:
                     lr = self.scheduler.get_last_lr()[0]
                     self.recorder.training(self.iteration, self.max_iters, lr, self.skipped_steps)
 
-                if self.iteration % self.val_every == 0 or last:
+                if due[1]:
                     self.pending_validation = True
                     metrics = self.validate_and_keep_best(val_loader) or metrics
                     self.recorder.restart_clock()  # img/s counts training time only
 
-                if self.iteration % self.ckpt_every == 0 or last or self.patience_spent():
+                if due[2] or self.patience_spent():
                     with self.recorder.timed("checkpoints"):
                         self.save("last")
-                if self.stop_signal is not None:
+                if self.agreed_stop is not None:
                     self.stop_after_signal()
         if self.patience_spent():
             log.warning(
@@ -319,20 +350,33 @@ class Trainer:
         patience = self.early_stop_patience
         return patience is not None and self.validations_without_improvement >= patience
 
-    def check_nonfinite(self, step: StepResult) -> None:
-        """Count a skipped step; stop after ``nonfinite_patience`` unhealthy steps in a row."""
-        if not step.applied:
+    def read_decisions(self, keep: int) -> None:
+        """Act on the decisions of the unread steps but the newest ``keep``: the host waits for
+        a step only once the next one is queued, so the device never idles for it."""
+        while len(self.unread_steps) > keep:
+            self.check_step(self.unread_steps.pop(0))
+
+    def check_step(self, step: StepResult) -> None:
+        """Count a skipped step; stop after ``nonfinite_patience`` unhealthy steps in a row;
+        note a stop signal that reached any rank (all ranks read the same, at the same step)."""
+        nonfinite_loss, nonfinite_grads, stop = step.decision.tolist()  # the host sync
+        if stop and self.agreed_stop is None:
+            self.agreed_stop = int(stop)
+            if self.stop_signal is None:
+                self.stop_signal = int(stop)
+                log.warning("%s on another rank: stopping", signal.Signals(int(stop)).name)
+        if nonfinite_loss or nonfinite_grads:
             self.skipped_steps += 1
             log.warning(
                 "Iteration %d: non-finite %s, update skipped (%d skipped so far)",
-                self.iteration, "gradients" if step.finite_loss else "loss", self.skipped_steps,
+                step.iteration, "loss" if nonfinite_loss else "gradients", self.skipped_steps,
             )  # fmt: skip
         # fp16 overflows with a finite loss are the grad scaler's normal calibration.
-        healthy = step.finite_loss and (step.finite_grads or self.scaler.is_enabled())
+        healthy = not nonfinite_loss and (not nonfinite_grads or self.scaler.is_enabled())
         self.nonfinite_streak = 0 if healthy else self.nonfinite_streak + 1
         if self.nonfinite_streak >= self.nonfinite_patience:
             raise StopTraining(
-                f"Stopped at iteration {self.iteration}: loss or gradients non-finite "
+                f"Stopped at iteration {step.iteration}: loss or gradients non-finite "
                 f"{self.nonfinite_streak} steps in a row (trainer.nonfinite_patience). The last "
                 f"good checkpoint {self.recorder.checkpoint_path('last')} is intact. Lower "
                 "optimizer.lr, set trainer.clip_grad_norm, or try trainer.precision=fp32.",
@@ -350,6 +394,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
             if self.stop_signal is not None and isinstance(error, RuntimeError):
                 # A process-group SIGTERM (Slurm) also ended the DataLoader workers.
+                self.agreed_stop = self.stop_signal
                 self.stop_after_signal()
             self.save_before_error()
             raise
@@ -374,6 +419,7 @@ class Trainer:
         """Write ``checkpoints/<name>.pt`` (rank 0). A second stop signal during the write waits
         until the file is complete, then stops: raised inside torch.save it would abort the
         save with torch's internal error."""
+        self.read_decisions(keep=0)  # the skipped-step count the checkpoint holds is complete
         self.saving = True
         try:
             path = self.recorder.save(self.state_dict, name)
@@ -392,16 +438,16 @@ class Trainer:
         self.save("last")
         dist.barrier()  # no rank exits while rank 0 still writes: torchrun would stop it
         path = self.recorder.checkpoint_path("last")
-        name = signal.Signals(self.stop_signal).name
+        name = signal.Signals(self.agreed_stop).name
         raise StopTraining(
             f"{name}: stopped at iteration {self.iteration} of {self.max_iters}; saved "
             f"{path}. Continue with: python train.py resume={path}",
-            128 + self.stop_signal,
+            128 + self.agreed_stop,
         )
 
     @contextmanager
     def stop_on_signals(self):
-        """SIGINT/SIGTERM only set a flag that the loop checks after each step. A second Ctrl-C
+        """SIGINT/SIGTERM only set a flag that the next step's decision carries. A second Ctrl-C
         stops at once, or during a checkpoint's write as soon as it is complete; a repeated
         SIGTERM changes nothing: launchers forward theirs (SLURM signals the job step, whose
         torchrun then signals its workers again), and the save must go through."""
@@ -410,9 +456,9 @@ class Trainer:
             name = signal.Signals(signum).name
             if self.stop_signal is None:
                 self.stop_signal = signum
-                log.warning("%s received: stopping after this step", name)
+                log.warning("%s received: stopping after the next step", name)
             elif signum != signal.SIGINT:
-                log.warning("%s received again: still stopping after this step", name)
+                log.warning("%s received again: still stopping after the next step", name)
             elif self.saving:
                 self.deferred_signal = signum
                 log.warning("%s received again: stopping once the checkpoint is written", name)
@@ -491,40 +537,44 @@ class Trainer:
         return total / self.grad_accum_steps
 
     def apply_gradients(self, total: torch.Tensor) -> StepResult:
-        """Unscale and clip the gradients, then step the optimizer and scheduler unless the
-        loss ``total`` or the gradients are non-finite."""
+        """Unscale and clip the gradients, then step the optimizer unless the loss ``total`` or
+        the gradients are non-finite (on any rank). The schedule and the weight average follow
+        the iteration either way: a skipped step leaves the weights as they were."""
         self.scaler.unscale_(self.optimizer)  # so the norm and clipping see the true gradients
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = nn.utils.get_total_norm(grads)
         if self.clip_grad_norm is not None:
             nn.utils.clip_grads_with_norm_(self.model.parameters(), self.clip_grad_norm, grad_norm)
-        # The one host sync per step (GradScaler makes the same under fp16), one small
-        # all-reduce under DDP: whether to apply the step (a non-finite loss on any rank skips it
-        # on all) and whether a stop signal reached any rank (all then stop after this step).
-        # A fill on the device: torch.tensor(value, device=cuda) would be a blocking copy.
+        # One small all-reduce under DDP, on the device: whether to apply the step (a
+        # non-finite loss on any rank skips it on all) and whether a stop signal reached any
+        # rank. A fill: torch.tensor(value, device=cuda) would be a blocking copy.
         signal_number = torch.full((), float(self.stop_signal or 0), device=self.device)
         decision = torch.stack([total.isfinite().logical_not().float(),
                                 grad_norm.isfinite().logical_not().float(), signal_number])  # fmt: skip
-        nonfinite_loss, nonfinite_grads, stop = dist.any_rank(decision).tolist()
-        if stop and self.stop_signal is None:
-            self.stop_signal = int(stop)
-            log.warning(
-                "%s on another rank: stopping after this step", signal.Signals(int(stop)).name
-            )
-        finite_loss, finite_grads = not nonfinite_loss, not nonfinite_grads
-        if finite_loss and finite_grads:
-            self.scaler.step(self.optimizer)
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
+        step = StepResult(total, dist.any_rank(decision), self.iteration + 1)
+        if skips_on_device(self.optimizer):
+            # The fused kernel skips the whole update where found_inf is 1 (GradScaler's own
+            # protocol, whose inf check the gradient norm above already covers).
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, (~step.applied).float()
+            self.optimizer.step()
+            del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif step.applied.item():  # any other optimizer: a host sync decides
+            self.optimizer.step()
         self.scaler.update()  # under fp16, an overflow lowers the scale for the next step
+        with warnings.catch_warnings():
+            # The schedule follows the iteration, applied or skipped; when the very first step
+            # is skipped (an fp16 overflow), torch warns that the scheduler stepped first.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(total, finite_loss, finite_grads)
+        return step
 
     def validate_and_keep_best(self, loader: DataLoader) -> dict | None:
         """Run the owed validation (``pending_validation``) and save ``best.pt`` if it is the
         best so far. None when a stop signal came first or cut it short: it stays owed."""
-        if self.stop_signal is not None:
+        if self.agreed_stop is not None:
             return None
         rng = rng_state()
         with self.recorder.timed("validation"):
@@ -533,6 +583,9 @@ class Trainer:
             # Validation draws from the RNG (the DataLoader's seed): the resumed run repeats
             # it from the same state, as the uninterrupted run did.
             set_rng_state(rng)
+            # Cut short on every rank alike; a rank the signal did not reach stops as if sent
+            # SIGTERM.
+            self.agreed_stop = self.stop_signal or signal.SIGTERM
             return None
         self.pending_validation = False
         self.recorder.validation(self.iteration, result)

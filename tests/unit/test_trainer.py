@@ -19,7 +19,14 @@ from seg.engine import checkpoint as checkpoint_module
 from seg.engine import recorder as recorder_module
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.recorder import Recorder
-from seg.engine.trainer import EXIT_NONFINITE, StopTraining, Trainer, resolve_compile
+from seg.engine.trackers import TensorBoard
+from seg.engine.trainer import (
+    EXIT_NONFINITE,
+    StopTraining,
+    Trainer,
+    resolve_compile,
+    skips_on_device,
+)
 from seg.models import Segmenter, torchvision_model
 from seg.schedulers import poly
 
@@ -58,37 +65,86 @@ class PoisonedLoss(nn.Module):
         return loss * math.nan if self.calls in self.poisoned_calls else loss
 
 
-def make_trainer(tmp_path, loss_fn, model=None, **kwargs):
+# How a step is skipped: SGD on the host, fused AdamW on the device.
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "fused_adamw": lambda params: torch.optim.AdamW(params, lr=0.01, fused=True),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01),
+}
+
+
+def make_trainer(tmp_path, loss_fn, model=None, optimizer="sgd", **kwargs):
     model = model or Segmenter(nn.Conv2d(3, 3, 3, padding=1), stride=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = OPTIMIZERS[optimizer](model.parameters())
     settings = dict(device="cpu", precision="fp32", max_iters=6, val_every=100, ckpt_every=100)
-    recorder = Recorder(tmp_path, ["a", "b", "c"], [[0, 0, 0]] * 3)
+    recorder = Recorder(tmp_path, ["a", "b", "c"], [[0, 0, 0]] * 3, trackers=[TensorBoard()])
     return Trainer(
         model, loss_fn, optimizer, poly(optimizer, max_iters=6), recorder, 255, [0.5] * 3,
         [0.25] * 3, **(settings | kwargs),
     )  # fmt: skip
 
 
-def test_non_finite_steps_are_skipped_and_counted(tmp_path):
-    trainer = make_trainer(tmp_path, PoisonedLoss(poisoned_calls={2, 3}))
+def optimizer_state(trainer):
+    return [
+        {key: value.clone() for key, value in state.items()}
+        for state in trainer.optimizer.state.values()
+    ]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, optimizer):
+    trainer = make_trainer(tmp_path, PoisonedLoss(poisoned_calls={2, 3}), optimizer=optimizer)
+    assert skips_on_device(trainer.optimizer) == (optimizer == "fused_adamw")
     stream = batches()
     trainer.train_step(stream)
     weights = trainer.model.net.weight.detach().clone()
+    state = optimizer_state(trainer)
     lr = trainer.scheduler.get_last_lr()
     step = trainer.train_step(stream)
     assert not step.applied and not step.finite_loss
     assert torch.equal(trainer.model.net.weight, weights)  # no optimizer step
-    assert trainer.scheduler.get_last_lr() == lr  # no scheduler step
+    for before, after in zip(state, optimizer_state(trainer), strict=True):
+        assert all(torch.equal(before[key], after[key]) for key in before)  # state untouched
+    assert trainer.scheduler.get_last_lr() != lr  # the schedule follows the iteration
     val = Loader(itertools.islice(batches(), 1))
     trainer.fit(Loader(itertools.islice(stream, 10)), val)
     assert trainer.skipped_steps == 1  # call 3 (in fit), counted once
     assert trainer.iteration == 6
 
 
-def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path):
+def test_an_unfused_checkpoint_resumes_into_a_fused_optimizer(tmp_path):
+    # A checkpoint's param groups bring their own ``fused``: the step must follow them.
+    old = make_trainer(tmp_path, nn.CrossEntropyLoss(), optimizer="adamw")
+    old.train_step(batches())
+    resumed = make_trainer(tmp_path, PoisonedLoss(poisoned_calls={1}), optimizer="fused_adamw")
+    resumed.load_state_dict(old.state_dict())
+    assert not skips_on_device(resumed.optimizer)
+    weights = resumed.model.net.weight.detach().clone()
+    stream = batches()
+    assert not resumed.train_step(stream).applied
+    assert torch.equal(resumed.model.net.weight, weights)
+    assert resumed.train_step(stream).applied
+
+
+def test_a_skipped_first_step_leaves_a_clean_optimizer_state(tmp_path):
+    # The case fused SGD gets wrong (its momentum stays uninitialized memory): SGD decides on
+    # the host, so the skipped step leaves no state and the next one starts it cleanly.
+    trainer = make_trainer(tmp_path, PoisonedLoss(poisoned_calls={1}))
+    stream = batches()
+    assert not trainer.train_step(stream).applied
+    assert not any(trainer.optimizer.state.values())
+    assert trainer.train_step(stream).applied
+    for state in trainer.optimizer.state.values():
+        assert torch.isfinite(state["momentum_buffer"]).all()
+    assert torch.isfinite(trainer.model.net.weight).all()
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, optimizer):
     trainer = make_trainer(
-        tmp_path, PoisonedLoss(poisoned_calls=range(3, 100)), nonfinite_patience=3, ckpt_every=1
-    )
+        tmp_path, PoisonedLoss(poisoned_calls=range(3, 100)), nonfinite_patience=3, ckpt_every=1,
+        optimizer=optimizer,
+    )  # fmt: skip
     with pytest.raises(StopTraining, match="non-finite 3 steps in a row") as stop:
         trainer.fit(Loader(itertools.islice(batches(), 10)), Loader(itertools.islice(batches(), 1)))
     assert stop.value.exit_code == EXIT_NONFINITE
@@ -331,12 +387,13 @@ class TwiceTerminatedLoss(nn.CrossEntropyLoss):
         return super().forward(logits, target)
 
 
-def test_a_repeated_sigterm_still_stops_after_the_step_with_a_save(tmp_path):
+def test_a_repeated_sigterm_still_stops_after_the_next_step_with_a_save(tmp_path):
     trainer = make_trainer(tmp_path, TwiceTerminatedLoss())
-    with pytest.raises(StopTraining, match="SIGTERM: stopped at iteration 1") as stop:
+    # The stop decision of step 1 is read once step 2 is queued: the run stops after step 2.
+    with pytest.raises(StopTraining, match="SIGTERM: stopped at iteration 2") as stop:
         fit_with(trainer, batches())
     assert stop.value.exit_code == 128 + signal.SIGTERM
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 1
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
 
 
 def test_progress_lines_are_logged_under_a_progress_bar_too(tmp_path, monkeypatch, caplog):
