@@ -1,6 +1,7 @@
 """``python train.py``: build everything from the config, then hand it to the Trainer."""
 
 import logging
+import math
 import random
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from seg.config import (
@@ -26,9 +28,11 @@ from seg.engine import dist
 from seg.engine.checkpoint import check_compatible, load_checkpoint
 from seg.engine.recorder import Recorder
 from seg.engine.trainer import StopTraining, resolve_device
-from seg.models import load_checkpoint_weights
+from seg.models import init_from, load_checkpoint_weights
+from seg.optim import build_optimizer
 from seg.run_dir import (
     RunLog,
+    RunResult,
     claim,
     find_resumable,
     refuse_taken,
@@ -45,21 +49,30 @@ def main() -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> RunResult:
+    """One run, or one job of a sweep (``-m``); returns its best val mIoU, which an Optuna
+    sweep (``hparams_search=optuna``) maximizes."""
     hydra_config = HydraConfig.get()
-    explicit_run_dir = any(o.startswith("hydra.run.dir=") for o in hydra_config.overrides.hydra)
+    sweep_job = hydra_config.mode == RunMode.MULTIRUN
+    # A sweep's job directories are numbered by Hydra: only a single run's is named by the user.
+    explicit_run_dir = not sweep_job and any(
+        o.startswith("hydra.run.dir=") for o in hydra_config.overrides.hydra
+    )
+
+    def job() -> RunResult:
+        output_dir = Path(hydra_config.runtime.output_dir)
+        return run(cfg, output_dir, list(hydra_config.overrides.task), explicit_run_dir)
+
     try:
-        report_user_errors(
-            lambda: run(
-                cfg,
-                Path(hydra_config.runtime.output_dir),
-                list(hydra_config.overrides.task),
-                explicit_run_dir,
-            )
-        )
+        # In a sweep, an error fails this job alone: Hydra records it, the sweep's summary
+        # lists it (seg/sweep.py) and the sweeper decides whether the other jobs go on.
+        return job() if sweep_job else report_user_errors(job)
     except StopTraining as stop:
-        # A signal is the user's own decision: a warning, not an error.
-        log.log(logging.WARNING if stop.exit_code > 128 else logging.ERROR, "%s", stop)
+        signal = stop.exit_code > 128
+        if sweep_job and not signal:
+            raise  # diverged: a failed job, like an error
+        # A signal is the user's own decision (it ends a whole sweep): a warning, not an error.
+        log.log(logging.WARNING if signal else logging.ERROR, "%s", stop)
         sys.exit(stop.exit_code)
 
 
@@ -82,8 +95,11 @@ def find_resume_checkpoint(
     return Path(resume), load_checkpoint(resume)
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str], explicit_run_dir: bool = True):
-    """Train with ``cfg``, or resume per ``cfg.resume``; returns the final val mIoU.
+def run(
+    cfg: DictConfig, run_dir: Path, overrides: list[str], explicit_run_dir: bool = True
+) -> RunResult:
+    """Train with ``cfg``, or resume per ``cfg.resume``; returns the best val mIoU, with the
+    directory the run wrote to.
 
     ``run_dir`` is Hydra's run directory; a new run claims it (README "Outputs"), a resumed run
     continues in its checkpoint's. ``overrides`` are the command line's: a checkpoint keeps them
@@ -108,7 +124,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], explicit_run_dir: 
 
 def start(
     cfg: DictConfig, run_dir: Path, overrides: list[str], explicit_run_dir: bool, run_log: RunLog
-) -> float:
+) -> RunResult:
     """Check, build, place the run, train: in that order, so that a failed check writes nothing."""
     check_values(cfg)
     identity = run_identity(overrides, cfg.run_name)
@@ -158,6 +174,13 @@ def start(
     model = build(cfg.model, **({"pretrained": False} if checkpoint else {}))
     if checkpoint is not None:  # the complete compatibility check, before anything is written
         load_checkpoint_weights(model, checkpoint["model"], f"checkpoint {checkpoint_path}")
+        if cfg.init_from is not None:
+            log.info("init_from=%s is ignored: the run resumes with its checkpoint's weights",
+                     cfg.init_from)  # fmt: skip
+    elif cfg.init_from is not None:  # a new run from other weights, with its own schedule
+        init_from(model, cfg.init_from)
+    # Rank 0 alone reports, like every file of the run; a tracker's missing package fails here.
+    trackers = [build(tracker) for tracker in cfg.tracker.values()] if dist.is_main() else []
 
     # Every check passed: now the run takes its directory (decided once, by rank 0) and
     # starts writing.
@@ -180,15 +203,17 @@ def start(
         config_yaml=config_yaml,
         overrides=overrides,
         write=dist.is_main(),
+        trackers=trackers,
+        params=flat_values(cfg),
     )
-    return train(cfg, recorder, checkpoint, model, train_set, val_set)
+    return RunResult(train(cfg, recorder, checkpoint, model, train_set, val_set), run_dir)
 
 
 def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
     """Build loss, optimizer, schedule and Trainer around ``model``, restore ``checkpoint``
-    if any, and train; returns the last val mIoU."""
+    if any, and train; returns the best val mIoU (NaN if it never validated)."""
     loss_fn = build(cfg.loss)
-    optimizer = build(cfg.optimizer)(params=model.parameters())
+    optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build(cfg.scheduler)(optimizer=optimizer)
     trainer = build(
         cfg.trainer,
@@ -208,6 +233,14 @@ def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
         samples_per_iteration,
     )  # fmt: skip
     if checkpoint is not None:
+        saved_groups = len(checkpoint["optimizer"]["param_groups"])
+        if saved_groups != len(optimizer.param_groups):  # torch's own error names no key
+            raise ValueError(
+                f"the checkpoint's optimizer has {saved_groups} parameter group(s), this config "
+                f"{len(optimizer.param_groups)}: a resumed run keeps its optimizer.encoder_lr_mult "
+                "and optimizer.norm_bias_decay. Drop those overrides, or start a new run from "
+                "the checkpoint's weights with init_from=<checkpoint>"
+            )
         trainer.load_state_dict(checkpoint)
         trainer.samples_seen = data_position(checkpoint, samples_per_iteration)
         log_schedule_change(checkpoint, cfg, scheduler, trainer.iteration)
@@ -229,11 +262,12 @@ def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
         pin_memory=pin_memory,
     )
     try:
-        metrics = trainer.fit(train_loader, val_loader)
+        trainer.fit(train_loader, val_loader)
     finally:
         for dataset in (train_set, val_set):
             dataset.report_skipped()
-    return metrics.get("mIoU", float("nan"))
+    # Of the whole run, resumed parts included (the checkpoint keeps it): what a sweep compares.
+    return trainer.best_miou if math.isfinite(trainer.best_miou) else float("nan")
 
 
 def log_changed_settings(stored: DictConfig, cfg: DictConfig) -> None:
