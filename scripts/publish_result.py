@@ -1,0 +1,73 @@
+"""Publish a training run as the evidence for a result the README claims.
+
+    python scripts/publish_result.py outputs/2026-11-26/22-50-00 default_run
+    python scripts/publish_result.py <run dir> camvid_unet --eval outputs/.../eval_test_last/metrics.json
+
+Copies the run's ``metrics.jsonl``, ``train.log`` and ``config.yaml`` (small text files) into
+``docs/results/<name>/`` and writes its ``README.md``: the command, the machine (CPU model, cores,
+GPU), torch and seg versions and the date, so that anyone can re-run the command and compare
+their files line by line. ``--eval`` adds an evaluation's JSON (``evaluate.py out=...``).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import cpu_name
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_FILES = ("metrics.jsonl", "train.log", "config.yaml")
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {gpu}"
+
+
+def publish(run_dir: Path, name: str, evaluation: Path | None, root: Path) -> Path:
+    """Write ``root/<name>/`` from ``run_dir``; returns that directory."""
+    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+    if missing:
+        raise SystemExit(f"{run_dir} is not a finished run directory: {', '.join(missing)} missing")
+    target = root / name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in RUN_FILES:
+        shutil.copyfile(run_dir / file, target / file)
+    run = json.loads((run_dir / "run.json").read_text())
+    command = " ".join(["python", Path(run["command"][0]).name, *run["command"][1:]])
+    lines = [
+        f"# {name}",
+        "",
+        f"- command: `{command}`",
+        f"- started: {run['started']}; published {datetime.now():%Y-%m-%d %H:%M}",
+        f"- machine: {machine()}",
+        f"- software: Python {platform.python_version()}, torch {torch.__version__}",
+        f"- files: {', '.join(RUN_FILES)} of the run directory, unchanged",
+    ]
+    if evaluation is not None:
+        shutil.copyfile(evaluation, target / "evaluation.json")
+        lines.append("- evaluation.json: the evaluation quoted in the README (evaluate.py out=...)")
+    (target / "README.md").write_text("\n".join(lines) + "\n")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("name", help="the folder under docs/results/")
+    parser.add_argument("--eval", type=Path, default=None, help="an evaluation's JSON to add")
+    parser.add_argument("--root", type=Path, default=REPO / "docs" / "results")
+    args = parser.parse_args()
+    print(publish(args.run_dir, args.name, args.eval, args.root))
+
+
+if __name__ == "__main__":
+    main()

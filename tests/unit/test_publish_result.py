@@ -1,0 +1,46 @@
+"""scripts/publish_result.py: a run's evidence copied unchanged, with the command and machine."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))  # publish_result imports benchmark's cpu_name
+spec = importlib.util.spec_from_file_location("publish", REPO / "scripts" / "publish_result.py")
+publish = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(publish)
+
+
+def fake_run(run_dir):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"iteration": 2, "mIoU": 0.5}\n')
+    (run_dir / "train.log").write_text("iteration 2/2  loss 0.1\n")
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    command = ["/somewhere/train.py", "debug=tiny"]
+    (run_dir / "run.json").write_text(
+        json.dumps({"started": "2026-11-26 10:00:00", "command": command})
+    )
+    return run_dir
+
+
+def test_a_run_is_published_unchanged_with_its_command_and_machine(tmp_path):
+    run_dir = fake_run(tmp_path / "run")
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text('{"mIoU": 0.4}')
+    target = publish.publish(run_dir, "tiny", evaluation, tmp_path / "results")
+    for name in ("metrics.jsonl", "train.log", "config.yaml"):
+        assert (target / name).read_bytes() == (run_dir / name).read_bytes()
+    assert (target / "evaluation.json").read_text() == '{"mIoU": 0.4}'
+    readme = (target / "README.md").read_text()
+    assert "`python train.py debug=tiny`" in readme
+    assert publish.cpu_name() in readme and "torch " in readme
+
+
+def test_an_unfinished_run_is_refused_naming_what_is_missing(tmp_path):
+    run_dir = fake_run(tmp_path / "run")
+    (run_dir / "metrics.jsonl").unlink()
+    with pytest.raises(SystemExit, match=r"metrics\.jsonl missing"):
+        publish.publish(run_dir, "tiny", None, tmp_path / "results")
