@@ -5,16 +5,21 @@
     python scripts/benchmark.py --default-run         # also time `python train.py` end to end
     python scripts/benchmark.py --models unet --scaling 2   # also 1 process vs 2 under torchrun
     python scripts/benchmark.py --only data           # the data pipeline alone (about a minute)
+    python scripts/benchmark.py --models unet --skip-data   # one model, no data section
 
 For each model: (a) seg's training step as the Trainer runs it (precision and channels_last as
 `auto` picks them), (b) a plain fp32 loop (model, loss, backward, SGD step: what torchvision's
 reference script or Lightning's defaults do), (c) the same plain loop with seg's settings, so
-that (a)/(c) is the Trainer's own overhead; FLOPs per image, achieved GFLOP/s, peak memory; the
-machine's fp32/bf16 GEMM ceilings; the data pipeline (Cityscapes-sized PNGs, random
-scale/crop/flip, see ``bench_data``) per core against seg's before issue 11 and
-torchvision.transforms.v2; evaluation throughput. Medians of
---reps timed repetitions after --warmup untimed ones. --scaling N: seg's training step in one
-process against N processes under torchrun (DDP), see ``bench_scaling``.
+that (a)/(c) is the Trainer's own overhead; (d) end to end: the real DataLoader (train.py's
+data=cityscapes dataset and transform, crop --size, workers = cores) over Cityscapes-sized PNGs
+feeding the same Trainer, without and with data.cache_dir, and data_bound = step-only img/s /
+(d), the step-only figure timed in blocks beside (d) (see ``bench_e2e``); FLOPs per image,
+achieved GFLOP/s, peak memory; the machine's fp32/bf16 GEMM ceilings; the data pipeline
+(Cityscapes-sized PNGs, random scale/crop/flip, see ``bench_data``) per core, without and with
+the decoded-sample cache, against seg's before issue 11 and torchvision.transforms.v2;
+evaluation throughput. Medians of --reps timed repetitions after --warmup untimed ones.
+--scaling N: seg's training step in one process against N processes under torchrun (DDP), see
+``bench_scaling``.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import platform
 import random
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,15 +55,17 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from seg.data.base import read_image, read_mask  # noqa: E402
 from seg.data.cityscapes import Cityscapes  # noqa: E402
-from seg.data.loader import train_loader  # noqa: E402
+from seg.data.loader import DeviceBatches, train_loader  # noqa: E402
 from seg.data.synthetic import SyntheticScenes  # noqa: E402
 from seg.data.transforms import train_transform  # noqa: E402
 from seg.engine.evaluation import evaluate  # noqa: E402
 from seg.engine.recorder import Recorder  # noqa: E402
 from seg.inference import Normalize, Predictor  # noqa: E402
+from seg.optim import build_optimizer  # noqa: E402
 from seg.schedulers import poly  # noqa: E402
 
 NUM_CLASSES = 19  # Cityscapes-sized heads
+CITYSCAPES_SIZE = (1024, 2048)  # (height, width) of the PNGs the data figures read
 
 
 def median_seconds(step, reps: int, warmup: int, sync) -> float:
@@ -157,7 +165,7 @@ def train_config(name: str, device):
 
 def make_trainer(cfg, model: torch.nn.Module, sync_bn: bool | str = "auto"):
     """seg's Trainer as train.py builds it from ``cfg``, writing nothing."""
-    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    optimizer = build_optimizer(cfg.optimizer, model)
     recorder = Recorder(
         tempfile.mkdtemp(), [str(i) for i in range(NUM_CLASSES)], [[0, 0, 0]] * NUM_CLASSES,
         write=False,
@@ -209,7 +217,7 @@ def bench_model(name: str, args, device, sync) -> dict:
     }
     for key, (autocast_dtype, memory_format) in variants.items():
         model = copy.deepcopy(template).to(device, memory_format=memory_format)
-        optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+        optimizer = build_optimizer(cfg.optimizer, model)
         x = inputs.to(device, memory_format=memory_format)
         y = masks.to(device).long()
         steps[key] = lambda m=model, o=optimizer, d=autocast_dtype, x=x, y=y: plain_step(
@@ -222,6 +230,9 @@ def bench_model(name: str, args, device, sync) -> dict:
     result["speedup_vs_plain_fp32"] = result["seg_img_s"] / result["plain_fp32_img_s"]
     result["trainer_overhead"] = result["plain_same_settings_img_s"] / result["seg_img_s"] - 1
     result["achieved_gflops"] = flops_per_image * result["seg_img_s"] / 1e9
+
+    # (d) end to end: the real input path feeding the same Trainer, without and with the cache
+    result |= bench_e2e(cfg, template, images, masks, args, device, sync)
 
     if args.compile:
         result["compile"] = bench_compile(
@@ -238,6 +249,63 @@ def bench_model(name: str, args, device, sync) -> dict:
     sync()
     result["eval_img_s"] = args.batch * args.eval_batches / (time.perf_counter() - start)
     return result
+
+
+def loader_workers() -> int:
+    """DataLoader workers for the end-to-end figure: one per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def bench_e2e(cfg, template, images, masks, args, device, sync) -> dict:
+    """seg's Trainer fed as ``fit`` feeds it, beside the step alone: img/s and data_bound.
+
+    The input path: train.py's dataset and training transform of ``cfg`` (data=cityscapes, crop
+    --size) over ``args.data_images`` Cityscapes-sized PNG pairs, ``train_loader`` with workers =
+    cores, pinned memory on a GPU, ``DeviceBatches`` one batch ahead, batch --batch; without a
+    cache (``e2e``) and with data.cache_dir (``e2e_cached``, warm: every sample is cached before,
+    its cold first pass left out). The step alone (``step``) trains on the in-memory batch
+    ``images``, ``masks`` with no loader alive, as figure (a) does.
+
+    The blocks run step, e2e, cached, cached, e2e, step, so that a linear drift of a shared
+    machine's speed cancels; each figure is the mean of its two blocks and data_bound is
+    step / e2e. An end-to-end block starts a loader, trains ``args.warmup`` + workers untimed
+    steps (worker start-up, the first batch of each worker), then times max(2 x --reps,
+    4 x workers) steps from first to last, waits for data included (a median would hide them)."""
+    workers = loader_workers()
+    transform = instantiate(cfg.data.train_transform, crop_size=list(args.size))
+    datasets = {
+        name: instantiate(cfg.data.dataset, root=str(cityscapes_tree(args)), split="train",
+                          transform=transform, cache_dir=cache_dir)
+        for name, cache_dir in (("e2e", None), ("e2e_cached", str(args.work_dir / "cache")))
+    }  # fmt: skip
+    fill_cache(datasets["e2e_cached"])
+    trainer = make_trainer(cfg, copy.deepcopy(template))
+
+    def block(name: str) -> float:
+        if name == "step":
+            batches, untimed, timed = iter(lambda: (images, masks), None), args.warmup, args.reps
+        else:
+            pin = device.type == "cuda"
+            loader = train_loader(datasets[name], args.batch, workers, seed=0, pin_memory=pin)
+            batches = DeviceBatches(iter(loader), trainer.device)
+            untimed, timed = args.warmup + workers, max(2 * args.reps, 4 * workers)
+        for _ in range(untimed):
+            trainer.train_step(batches)
+        sync()
+        start = time.perf_counter()
+        for _ in range(timed):
+            trainer.train_step(batches)
+        sync()
+        return timed * args.batch / (time.perf_counter() - start)  # the loader ends with it
+
+    rates = {"step": [], "e2e": [], "e2e_cached": []}
+    for name in ("step", "e2e", "e2e_cached", "e2e_cached", "e2e", "step"):
+        rates[name].append(block(name))
+    result = {f"{name}_img_s": statistics.mean(values) for name, values in rates.items()}
+    result["e2e_step_only_img_s"] = result.pop("step_img_s")
+    for suffix in ("", "_cached"):
+        result[f"data_bound{suffix}"] = result["e2e_step_only_img_s"] / result[f"e2e{suffix}_img_s"]
+    return result | {"e2e_workers": workers}
 
 
 class _Batches(list):
@@ -391,7 +459,8 @@ class TorchvisionPipeline(Dataset):
         self.samples = samples
         self.tv_tensors = tv_tensors
         self.transform = v2.Compose([
-            v2.RandomResize(int(1024 * scale_range[0]), int(1024 * scale_range[1])),
+            v2.RandomResize(int(CITYSCAPES_SIZE[0] * scale_range[0]),
+                            int(CITYSCAPES_SIZE[0] * scale_range[1])),  # the short side
             v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
             v2.RandomHorizontalFlip(),
         ])  # fmt: skip
@@ -439,15 +508,61 @@ class PreviousCityscapes(Cityscapes):
         return out["image"], torch.as_tensor(np.asarray(out["mask"]), dtype=torch.int64)
 
 
+def cityscapes_tree(args) -> Path:
+    """The PNG tree that the data and end-to-end figures read (``args.data_images`` pairs of
+    ``CITYSCAPES_SIZE``), written under ``args.work_dir`` on first use."""
+    root = args.work_dir / "cityscapes"
+    if not root.exists():
+        write_cityscapes_tree(root, args.data_images)
+    return root
+
+
+def fill_cache(dataset) -> float:
+    """Read every sample of ``dataset`` once (with data.cache_dir: decoded and written, the cold
+    first pass), on one thread; returns samples per second."""
+    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        start = time.perf_counter()
+        for index in range(len(dataset)):
+            dataset[(index, 0, index)]
+        return len(dataset) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
+
+
+def cold_pass(cached, uncached) -> dict:
+    """The cache's first pass against no cache, on one thread: sample by sample in turn, each
+    sample of ``cached`` (decoded, mapped, checked, written to data.cache_dir, transformed) right
+    after the same sample of ``uncached`` (the same but the write); samples per second (medians)."""
+    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    seconds = {"uncached": [], "cold": []}
+    try:
+        for index in range(len(cached)):
+            for name, dataset in (("uncached", uncached), ("cold", cached)):
+                start = time.perf_counter()
+                dataset[(index, 0, index)]
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
+    return {name: 1 / statistics.median(values) for name, values in seconds.items()}
+
+
 def write_cityscapes_tree(root: Path, count: int) -> None:
-    """``count`` 2048x1024 image/labelIds pairs in the official layout, upscaled synthetic scenes
-    (smooth regions compress like photos do, unlike noise)."""
+    """``count`` image/labelIds pairs of ``CITYSCAPES_SIZE`` in the official layout, upscaled
+    synthetic scenes (smooth regions compress like photos do, unlike noise)."""
     scenes = SyntheticScenes("train", image_size=256, num_classes=6)
     ids = np.array([7, 8, 11, 21, 23, 26], np.uint8)  # road, sidewalk, building, ... car
     for i in range(count):
         image, mask = scenes.load(i)
-        image = cv2.resize(image, (2048, 1024), interpolation=cv2.INTER_LINEAR)
-        labels = cv2.resize(ids[mask], (2048, 1024), interpolation=cv2.INTER_NEAREST)
+        height, width = CITYSCAPES_SIZE
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        labels = cv2.resize(ids[mask], (width, height), interpolation=cv2.INTER_NEAREST)
         name = f"bench_{i:06d}_000019"
         for folder, suffix, array in (
             ("leftImg8bit", "leftImg8bit", image),
@@ -520,41 +635,51 @@ def decode_ms(samples, reps: int = 5) -> dict:
 
 def bench_data(args) -> dict:
     """Cityscapes-sized training samples (2048x1024 PNG + labelIds, scale 0.5-2, crop 512x1024,
-    flip): seg's pipeline, seg's pipeline before issue 11 and torchvision.transforms.v2, per
-    core and with 2 DataLoader workers."""
-    crop, scale_range = (512, 1024), (0.5, 2.0)
-    with tempfile.TemporaryDirectory() as directory:
-        root = Path(directory)
-        write_cityscapes_tree(root, args.data_images)
-        seg_set = Cityscapes(str(root), "train", transform=train_transform(crop, 255, scale_range))
-        before = PreviousCityscapes(str(root), "train",
-                                    transform=previous_train_transform(crop, 255, scale_range))  # fmt: skip
-        tv_set = TorchvisionPipeline(seg_set.samples, crop, scale_range)
-        result = {  # DataLoader with 2 worker processes, default threads
-            f"{name}_img_s_2_workers": loader_img_s(dataset, 2, args.data_batches, 2)
-            for name, dataset in (("seg", seg_set), ("torchvision_v2", tv_set))
-        }
-        per_core = pipeline_img_s_per_core(
-            {"seg": seg_set, "seg_before_issue_11": before, "torchvision_v2": tv_set},
-            args.data_rounds, batches=3,
-        )  # fmt: skip
-        # The same two seg pipelines on samples decoded beforehand: the work this issue changed
-        # (label mapping, augmentation, conversion, collation), without the decode.
-        decoded = [seg_set.load(i) for i in range(min(4, len(seg_set)))]
-        for dataset in (seg_set, before):
-            dataset.samples = dataset.samples[: len(decoded)]
-            dataset.load = decoded.__getitem__  # an instance attribute: replaces the method
-        after_decode = pipeline_img_s_per_core(
-            {"seg": seg_set, "seg_before_issue_11": before}, args.data_rounds, batches=3
-        )
-        result |= {
-            "pipeline_img_s_per_core": per_core,
-            "speedup_vs_before": per_core["seg"] / per_core["seg_before_issue_11"],
-            "speedup_vs_torchvision_v2": per_core["seg"] / per_core["torchvision_v2"],
-            "decode_ms_per_core": decode_ms(tv_set.samples[:4]),
-            "after_decode_ms_per_core": {name: 1000 / v for name, v in after_decode.items()},
-        }
-    return result
+    flip): seg's pipeline, the same with data.cache_dir (warm: its cold first pass, timed alone,
+    is left out of the per-core figure), seg's pipeline before issue 11 and
+    torchvision.transforms.v2, per core and with 2 DataLoader workers."""
+    crop, scale_range = (CITYSCAPES_SIZE[0] // 2, CITYSCAPES_SIZE[1] // 2), (0.5, 2.0)
+    root, cache_dir = cityscapes_tree(args), args.work_dir / "cache-data"
+    seg_set = Cityscapes(str(root), "train", transform=train_transform(crop, 255, scale_range))
+    cached = Cityscapes(str(root), "train", transform=train_transform(crop, 255, scale_range),
+                        cache_dir=str(cache_dir))  # fmt: skip
+    cold = cold_pass(cached, seg_set)  # fills the cache
+    before = PreviousCityscapes(str(root), "train",
+                                transform=previous_train_transform(crop, 255, scale_range))  # fmt: skip
+    tv_set = TorchvisionPipeline(seg_set.samples, crop, scale_range)
+    result = {  # DataLoader with 2 worker processes, default threads
+        f"{name}_img_s_2_workers": loader_img_s(dataset, 2, args.data_batches, 2)
+        for name, dataset in (("seg", seg_set), ("seg_cached", cached), ("torchvision_v2", tv_set))
+    }
+    per_core = pipeline_img_s_per_core(
+        {"seg": seg_set, "seg_cached": cached, "seg_before_issue_11": before,
+         "torchvision_v2": tv_set},
+        args.data_rounds, batches=3,
+    )  # fmt: skip
+    cache_bytes = sum(path.stat().st_size for path in cache_dir.rglob("*.npy"))
+    # The same two seg pipelines on samples decoded beforehand: the work this issue changed
+    # (label mapping, augmentation, conversion, collation), without the decode.
+    decoded = [seg_set.load(i) for i in range(min(4, len(seg_set)))]
+    for dataset in (seg_set, before):
+        dataset.samples = dataset.samples[: len(decoded)]
+        dataset.load = decoded.__getitem__  # an instance attribute: replaces the method
+    after_decode = pipeline_img_s_per_core(
+        {"seg": seg_set, "seg_before_issue_11": before}, args.data_rounds, batches=3
+    )
+    return result | {
+        "pipeline_img_s_per_core": per_core,
+        "speedup_vs_before": per_core["seg"] / per_core["seg_before_issue_11"],
+        "speedup_vs_torchvision_v2": per_core["seg"] / per_core["torchvision_v2"],
+        "cache_speedup": per_core["seg_cached"] / per_core["seg"],
+        "cache_speedup_vs_before": per_core["seg_cached"] / per_core["seg_before_issue_11"],
+        "cache_speedup_vs_torchvision_v2": per_core["seg_cached"] / per_core["torchvision_v2"],
+        # the first pass (decode, map, check, write, transform), and no cache beside it
+        "cache_cold_img_s_per_core": cold["cold"],
+        "cache_cold_slowdown": cold["uncached"] / cold["cold"],
+        "cache_mb_per_sample": cache_bytes / len(cached) / 1e6,
+        "decode_ms_per_core": decode_ms(tv_set.samples[:4]),
+        "after_decode_ms_per_core": {name: 1000 / v for name, v in after_decode.items()},
+    }
 
 
 def print_data(result: dict) -> None:
@@ -564,10 +689,15 @@ def print_data(result: dict) -> None:
         "data pipeline, img/s per core: "
         + ", ".join(f"{name} {value:.1f}" for name, value in per_core.items())
         + f" (x{result['speedup_vs_before']:.2f} vs before issue 11, "
-        f"x{result['speedup_vs_torchvision_v2']:.2f} vs torchvision v2); per sample: decode "
+        f"x{result['speedup_vs_torchvision_v2']:.2f} vs torchvision v2; cached x"
+        f"{result['cache_speedup']:.2f} vs seg, x{result['cache_speedup_vs_before']:.2f} vs before, "
+        f"x{result['cache_speedup_vs_torchvision_v2']:.2f} vs torchvision v2; its cold first pass "
+        f"{result['cache_cold_img_s_per_core']:.1f}, x{result['cache_cold_slowdown']:.2f} the time "
+        f"of no cache, {result['cache_mb_per_sample']:.1f} MB of disk per sample); per sample: decode "
         f"{decode['image']:.1f} ms image + {decode['mask']:.1f} ms labels, then seg "
         f"{after_decode['seg']:.1f} ms (before issue 11: {after_decode['seg_before_issue_11']:.1f}"
-        f" ms); 2 workers: seg {result['seg_img_s_2_workers']:.1f}, torchvision v2 "
+        f" ms); 2 workers: seg {result['seg_img_s_2_workers']:.1f}, cached "
+        f"{result['seg_cached_img_s_2_workers']:.1f}, torchvision v2 "
         f"{result['torchvision_v2_img_s_2_workers']:.1f} img/s",
         flush=True,
     )
@@ -639,34 +769,44 @@ def main() -> None:
         }
         print(f"GEMM ceilings: fp32 {report['ceilings']['fp32_gemm_gflops']:.0f}, "
               f"bf16 {report['ceilings']['bf16_gemm_gflops']:.0f} GFLOP/s", flush=True)  # fmt: skip
-    report["train"] = {}
-    for name in args.models:
-        result = bench_model(name, args, device, sync)
-        report["train"][name] = result
-        report.setdefault("eval", {})[name] = {"img_s": result.pop("eval_img_s")}
-        print(
-            f"{name:>14}: seg {result['seg_img_s']:.2f} img/s ({result['precision']}"
-            f"{', channels_last' if result['channels_last'] else ''}), plain fp32 "
-            f"{result['plain_fp32_img_s']:.2f}, plain same settings {result['plain_same_settings_img_s']:.2f}"
-            f" -> x{result['speedup_vs_plain_fp32']:.2f}, overhead {100 * result['trainer_overhead']:+.1f}%, "
-            f"{result['achieved_gflops']:.0f} GFLOP/s, peak {result['seg_peak_mib']:.0f} MiB; "
-            f"eval {report['eval'][name]['img_s']:.2f} img/s",
-            flush=True,
-        )
-    if args.scaling is not None:
-        report["scaling"] = {}
+    # The Cityscapes-sized PNGs and the caches that the data and end-to-end figures read
+    args.work_dir = Path(tempfile.mkdtemp(prefix="seg-benchmark-"))
+    try:
+        report["train"] = {}
         for name in args.models:
-            report["scaling"][name] = bench_scaling(name, args, device, threads)
-            print_scaling(name, report["scaling"][name])
-    if not args.skip_data:
-        report["data"] = bench_data(args)
-        print_data(report["data"])
-    if args.default_run:
-        report["default_run"] = default_run()
-        print(
-            "default run: " + ", ".join(f"{k} {v:.3f}" for k, v in report["default_run"].items()),
-            flush=True,
-        )
+            result = bench_model(name, args, device, sync)
+            report["train"][name] = result
+            report.setdefault("eval", {})[name] = {"img_s": result.pop("eval_img_s")}
+            print(
+                f"{name:>14}: seg {result['seg_img_s']:.2f} img/s ({result['precision']}"
+                f"{', channels_last' if result['channels_last'] else ''}), plain fp32 "
+                f"{result['plain_fp32_img_s']:.2f}, plain same settings {result['plain_same_settings_img_s']:.2f}"
+                f" -> x{result['speedup_vs_plain_fp32']:.2f}, overhead {100 * result['trainer_overhead']:+.1f}%, "
+                f"{result['achieved_gflops']:.0f} GFLOP/s, peak {result['seg_peak_mib']:.0f} MiB; "
+                f"end to end ({result['e2e_workers']} workers) {result['e2e_img_s']:.2f} img/s, "
+                f"cached {result['e2e_cached_img_s']:.2f}, step alone beside them "
+                f"{result['e2e_step_only_img_s']:.2f}: data_bound {result['data_bound']:.2f}, cached "
+                f"{result['data_bound_cached']:.2f}; "
+                f"eval {report['eval'][name]['img_s']:.2f} img/s",
+                flush=True,
+            )
+        if args.scaling is not None:
+            report["scaling"] = {}
+            for name in args.models:
+                report["scaling"][name] = bench_scaling(name, args, device, threads)
+                print_scaling(name, report["scaling"][name])
+        if not args.skip_data:
+            report["data"] = bench_data(args)
+            print_data(report["data"])
+        if args.default_run:
+            report["default_run"] = default_run()
+            print(
+                "default run: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in report["default_run"].items()),
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(args.work_dir, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

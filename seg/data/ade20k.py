@@ -33,6 +33,7 @@ class ADE20K(PairedFiles):
         transform=None,
         reduce_zero_label: bool = True,
         skip_bad_samples: float = 0.0,
+        cache_dir: str | None = None,
     ):
         label_map = reduce_zero_label_table(ignore_index) if reduce_zero_label else None
         super().__init__(num_classes, ignore_index, transform, label_map, skip_bad_samples)
@@ -53,3 +54,4 @@ class ADE20K(PairedFiles):
             )
         if not images:
             raise DataError(f"{image_dir}: no .jpg images.\n{ADE_TREE}")
+        self.use_cache(cache_dir)  # data.cache_dir: decode each sample once

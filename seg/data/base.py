@@ -12,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from seg.data.cache import DecodedCache
 from seg.data.transforms import apply, to_tensors
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,15 @@ class SegmentationDataset(Dataset):
     ``InfiniteSampler`` and returns ``image`` (3, H, W) uint8 RGB, not normalized, and ``mask``
     (H, W) of ``mask_dtype`` (uint8, or int16 where classes or ignore_index pass 255). Samples
     travel small; the consumers normalize and widen them on the device (issue 11).
+
+    A subclass that reads files takes ``cache_dir`` (``data.cache_dir``) and calls
+    ``use_cache(cache_dir)`` at the end of its ``__init__``: samples are then decoded once and
+    read back from there (``seg.data.cache``).
     """
+
+    # Attributes that do not change what a sample decodes to, left out of the cache's key; every
+    # other attribute (label table, mask format, ...) is part of it, so a new setting is too.
+    CACHE_NEUTRAL = ("transform", "samples", "skip_bad_samples", "cache", "_counts", "_skipped")
 
     def __init__(
         self,
@@ -141,6 +150,17 @@ class SegmentationDataset(Dataset):
         # the indices of the first skipped samples for the report.
         self._counts = multiprocessing.Array("q", 2)
         self._skipped = multiprocessing.Array("q", [-1] * 10)
+        self.cache: DecodedCache | None = None  # set by use_cache
+
+    def use_cache(self, cache_dir: str | None) -> None:
+        """Keep decoded samples in ``cache_dir`` (None: off). Called at the end of a subclass's
+        ``__init__``, once every setting that ``load`` and ``map_labels`` read is set: they key
+        the cache. A folder that cannot be written is a PermissionError naming data.cache_dir."""
+        if cache_dir is None:
+            return
+        settings = {k: v for k, v in vars(self).items() if k not in self.CACHE_NEUTRAL}
+        self.cache = DecodedCache(cache_dir, type(self).__name__, settings)
+        self.cache.log_size(len(self), self.source_files(0)[0], self.mask_dtype)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -151,6 +171,11 @@ class SegmentationDataset(Dataset):
 
     def describe(self, index: int) -> str:
         """Name the sample in error messages (usually the mask's path)."""
+        raise NotImplementedError
+
+    def source_files(self, index: int) -> tuple[Path, ...]:
+        """The files sample ``index`` is decoded from, the image first: its cache entry's key
+        (their paths, sizes and modification times). Needed only with a cache."""
         raise NotImplementedError
 
     def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +215,20 @@ class SegmentationDataset(Dataset):
     def prepare(
         self, index: int, seed: tuple[int, ...] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Load, map, check and transform sample ``index``."""
+        """Load (or read from the cache), map, check and transform sample ``index``."""
+        image, mask = self.decoded(index)
+        if self.transform is None:
+            return to_tensors(image, mask)
+        return apply(self.transform, image, mask, seed)
+
+    def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ``index`` before its transform: the (H, W, 3) uint8 image and the (H, W) mask
+        of ``mask_dtype``, mapped and checked. With a cache, read from it (read-only memory
+        maps), or decoded and then written to it: the mapping is a fixed table and the checks
+        passed, so the cached pair is what decoding gives, bit for bit."""
+        entry = self.cache.entry(self.source_files(index)) if self.cache is not None else None
+        if entry is not None and (cached := self.cache.read(entry, self.mask_dtype)) is not None:
+            return cached
         image, mask = self.load(index)
         if image.shape[:2] != mask.shape:
             raise DataError(
@@ -202,9 +240,9 @@ class SegmentationDataset(Dataset):
         # Checked, so its values fit; cast before the transform so that padding with
         # ignore_index is exact (a no-op for the usual uint8 masks).
         mask = mask.astype(self.mask_dtype, copy=False)
-        if self.transform is None:
-            return to_tensors(image, mask)
-        return apply(self.transform, image, mask, seed)
+        if entry is not None:
+            self.cache.write(entry, image, mask)
+        return image, mask
 
     def map_labels(self, mask: np.ndarray, index: int) -> np.ndarray:
         """Stored label values -> class indices through ``label_map`` (if any).
@@ -268,6 +306,9 @@ class PairedFiles(SegmentationDataset):
 
     def describe(self, index: int) -> str:
         return str(self.samples[index][1])
+
+    def source_files(self, index: int) -> tuple[Path, ...]:
+        return self.samples[index]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.samples[index]

@@ -34,6 +34,7 @@ class CamVid(PairedFiles):
         ignore_index: int = 255,
         transform=None,
         skip_bad_samples: float = 0.0,
+        cache_dir: str | None = None,
     ):
         label_map = void_to_ignore_table(ignore_index)
         super().__init__(num_classes, ignore_index, transform, label_map, skip_bad_samples)
@@ -53,3 +54,4 @@ class CamVid(PairedFiles):
         if not images:
             raise DataError(f"{image_dir}: no images.\n{CAMVID_TREE}")
         self.samples = [(path, label_dir / path.name) for path in images]
+        self.use_cache(cache_dir)  # data.cache_dir: decode each sample once

@@ -37,6 +37,7 @@ class Cityscapes(PairedFiles):
         ignore_index: int = 255,
         transform=None,
         skip_bad_samples: float = 0.0,
+        cache_dir: str | None = None,
     ):
         if num_classes != len(LABEL_TO_TRAIN_ID):
             raise ValueError(f"Cityscapes has {len(LABEL_TO_TRAIN_ID)} classes, got {num_classes}")
@@ -56,3 +57,4 @@ class Cityscapes(PairedFiles):
             self.samples.append((image_path, label_path))
         if not self.samples:
             raise DataError(f"{image_dir}: no *_leftImg8bit.png images.\n{CITYSCAPES_TREE}")
+        self.use_cache(cache_dir)  # data.cache_dir: decode each sample once

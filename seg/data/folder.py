@@ -64,6 +64,7 @@ class FolderDataset(PairedFiles):
         palette: list[list[int]] | None = None,
         jpeg_threshold: int | None = None,
         skip_bad_samples: float = 0.0,
+        cache_dir: str | None = None,
     ):
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"data.dataset.mask_format={mask_format!r}; options: {MASK_FORMATS}")
@@ -106,6 +107,7 @@ class FolderDataset(PairedFiles):
         if not images:
             raise DataError(f"{image_dir}: split '{split}' has no images.\n{FOLDER_TREE}")
         self.samples = [(images[stem], masks[stem]) for stem in sorted(images)]
+        self.use_cache(cache_dir)  # data.cache_dir: decode each sample once
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.samples[index]

@@ -133,8 +133,12 @@ def val_transform(
 
 def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, W, 3) uint8 and (H, W) arrays -> (3, H, W) uint8 and (H, W) tensors, no copy: the
-    image is a channels-first view, which the DataLoader's collate copies into the batch."""
-    image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)  # from_numpy: no flips
+    image is a channels-first view, which the DataLoader's collate copies into the batch.
+
+    Read-only arrays (the cache's memory maps, passed through by an empty transform) are copied:
+    a tensor must not write into, nor keep open, a mapped cache file."""
+    # from_numpy takes no negative strides (flips) and warns on read-only arrays
+    image, mask = (np.require(array, requirements="CWE") for array in (image, mask))
     return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask)
 
 

@@ -30,6 +30,7 @@ class VOC(PairedFiles):
         mask_dir: str = "SegmentationClass",
         aug_mask_dir: str = "SegmentationClassAug",
         skip_bad_samples: float = 0.0,
+        cache_dir: str | None = None,
     ):
         super().__init__(num_classes, ignore_index, transform, None, skip_bad_samples)
         root_path = Path(root)
@@ -46,3 +47,4 @@ class VOC(PairedFiles):
             raise DataError(
                 f"{split_file}: {len(missing)} listed files do not exist, e.g. {missing[:3]}.\n{VOC_TREE}"
             )
+        self.use_cache(cache_dir)  # data.cache_dir: decode each sample once
