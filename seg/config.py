@@ -50,6 +50,24 @@ def apply_overrides(
     return merged
 
 
+def linked_keys(config: DictConfig, keys: Iterable[str]) -> dict[str, str]:
+    """Leaves of the unresolved ``config`` whose value is exactly ``${key}`` for one of ``keys``
+    (``data.dataset.root: ${data.root}``), as {leaf: key}. A checkpoint stores its config
+    resolved: an override of ``data.root`` must also reach the leaves that copied it."""
+    keys = set(keys)
+
+    def leaves(tree: dict, prefix: str):
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{name}.")
+            elif isinstance(value, str):
+                match = re.fullmatch(r"\$\{([\w.]+)\}", value)
+                if match and match.group(1) in keys:
+                    yield f"{prefix}{name}", match.group(1)
+
+    return dict(leaves(OmegaConf.to_container(config, resolve=False), ""))
+
+
 def check_data_config(data: DictConfig) -> None:
     """The data config owns the class list: its lengths must agree with ``num_classes``."""
     for key in ("class_names", "palette"):

@@ -2,17 +2,22 @@
 export): its training config with the command line's changes, its model with the weights, the
 Predictor, and the dataset of a split."""
 
+import logging
 from importlib import resources
 
 import torch
+from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from seg.config import apply_overrides, build, override_keys
+from seg.config import apply_overrides, build, linked_keys, override_keys
 from seg.engine.checkpoint import check_compatible, load_checkpoint
 from seg.engine.trainer import resolve_channels_last, resolve_precision
 from seg.inference import Predictor
+
+log = logging.getLogger(__name__)
+_ABSENT = object()
 
 # The keys that may limit the images of a split, when given on this command line.
 LIMIT_KEYS = ("max_samples", "data.max_val_samples")
@@ -31,8 +36,25 @@ def load(cfg: DictConfig, overrides: list[str], own: tuple[str, ...]) -> tuple[d
     command line's keys applied, all but the entry point's ``own`` keys (``own_keys``)."""
     checkpoint = load_checkpoint(cfg.checkpoint)
     train_cfg = apply_overrides(OmegaConf.create(checkpoint["config"]), cfg, overrides, own)
+    follow_links(train_cfg, checkpoint["overrides"], override_keys(overrides))
     check_compatible(checkpoint, train_cfg, cfg.checkpoint)
     return checkpoint, train_cfg
+
+
+def follow_links(train_cfg: DictConfig, training_overrides: list[str], changed: list[str]):
+    """Pass each ``changed`` key's new value on to the keys of ``train_cfg`` that took theirs
+    from it by interpolation when the run was composed (``data.dataset.root: ${data.root}``):
+    the checkpoint stored them resolved. The links come from composing the training command
+    again; if the configs changed so much that it no longer composes, there are none."""
+    try:
+        training = compose(config_name="train", overrides=training_overrides)
+    except Exception as error:  # any composition failure: this is a best effort on old runs
+        log.debug("The checkpoint's training command no longer composes (%s)", error)
+        return
+    for leaf, key in linked_keys(training, changed).items():
+        present = OmegaConf.select(train_cfg, leaf, default=_ABSENT) is not _ABSENT
+        if present and leaf not in changed:
+            OmegaConf.update(train_cfg, leaf, OmegaConf.select(train_cfg, key), merge=False)
 
 
 def model_from(checkpoint: dict, train_cfg: DictConfig) -> nn.Module:

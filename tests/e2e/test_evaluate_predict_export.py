@@ -331,3 +331,21 @@ def test_a_user_error_ends_the_command_with_one_line(own_run, script, arguments,
     assert result.returncode == 1, output[-3000:]
     assert message in output
     assert "Traceback" not in output and "Error executing job" not in output
+
+
+def test_data_overrides_reach_the_keys_that_copied_them(folder_root, tmp_path):
+    # The checkpoint stores its config resolved (data.dataset.root is a path, not ${data.root}):
+    # evaluate's data.root=... must still move the dataset, and data.cache_dir=... turn on the
+    # dataset's cache.
+    run_dir = tmp_path / "outputs" / "run"
+    run_training(run_dir, "data=folder", f"data.root={folder_root}", "model.encoder_name=resnet18")
+    moved = tmp_path / "moved"  # the dataset in another place (folder_root is tmp_path)
+    for folder in ("images", "masks"):
+        shutil.move(folder_root / folder, moved / folder)
+    cache = tmp_path / "cache"
+    result = run_evaluation(
+        f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", f"data.root={moved}",
+        f"data.cache_dir={cache}", "bootstrap=0", "num_worst=0",
+    )  # fmt: skip
+    assert result["images"] == 2
+    assert any(cache.rglob("*.npy"))
