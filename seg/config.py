@@ -219,7 +219,7 @@ CHOICES = {
     "model.pretrained": (True, False),
     "optimizer.norm_bias_decay": (True, False),
 }
-_ABSENT = object()
+ABSENT = object()  # OmegaConf.select's default: tells a missing key from a null one
 
 
 def check_values(cfg: DictConfig, rules: dict = VALUE_RULES, choices: dict = CHOICES) -> None:
@@ -227,15 +227,15 @@ def check_values(cfg: DictConfig, rules: dict = VALUE_RULES, choices: dict = CHO
     what is allowed (``trainer.max_iters=abc``, ``data.batch_size=0``, ``optimizer.lr=-1``,
     ``trainer.precision=fp64``)."""
     for key, options in choices.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        value = OmegaConf.select(cfg, key, default=ABSENT, throw_on_missing=False)
         # ``1 in (True,)`` holds in Python: compare types too, so 1 is not taken for true.
-        if value is _ABSENT or any(value == o and type(value) is type(o) for o in options):
+        if value is ABSENT or any(value == o and type(value) is type(o) for o in options):
             continue
         shown = ", ".join(str(option).lower() for option in options)
         raise ValueError(f"{key}={value!r} is not allowed: options are {shown}")
     for key, (kind, minimum, inclusive, nullable, *maximum) in rules.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
-        if value is _ABSENT or (value is None and nullable):
+        value = OmegaConf.select(cfg, key, default=ABSENT, throw_on_missing=False)
+        if value is ABSENT or (value is None and nullable):
             continue
         types = (int,) if kind is int else (int, float)
         # bool is an int to Python, but never a count or a rate

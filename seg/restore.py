@@ -11,13 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from seg.config import apply_overrides, build, linked_keys, override_keys
+from seg.config import ABSENT, apply_overrides, build, linked_keys, override_keys
 from seg.engine.checkpoint import check_compatible, load_checkpoint
 from seg.engine.trainer import resolve_channels_last, resolve_precision
 from seg.inference import Predictor
 
 log = logging.getLogger(__name__)
-_ABSENT = object()
 
 # The keys that may limit the images of a split, when given on this command line.
 LIMIT_KEYS = ("max_samples", "data.max_val_samples")
@@ -52,7 +51,7 @@ def follow_links(train_cfg: DictConfig, training_overrides: list[str], changed: 
         log.debug("The checkpoint's training command no longer composes (%s)", error)
         return
     for leaf, key in linked_keys(training, changed).items():
-        present = OmegaConf.select(train_cfg, leaf, default=_ABSENT) is not _ABSENT
+        present = OmegaConf.select(train_cfg, leaf, default=ABSENT) is not ABSENT
         if present and leaf not in changed:
             OmegaConf.update(train_cfg, leaf, OmegaConf.select(train_cfg, key), merge=False)
 
