@@ -3,24 +3,24 @@
 import csv
 import json
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-from torch.utils.tensorboard import SummaryWriter
+from omegaconf import DictConfig, OmegaConf
 
 from seg import restore
-from seg.config import report_user_errors, run_command
+from seg.config import build, report_user_errors, run_command
 from seg.data import loader
 from seg.engine import dist
-from seg.engine.evaluation import Evaluation, evaluate, figures
+from seg.engine.evaluation import Evaluation, evaluate, figures, scalars
+from seg.engine.trackers import Tracker
 from seg.engine.trainer import resolve_device
 from seg.inference import Predictor, memory_advice, progress
 from seg.metrics import bootstrap_miou, format_table, iou_from_counts, named
-from seg.visualize import add_png, save_png
+from seg.visualize import save_png
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     checkpoint, train_cfg = restore.load(cfg, overrides, OWN_KEYS)
     device = dist.init(resolve_device(train_cfg.trainer.device))  # this rank's, under torchrun
     try:
-        return evaluate_split(cfg, checkpoint, train_cfg, device, max_samples, limit_key)
+        # The run's trackers (a checkpoint from before them: TensorBoard), on rank 0 alone, which
+        # reports; a tracker's missing package fails here, before the evaluation.
+        tracker_cfg = OmegaConf.select(train_cfg, "tracker", default=None) or cfg.tracker
+        trackers = [build(tracker) for tracker in tracker_cfg.values()] if dist.is_main() else []
+        return evaluate_split(cfg, checkpoint, train_cfg, device, max_samples, limit_key, trackers)
     finally:
         dist.shutdown()
 
@@ -85,6 +89,7 @@ def evaluate_split(
     device: torch.device,
     max_samples: int | None,
     limit_key: str | None,
+    trackers: list[Tracker],
 ) -> dict:
     """``run`` once the checkpoint is loaded and the process group joined."""
     checkpoint_path = Path(cfg.checkpoint)
@@ -143,7 +148,7 @@ def evaluate_split(
         if cfg.report_dir
         else default_report_dir(checkpoint_path, cfg.split, settings)
     )
-    write_report(result, report_dir, class_names, checkpoint, cfg.split)
+    write_report(result, report_dir, class_names, checkpoint, trackers)
     if cfg.out is not None:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,10 +163,11 @@ def write_report(
     report_dir: Path,
     class_names: list[str],
     checkpoint: dict,
-    split: str,
+    trackers: list[Tracker],
 ) -> None:
-    """Per-image CSV and figures in ``report_dir``; the figures also in the run's TensorBoard,
-    as the run ``tb/<report_dir name>`` (one per report: settings never mix)."""
+    """Per-image CSV and figures in ``report_dir``; in a run directory, the metrics and figures
+    also go to the run's ``trackers``, tagged ``<report_dir name>/...`` (one name per report:
+    settings never mix) at the checkpoint's iteration."""
     if (report_dir / "per_image.csv").is_file():
         log.info(
             "Replacing the earlier report in %s (report_dir=<dir> writes elsewhere)", report_dir
@@ -182,13 +188,15 @@ def write_report(
     pictures = figures(result, class_names, checkpoint["palette"])
     for name, array in pictures.items():
         save_png(array, report_dir / f"{name}.png")
-    if report_dir.parent.joinpath("checkpoints").is_dir():  # a run directory: add to its TB
-        # purge_step: TensorBoard hides what an earlier evaluation of the same checkpoint
-        # iteration wrote here, so that a repeated evaluation replaces, not doubles, its images.
-        tb_dir = report_dir.parent / "tb" / report_dir.name
-        with SummaryWriter(tb_dir, purge_step=checkpoint["iteration"]) as writer:
-            for name, array in pictures.items():
-                add_png(writer, f"eval_{split}/{name}", array, checkpoint["iteration"])
+    if report_dir.parent.joinpath("checkpoints").is_dir():  # a run directory
+        run_dir, report, iteration = report_dir.parent, report_dir.name, checkpoint["iteration"]
+        tagged = {f"{report}/{name}": array for name, array in pictures.items()}
+        with ExitStack() as sessions:
+            for tracker in trackers:
+                sessions.enter_context(tracker.session(run_dir, iteration, {}, report=report))
+            for tracker in trackers:
+                tracker.scalars(scalars(result.metrics, class_names, report), iteration)
+                tracker.images(tagged, iteration)
     log.info("Per-image metrics and figures in %s", report_dir)
 
 

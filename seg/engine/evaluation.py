@@ -176,3 +176,15 @@ def figures(
     for i, example in enumerate(result.examples):
         pictures[f"example_{i}"] = picture(example).permute(1, 2, 0).numpy()
     return pictures
+
+
+def scalars(metrics: dict, class_names: Sequence[str], prefix: str) -> dict[str, float]:
+    """An evaluation's values for the trackers by tag: ``<prefix>/mIoU`` (and mDice, aAcc,
+    mAcc), ``<prefix>_class/IoU/<class>`` and ``<prefix>_class/Dice/<class>``."""
+    tagged = {f"{prefix}/{key}": metrics[key] for key in ("mIoU", "mDice", "aAcc", "mAcc")}
+    # TensorBoard groups by the first path component: per-class curves in groups of their
+    # own leave the headline metrics alone at the top of ``<prefix>``.
+    for name, iou, dice in zip(class_names, metrics["IoU"], metrics["Dice"], strict=True):
+        tagged[f"{prefix}_class/IoU/{name}"] = iou
+        tagged[f"{prefix}_class/Dice/{name}"] = dice
+    return tagged

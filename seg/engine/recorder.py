@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seg.engine import dist
 from seg.engine.checkpoint import save_checkpoint
-from seg.engine.evaluation import Evaluation, figures
+from seg.engine.evaluation import Evaluation, figures, scalars
 from seg.engine.trackers import Tracker
 from seg.metrics import format_table, named
 from seg.visualize import save_png
@@ -120,10 +120,10 @@ class Recorder:
         if self.write:
             loss = loss_sum / max(applied, 1)
             images_per_s = self.steps * self.images_per_step / (time.perf_counter() - self.clock)
-            scalars = {"train/loss": loss, "train/lr": lr, "train/img_per_s": images_per_s,
-                       "train/skipped_steps": skipped_steps}  # fmt: skip
+            values = {"train/loss": loss, "train/lr": lr, "train/img_per_s": images_per_s,
+                      "train/skipped_steps": skipped_steps}  # fmt: skip
             for tracker in self.trackers:
-                tracker.scalars(scalars, iteration)
+                tracker.scalars(values, iteration)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
             # Also under a progress bar (printed above it): train.log keeps the history.
             log.info(
@@ -144,16 +144,11 @@ class Recorder:
         if not self.write:
             return
         metrics = result.metrics
-        scalars = {f"val/{key}": metrics[key] for key in ("mIoU", "mDice", "aAcc", "mAcc")}
-        # TensorBoard groups by the first path component: per-class curves in groups of their
-        # own leave the headline metrics alone at the top of ``val``.
-        for name, iou, dice in zip(self.class_names, metrics["IoU"], metrics["Dice"], strict=True):
-            scalars[f"val_class/IoU/{name}"] = iou
-            scalars[f"val_class/Dice/{name}"] = dice
+        values = scalars(metrics, self.class_names, "val")
         pictures = figures(result, self.class_names, self.palette)
         tagged = {f"val/{name}": array for name, array in pictures.items()}
         for tracker in self.trackers:
-            tracker.scalars(scalars, iteration)
+            tracker.scalars(values, iteration)
             tracker.images(tagged, iteration)
         for name, array in pictures.items():
             if not name.startswith("example"):

@@ -21,10 +21,12 @@ log = logging.getLogger(__name__)
 
 class Tracker(Protocol):
     def session(
-        self, run_dir: Path, iteration: int, params: Mapping[str, Any]
+        self, run_dir: Path, iteration: int, params: Mapping[str, Any], report: str | None = None
     ) -> AbstractContextManager[None]:
         """Open for a ``fit`` of the run in ``run_dir`` from ``iteration`` (0: a new run, else
-        a resume); ``params``: the resolved config by dotted key (``trainer.max_iters``)."""
+        a resume); ``params``: the resolved config by dotted key (``trainer.max_iters``).
+        With ``report`` (``eval_val_best``): for an evaluation of the run's checkpoint of
+        ``iteration``, whose values and pictures go beside the run's own (no ``params``)."""
         ...
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
@@ -44,12 +46,21 @@ class TensorBoard:
         self.writer: SummaryWriter | None = None
 
     @contextmanager
-    def session(self, run_dir: Path, iteration: int, params: Mapping[str, Any]) -> Iterator[None]:
+    def session(
+        self, run_dir: Path, iteration: int, params: Mapping[str, Any], report: str | None = None
+    ) -> Iterator[None]:
         # No params: add_hparams would add a run of its own beside every run's curves, and
         # config.yaml already holds them.
-        # On resume, TensorBoard hides what the interrupted run logged after its checkpoint.
-        purge_step = iteration + 1 if iteration else None
-        with SummaryWriter(run_dir / "tb", purge_step=purge_step) as self.writer:
+        if report is None:
+            folder = run_dir / "tb"
+            # On resume, TensorBoard hides what the interrupted run logged after its checkpoint.
+            purge_step = iteration + 1 if iteration else None
+        else:
+            # A TensorBoard run of its own per report (settings never mix); it hides what an
+            # earlier evaluation of the same iteration wrote: a repeat replaces, not doubles.
+            folder = run_dir / "tb" / report
+            purge_step = iteration
+        with SummaryWriter(folder, purge_step=purge_step) as self.writer:
             yield
         self.writer = None
 
@@ -103,7 +114,9 @@ class MLflow:
         self.run_id: str | None = None
 
     @contextmanager
-    def session(self, run_dir: Path, iteration: int, params: Mapping[str, Any]) -> Iterator[None]:
+    def session(
+        self, run_dir: Path, iteration: int, params: Mapping[str, Any], report: str | None = None
+    ) -> Iterator[None]:
         from mlflow.tracking import MlflowClient
 
         if self.tracking_uri.startswith("sqlite:///"):
@@ -113,8 +126,16 @@ class MLflow:
         self.client = MlflowClient(self.tracking_uri)
         # No purge on resume (``iteration``): MLflow cannot delete metric points, so what an
         # interrupted run logged after its checkpoint stays beside the resumed run's values.
-        self.run_id = self.continued_run(run_dir) or self.new_run(run_dir)
-        self.log_params(params)
+        recorded = self.recorded_run(run_dir)
+        self.run_id = recorded or self.new_run(run_dir)
+        if report is not None and recorded is not None:
+            # An evaluation adds to the run and leaves its status: it may still be training.
+            yield
+            return
+        if recorded is not None:
+            self.client.update_run(recorded, status="RUNNING")
+        if report is None:
+            self.log_params(params)
         status = "FAILED"  # also after a stop signal: a resume sets it back to RUNNING
         try:
             yield
@@ -122,9 +143,9 @@ class MLflow:
         finally:
             self.client.set_terminated(self.run_id, status)
 
-    def continued_run(self, run_dir: Path) -> str | None:
-        """The id of the MLflow run this run directory started, now RUNNING again; None for a
-        new seg run, or when the store does not hold that run (another tracking_uri)."""
+    def recorded_run(self, run_dir: Path) -> str | None:
+        """The id of the MLflow run this run directory started; None for a new seg run, or
+        when the store does not hold that run (another tracking_uri)."""
         from mlflow.exceptions import MlflowException
 
         path = run_dir / MLFLOW_RUN_ID_FILE
@@ -132,7 +153,7 @@ class MLflow:
             return None
         run_id = path.read_text().strip()
         try:
-            self.client.update_run(run_id, status="RUNNING")
+            self.client.get_run(run_id)
         except MlflowException as error:
             log.warning("%s names MLflow run %s, which %s does not hold (%s): this run continues "
                         "in a new MLflow run", path, run_id, self.tracking_uri,

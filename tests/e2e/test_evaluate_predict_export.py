@@ -207,11 +207,15 @@ def test_reports_with_different_settings_get_folders_of_their_own(own_run, caplo
         assert (run_dir / name / "per_image.csv").is_file()
     # the same settings again replace their report, and their TensorBoard images
     assert "Replacing" not in caplog.text
-    run_evaluation(*common)
+    summary = run_evaluation(*common)
     assert f"Replacing the earlier report in {run_dir / reports[0]}" in caplog.text
+    # the run's TensorBoard: the metrics and pictures, at the checkpoint's iteration, once
     events = EventAccumulator(str(run_dir / "tb" / reports[0]))
     events.Reload()
-    assert [event.step for event in events.Images("eval_val/confusion")] == [4]
+    assert [event.step for event in events.Images(f"{reports[0]}/confusion")] == [4]
+    (mIoU,) = events.Scalars(f"{reports[0]}/mIoU")
+    assert (mIoU.step, mIoU.value) == (4, pytest.approx(summary["mIoU"]))
+    assert f"{reports[0]}_class/IoU/disc" in events.Tags()["scalars"]
 
 
 def cpu_out_of_memory(self, images):

@@ -1,5 +1,6 @@
 """The MLflow tracker, read back with MLflow's own client: scalars, params and figures of a real
-tiny run, the same MLflow run after a resume, and the error when MLflow is missing."""
+tiny run, the same MLflow run after a resume and an evaluation, and the error when MLflow is
+missing."""
 
 import json
 import math
@@ -8,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
+from seg.engine.checkpoint import load_checkpoint
 from seg.engine.trackers import MLFLOW_RUN_ID_FILE, MLflow
-from tests.conftest import run_training
+from tests.conftest import run_evaluation, run_training
 
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
 
@@ -46,6 +48,8 @@ def test_a_tiny_run_and_its_resume_are_one_mlflow_run(tmp_path, store):
     run_training(
         tmp_path / "ignored", f"resume={run_dir / 'checkpoints/last.pt'}", "trainer.max_iters=4"
     )
+    best = run_dir / "checkpoints/best.pt"
+    evaluation = run_evaluation(f"checkpoint={best}", "bootstrap=0", "num_worst=0")
     mlflow_client = client(store)
     (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("e2e").experiment_id])
     assert run.info.run_id == run_id and run.info.run_name == "run"
@@ -69,6 +73,16 @@ def test_a_tiny_run_and_its_resume_are_one_mlflow_run(tmp_path, store):
         for name in ("confusion", "iou", "example_0"):
             assert f"val/{name}/{step:08d}.png" in files
     assert (run_dir / "tb").is_dir()  # TensorBoard too
+
+    # evaluate.py adds to the run, under its report's name, at the checkpoint's iteration, and
+    # leaves the run's status as it was.
+    iteration = load_checkpoint(best)["iteration"]
+    history = mlflow_client.get_metric_history(run_id, "eval_val_best/mIoU")
+    assert [(point.step, point.value) for point in history] == [
+        (iteration, pytest.approx(evaluation["mIoU"]))
+    ]
+    assert "eval_val_best_class/IoU/disc" in run.data.metrics
+    assert f"eval_val_best/confusion/{iteration:08d}.png" in files
 
 
 def test_scalars_params_and_pictures_read_back(tmp_path, store):
@@ -104,6 +118,25 @@ def test_a_failed_session_marks_the_run_and_a_resume_reopens_it(tmp_path, store)
     run = mlflow_client.get_run(first)
     assert run.info.status == "FINISHED"
     assert run.data.params == {"a": "1", "b": "3"}  # MLflow params never change
+
+
+def test_an_evaluation_adds_to_the_run_and_leaves_its_status(tmp_path, store):
+    tracker = MLflow(*store, experiment="unit")
+    with pytest.raises(RuntimeError), tracker.session(tmp_path, 0, {"a": 1}):
+        raise RuntimeError("the run broke")
+    trained = tracker.run_id
+    with tracker.session(tmp_path, 2, {}, report="eval_val_best"):
+        tracker.scalars({"eval_val_best/mIoU": 0.25}, step=2)
+    mlflow_client = client(store)
+    run = mlflow_client.get_run(trained)
+    assert tracker.run_id == trained and run.info.status == "FAILED"
+    assert run.data.metrics["eval_val_best/mIoU"] == 0.25
+    # a run directory without an MLflow run (trained without tracker=mlflow) gets one, closed
+    (tmp_path / "tensorboard_only").mkdir()
+    with tracker.session(tmp_path / "tensorboard_only", 2, {}, report="eval_val_best"):
+        pass
+    assert tracker.run_id != trained
+    assert mlflow_client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
 def test_a_run_id_from_another_store_starts_a_new_run(tmp_path, store, caplog):
