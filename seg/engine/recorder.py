@@ -86,7 +86,7 @@ class Recorder:
                 logging_redirect_tqdm(),
                 tqdm(total=max_iters, initial=iteration, disable=None, unit="it") as self.bar,
             ):
-                self.restart_clock()  # img/s leaves out opening a tracker (a new MLflow store: 6 s)
+                self.restart_clock()  # img/s leaves out opening a tracker (an MLflow run: ~1 s)
                 yield
         self.bar = None
         log.info(

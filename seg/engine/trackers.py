@@ -110,20 +110,34 @@ class MLflow:
         self.tracking_uri = tracking_uri
         self.artifact_location = artifact_location
         self.experiment = experiment
-        self.client = None
+        self.client = self.open_store()
         self.run_id: str | None = None
 
-    @contextmanager
-    def session(
-        self, run_dir: Path, iteration: int, params: Mapping[str, Any], report: str | None = None
-    ) -> Iterator[None]:
+    def open_store(self):
+        """A client of the store, checked with a first request: a tracking_uri that MLflow
+        cannot open fails here, with the other checks, not once training has started."""
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         if self.tracking_uri.startswith("sqlite:///"):
             # SQLite creates the database file but not its folder.
             database = Path(self.tracking_uri.removeprefix("sqlite:///"))
             database.parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(self.tracking_uri)
+        try:
+            client = MlflowClient(self.tracking_uri)
+            client.search_experiments(max_results=1)
+        except MlflowException as error:
+            raise ValueError(
+                f"tracker.mlflow.tracking_uri={self.tracking_uri}: MLflow cannot open this store "
+                f"({error.message.strip().splitlines()[0]}). Give sqlite:///<path>/mlflow.db "
+                "for a local store, or http://<host>:<port> of a running MLflow server"
+            ) from error
+        return client
+
+    @contextmanager
+    def session(
+        self, run_dir: Path, iteration: int, params: Mapping[str, Any], report: str | None = None
+    ) -> Iterator[None]:
         # No purge on resume (``iteration``): MLflow cannot delete metric points, so what an
         # interrupted run logged after its checkpoint stays beside the resumed run's values.
         recorded = self.recorded_run(run_dir)

@@ -155,3 +155,9 @@ def test_missing_mlflow_fails_before_the_run_takes_its_directory(tmp_path, monke
     ):
         run_training(tmp_path / "run", "tracker=mlflow")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_store_mlflow_cannot_open_fails_before_the_run_takes_its_directory(tmp_path):
+    with pytest.raises(ValueError, match=r"tracker.mlflow.tracking_uri=foo://x: MLflow cannot"):
+        run_training(tmp_path / "run", "tracker=mlflow", "tracker.mlflow.tracking_uri=foo://x")
+    assert not (tmp_path / "run").exists()
