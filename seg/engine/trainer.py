@@ -26,6 +26,13 @@ from seg.engine.recorder import Recorder
 from seg.inference import AMP_DTYPES, Normalize, Predictor
 
 log = logging.getLogger(__name__)
+# The schedule follows the iteration, applied or skipped: when a process's first step is skipped
+# (an fp16 overflow, a non-finite loss), torch warns that the scheduler stepped before the
+# optimizer. Filtered once here: catch_warnings() around each step would reset Python's
+# once-per-location memory and repeat every other warning at every step.
+warnings.filterwarnings(
+    "ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`", UserWarning
+)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -160,20 +167,8 @@ class StepResult(NamedTuple):
     # On the device, the same on every rank: [non-finite loss, non-finite gradients, the number
     # of a stop signal that reached any rank (0: none)]. The host reads it one step late.
     decision: torch.Tensor
+    applied: torch.Tensor  # whether the optimizer stepped (nothing non-finite), on the device
     iteration: int
-
-    @property
-    def applied(self) -> torch.Tensor:
-        """Whether the optimizer stepped (not when anything was non-finite), on the device."""
-        return self.decision[:2].sum() == 0
-
-    @property
-    def finite_loss(self) -> bool:
-        return not self.decision[0].item()
-
-    @property
-    def finite_grads(self) -> bool:
-        return not self.decision[1].item()
 
 
 class Trainer:
@@ -314,8 +309,6 @@ class Trainer:
                 # The previous step's decision, read while this one runs on the device; this
                 # one's too where logs, validation or a checkpoint need the counts now.
                 self.read_decisions(keep=0 if any(due) else 1)
-                if self.agreed_stop is not None:
-                    self.read_decisions(keep=0)
 
                 if due[0]:
                     lr = self.scheduler.get_last_lr()[0]
@@ -551,21 +544,18 @@ class Trainer:
         signal_number = torch.full((), float(self.stop_signal or 0), device=self.device)
         decision = torch.stack([total.isfinite().logical_not().float(),
                                 grad_norm.isfinite().logical_not().float(), signal_number])  # fmt: skip
-        step = StepResult(total, dist.any_rank(decision), self.iteration + 1)
+        decision = dist.any_rank(decision)
+        step = StepResult(total, decision, decision[:2].sum() == 0, self.iteration + 1)
         if skips_on_device(self.optimizer):
             # The fused kernel skips the whole update where found_inf is 1 (GradScaler's own
             # protocol, whose inf check the gradient norm above already covers).
-            self.optimizer.grad_scale, self.optimizer.found_inf = None, (~step.applied).float()
+            self.optimizer.found_inf = (~step.applied).float()
             self.optimizer.step()
-            del self.optimizer.grad_scale, self.optimizer.found_inf
+            del self.optimizer.found_inf
         elif step.applied.item():  # any other optimizer: a host sync decides
             self.optimizer.step()
         self.scaler.update()  # under fp16, an overflow lowers the scale for the next step
-        with warnings.catch_warnings():
-            # The schedule follows the iteration, applied or skipped; when the very first step
-            # is skipped (an fp16 overflow), torch warns that the scheduler stepped first.
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
-            self.scheduler.step()
+        self.scheduler.step()  # the schedule follows the iteration, applied or skipped
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.optimizer.zero_grad(set_to_none=True)
