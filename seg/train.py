@@ -146,6 +146,7 @@ def start(
         cfg = hydra.compose(config_name="train", overrides=overrides)
         check_values(cfg)
         check_compatible(checkpoint, cfg, checkpoint_path)
+        check_same_groups(OmegaConf.create(checkpoint["config"]), cfg)
         log.info("Resuming %s from iteration %d", checkpoint_path, checkpoint["iteration"])
         log_changed_settings(OmegaConf.create(checkpoint["config"]), cfg)
         if checkpoint["iteration"] >= cfg.trainer.max_iters:
@@ -233,14 +234,6 @@ def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
         samples_per_iteration,
     )  # fmt: skip
     if checkpoint is not None:
-        saved_groups = len(checkpoint["optimizer"]["param_groups"])
-        if saved_groups != len(optimizer.param_groups):  # torch's own error names no key
-            raise ValueError(
-                f"the checkpoint's optimizer has {saved_groups} parameter group(s), this config "
-                f"{len(optimizer.param_groups)}: a resumed run keeps its optimizer.encoder_lr_mult "
-                "and optimizer.norm_bias_decay. Drop those overrides, or start a new run from "
-                "the checkpoint's weights with init_from=<checkpoint>"
-            )
         trainer.load_state_dict(checkpoint)
         trainer.samples_seen = data_position(checkpoint, samples_per_iteration)
         log_schedule_change(checkpoint, cfg, scheduler, trainer.iteration)
@@ -268,6 +261,21 @@ def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
             dataset.report_skipped()
     # Of the whole run, resumed parts included (the checkpoint keeps it): what a sweep compares.
     return trainer.best_miou if math.isfinite(trainer.best_miou) else float("nan")
+
+
+def check_same_groups(stored: DictConfig, cfg: DictConfig) -> None:
+    """Refuse a resume that changes the optimizer's parameter groups: torch's own error names no
+    key, and a changed multiplier in the same groups would be overridden by the saved LRs."""
+    for key, default in (("optimizer.encoder_lr_mult", 1.0), ("optimizer.norm_bias_decay", True)):
+        # The defaults: a checkpoint from before the keys existed had one group.
+        before = OmegaConf.select(stored, key, default=default)
+        now = OmegaConf.select(cfg, key, default=default)
+        if before != now:
+            raise ValueError(
+                f"{key}={now}: the checkpoint was trained with {before}, and a resumed run keeps "
+                "its optimizer.encoder_lr_mult and optimizer.norm_bias_decay. Drop the override, "
+                "or start a new run from the checkpoint's weights with init_from=<checkpoint>"
+            )
 
 
 def log_changed_settings(stored: DictConfig, cfg: DictConfig) -> None:

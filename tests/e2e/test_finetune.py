@@ -65,5 +65,11 @@ def test_a_run_with_parameter_groups_resumes_exactly(tmp_path, caplog):
     ]  # fmt: skip
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    config = (stopped / "config.yaml").read_text()
     with pytest.raises(ValueError, match=r"keeps its optimizer\.encoder_lr_mult"):
         run_training(tmp_path / "other", f"resume={last}", "optimizer.norm_bias_decay=true")
+    with pytest.raises(
+        ValueError, match=r"encoder_lr_mult=0.5: the checkpoint was trained with 0.1"
+    ):
+        run_training(tmp_path / "other", f"resume={last}", "optimizer.encoder_lr_mult=0.5")
+    assert (stopped / "config.yaml").read_text() == config  # refused before anything is written
