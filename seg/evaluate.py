@@ -190,12 +190,13 @@ def write_report(
         save_png(array, report_dir / f"{name}.png")
     if report_dir.parent.joinpath("checkpoints").is_dir():  # a run directory
         run_dir, report, iteration = report_dir.parent, report_dir.name, checkpoint["iteration"]
+        values = scalars(result.metrics, class_names, report)
         tagged = {f"{report}/{name}": array for name, array in pictures.items()}
         with ExitStack() as sessions:
             for tracker in trackers:
                 sessions.enter_context(tracker.session(run_dir, iteration, {}, report=report))
             for tracker in trackers:
-                tracker.scalars(scalars(result.metrics, class_names, report), iteration)
+                tracker.scalars(values, iteration)
                 tracker.images(tagged, iteration)
     log.info("Per-image metrics and figures in %s", report_dir)
 

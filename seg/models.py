@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from seg.engine.checkpoint import load_checkpoint
+from seg.engine.checkpoint import load_checkpoint, validated_weights
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,7 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
             "directory written by smp's save_pretrained"
         )
     checkpoint = load_checkpoint(location)
-    # A run with trainer.ema_decay validated (and evaluate reports) its averaged weights.
-    return checkpoint.get("ema", checkpoint["model"])
+    return validated_weights(checkpoint)  # what evaluate reports
 
 
 def _grouped(keys: list[str], every: list[str]) -> str:

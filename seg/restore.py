@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from seg.config import ABSENT, apply_overrides, build, linked_keys, override_keys
-from seg.engine.checkpoint import check_compatible, load_checkpoint
+from seg.engine.checkpoint import check_compatible, load_checkpoint, validated_weights
 from seg.engine.trainer import resolve_channels_last, resolve_precision
 from seg.inference import Predictor
 
@@ -35,7 +35,8 @@ def load(cfg: DictConfig, overrides: list[str], own: tuple[str, ...]) -> tuple[d
     command line's keys applied, all but the entry point's ``own`` keys (``own_keys``)."""
     checkpoint = load_checkpoint(cfg.checkpoint)
     train_cfg = apply_overrides(OmegaConf.create(checkpoint["config"]), cfg, overrides, own)
-    follow_links(train_cfg, checkpoint["overrides"], override_keys(overrides))
+    changed = [key for key in override_keys(overrides) if key not in own]
+    follow_links(train_cfg, checkpoint["overrides"], changed)
     check_compatible(checkpoint, train_cfg, cfg.checkpoint)
     return checkpoint, train_cfg
 
@@ -48,7 +49,13 @@ def follow_links(train_cfg: DictConfig, training_overrides: list[str], changed: 
     try:
         training = compose(config_name="train", overrides=training_overrides)
     except Exception as error:  # any composition failure: this is a best effort on old runs
-        log.debug("The checkpoint's training command no longer composes (%s)", error)
+        if changed:
+            log.warning(
+                "The checkpoint's training command no longer composes (%s): %s reach only "
+                "their own keys, not the keys that copied them when the run was composed "
+                "(e.g. data.dataset.root from data.root); give those keys too if they differ",
+                error, ", ".join(changed),
+            )  # fmt: skip
         return
     for leaf, key in linked_keys(training, changed).items():
         present = OmegaConf.select(train_cfg, leaf, default=ABSENT) is not ABSENT
@@ -61,7 +68,7 @@ def model_from(checkpoint: dict, train_cfg: DictConfig) -> nn.Module:
     ``trainer.ema_decay`` validated its averaged weights: those are the ones used here too."""
     # The weights come from the checkpoint: never download pretrained ones here.
     model = build(train_cfg.model, pretrained=False)
-    model.load_state_dict(checkpoint.get("ema", checkpoint["model"]))
+    model.load_state_dict(validated_weights(checkpoint))
     return model.eval()
 
 

@@ -109,6 +109,12 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def validated_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's run validated: the average with ``trainer.ema_decay`` (and
+    a checkpoint without one, e.g. EMA newly switched on, its model's)."""
+    return checkpoint.get("ema", checkpoint["model"])
+
+
 def exported_model(path: Path) -> str | None:
     """What an exported model file is, and how to run it; None for anything else."""
     if zipfile.is_zipfile(path):

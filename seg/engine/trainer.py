@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from seg.data.loader import DeviceBatches
 from seg.engine import dist
-from seg.engine.checkpoint import unwrapped_state_dict
+from seg.engine.checkpoint import unwrapped_state_dict, validated_weights
 from seg.engine.evaluation import Evaluation, evaluate
 from seg.engine.recorder import Recorder
 from seg.inference import AMP_DTYPES, Normalize, Predictor
@@ -648,6 +648,6 @@ class Trainer:
         self.validations_without_improvement = state.get("validations_without_improvement", 0)
         if self.ema is not None:
             # A checkpoint without an average (EMA newly switched on) starts one from its weights.
-            self.ema.module.load_state_dict(state.get("ema", state["model"]))
+            self.ema.module.load_state_dict(validated_weights(state))
             self.ema.n_averaged.fill_(state.get("ema_updates", 0))
         set_rng_state(state["rng"])

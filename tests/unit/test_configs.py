@@ -4,10 +4,12 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from seg.models import Segmenter
 from seg.optim import build_optimizer
-from tests.conftest import CONFIG_GROUPS, compose_config, group_options
+from seg.restore import follow_links
+from tests.conftest import CONFIG_GROUPS, compose_config, group_options, hydra_context
 
 
 def test_every_group_has_its_required_options():
@@ -123,3 +125,13 @@ def test_non_writable_run_directory(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(PermissionError, match=r"cannot write to the run directory .*output_root"):
         check_writable(blocker / "run")
+
+
+def test_a_training_command_that_no_longer_composes_is_named_when_keys_change(caplog):
+    stored = OmegaConf.create({"data": {"root": "/old", "dataset": {"root": "/old"}}})
+    with hydra_context():
+        follow_links(stored, ["model=renamed_since"], [])
+        assert "no longer composes" not in caplog.text  # nothing changed: nothing to say
+        follow_links(stored, ["model=renamed_since"], ["data.root"])
+    assert "no longer composes" in caplog.text and ": data.root reach only" in caplog.text
+    assert stored.data.dataset.root == "/old"  # no link known: left as stored
