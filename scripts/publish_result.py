@@ -4,15 +4,17 @@
     python scripts/publish_result.py <run dir> camvid_unet --eval outputs/.../eval_test_last/metrics.json
 
 Copies the run's ``metrics.jsonl``, ``train.log`` and ``config.yaml`` (small text files) into
-``docs/results/<name>/`` and writes its ``README.md``: the command, the machine (CPU model, cores,
-GPU), torch and seg versions and the date, so that anyone can re-run the command and compare
-their files line by line. ``--eval`` adds an evaluation's JSON (``evaluate.py out=...``).
+``docs/results/<name>/`` and writes its ``README.md``: the command, the date, and the machine
+(CPU model, cores, GPU) and Python and torch versions of the machine that publishes it (so
+publish where the run ran), so that anyone can re-run the command and compare their files line
+by line. ``--eval`` adds an evaluation's JSON (``evaluate.py out=...``).
 """
 
 import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 from datetime import datetime
@@ -34,7 +36,7 @@ def machine() -> str:
 
 def publish(run_dir: Path, name: str, evaluation: Path | None, root: Path) -> Path:
     """Write ``root/<name>/`` from ``run_dir``; returns that directory."""
-    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+    missing = [f for f in (*RUN_FILES, "run.json") if not (run_dir / f).is_file()]
     if missing:
         raise SystemExit(f"{run_dir} is not a finished run directory: {', '.join(missing)} missing")
     target = root / name
@@ -42,7 +44,7 @@ def publish(run_dir: Path, name: str, evaluation: Path | None, root: Path) -> Pa
     for file in RUN_FILES:
         shutil.copyfile(run_dir / file, target / file)
     run = json.loads((run_dir / "run.json").read_text())
-    command = " ".join(["python", Path(run["command"][0]).name, *run["command"][1:]])
+    command = shlex.join(["python", Path(run["command"][0]).name, *run["command"][1:]])
     lines = [
         f"# {name}",
         "",

@@ -44,3 +44,18 @@ def test_an_unfinished_run_is_refused_naming_what_is_missing(tmp_path):
     (run_dir / "metrics.jsonl").unlink()
     with pytest.raises(SystemExit, match=r"metrics\.jsonl missing"):
         publish.publish(run_dir, "tiny", None, tmp_path / "results")
+    (run_dir / "metrics.jsonl").touch()
+    (run_dir / "run.json").unlink()
+    with pytest.raises(SystemExit, match=r"run\.json missing"):
+        publish.publish(run_dir, "tiny", None, tmp_path / "results")
+
+
+def test_the_command_is_quoted_as_a_shell_would_need_it(tmp_path):
+    run_dir = fake_run(tmp_path / "run")
+    run = json.loads((run_dir / "run.json").read_text())
+    run["command"].append("data.class_names=[a, b]")
+    (run_dir / "run.json").write_text(json.dumps(run))
+    readme = (
+        publish.publish(run_dir, "tiny", None, tmp_path / "results") / "README.md"
+    ).read_text()
+    assert "`python train.py debug=tiny 'data.class_names=[a, b]'`" in readme
