@@ -9,8 +9,8 @@ uncompressed, about 8.4 MB per 2048x1024 sample (Cityscapes train: 25 GB).
 Layout: ``<cache_dir>/<DatasetClass>-<settings hash>/<ab>/<files hash>-<stat hash>.{image,mask}.npy``.
 The settings hash covers what decides a decoded sample besides its files (label mapping, mask
 format, class count, decoder versions, ``CACHE_FORMAT``); the files hash the source paths; the
-stat hash their sizes and modification times, so an edited or replaced file is a miss, never a
-stale hit, and its old entry is deleted when the new one is written.
+stat hash their sizes, modification and change times, so an edited or replaced file is a miss,
+never a stale hit, and its old entry is deleted when the new one is written.
 
 Entries are written to a temporary name and ``os.replace``d: a killed run leaves at most a
 ``.*.tmp`` file that nothing reads, and DataLoader workers or torchrun ranks writing the same
@@ -91,7 +91,9 @@ class DecodedCache:
             stats = [os.stat(path) for path in files]
         except OSError:
             return None
-        state = "\0".join(f"{s.st_size}:{s.st_mtime_ns}" for s in stats)
+        # The change time too: cp -p, rsync -a or touch -r keep a replaced file's mtime (and
+        # often its size), but nothing sets ctime back.
+        state = "\0".join(f"{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}" for s in stats)
         name = hashlib.sha1(names.encode()).hexdigest()[:24]
         return self.directory / name[:2] / f"{name}-{hashlib.sha1(state.encode()).hexdigest()[:12]}"
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 import seg.data.base
@@ -108,6 +109,22 @@ def test_a_modified_source_file_is_decoded_again_and_its_old_entry_removed(
     assert torch.equal(mask, cityscapes(cityscapes_root, None)[0][1])
     # the new entry replaced the old one: the cache holds one entry per sample
     assert len(sorted(dataset.cache.directory.rglob("*.npy"))) == len(entries)
+
+
+def test_a_file_replaced_with_the_same_size_and_modification_time_is_decoded_again(
+    cityscapes_root, tmp_path
+):
+    # Uncompressed PNGs: the same size for any labels. cp -p, rsync -a or touch -r keep mtimes.
+    label_path = cityscapes(cityscapes_root, None).samples[0][1]
+    Image.fromarray(np.full((32, 64), 7, np.uint8)).save(label_path, compress_level=0)
+    dataset = cityscapes(cityscapes_root, tmp_path / "cache")
+    samples(dataset, seeds=False)
+    before = os.stat(label_path)
+    Image.fromarray(np.full((32, 64), 26, np.uint8)).save(label_path, compress_level=0)
+    os.utime(label_path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(label_path).st_size == before.st_size
+    _, mask = dataset[0]
+    assert (mask == 13).all()  # car (labelId 26), not road
 
 
 def test_torn_files_are_ignored_and_rewritten(cityscapes_root, tmp_path, monkeypatch):
