@@ -69,10 +69,16 @@ def build_optimizer(config: DictConfig, model: nn.Module) -> Optimizer:
     ``norm_bias_decay``) shape the groups and never reach the torch class's constructor.
     """
     options = OmegaConf.to_container(config, resolve=True)
+    encoder_lr_mult = options.pop("encoder_lr_mult", 1.0)
+    if encoder_lr_mult == 0:
+        # Frozen: no gradients at all, so none enlarge the norm that clipping and the
+        # non-finite check see, and the backward pass stops at the decoder. The encoder keeps
+        # its (lr 0) group: the same groups as any other multiplier.
+        model.get_submodule(encoder_prefix(model)).requires_grad_(False)
     groups = param_groups(
         model,
         lr=options["lr"],
-        encoder_lr_mult=options.pop("encoder_lr_mult", 1.0),
+        encoder_lr_mult=encoder_lr_mult,
         norm_bias_decay=options.pop("norm_bias_decay", True),
     )
     optimizer = build(OmegaConf.create(options))(params=groups)

@@ -128,6 +128,18 @@ def test_encoder_lr_is_the_base_lr_times_the_multiplier_under_the_schedule():
     assert scheduler.get_last_lr()[0] == base["lr"]  # the LR that is logged
 
 
+def test_a_zero_multiplier_computes_no_encoder_gradients():
+    model = tiny_unet()
+    cfg = compose_config("optimizer.encoder_lr_mult=0")
+    optimizer = build_optimizer(cfg.optimizer, model)
+    assert [group["name"] for group in optimizer.param_groups] == ["base", "encoder"]
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    encoder = model.get_submodule(encoder_prefix(model))
+    assert all(param.grad is None for param in encoder.parameters())
+    decoder = [p for name, p in model.named_parameters() if not name.startswith("net.encoder.")]
+    assert all(param.grad is not None for param in decoder)
+
+
 def test_no_norm_bias_decay_spares_norm_layers_and_biases():
     model = tiny_unet()
     groups = param_groups(model, lr=0.1, encoder_lr_mult=0.5, norm_bias_decay=False)
