@@ -77,8 +77,6 @@ class TensorBoard:
 
 # The file in the run directory that names its MLflow run: a resume continues that run.
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
-# log_batch takes at most 100 params (and 1000 metrics) per call.
-MLFLOW_BATCH = 100
 
 
 class MLflow:
@@ -198,8 +196,7 @@ class MLflow:
         logged = self.client.get_run(self.run_id).data.params
         new = [Param(mlflow_name(key), str(value)) for key, value in params.items()]
         new = [param for param in new if param.key not in logged]
-        for start in range(0, len(new), MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, params=new[start : start + MLFLOW_BATCH])
+        self.client.log_batch(self.run_id, params=new)  # split into the store's limits by MLflow
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -207,8 +204,7 @@ class MLflow:
         now = int(time.time() * 1000)  # milliseconds, as MLflow counts
         metrics = [Metric(mlflow_name(tag), float(value), now, step)
                    for tag, value in values.items()]  # fmt: skip
-        for start in range(0, len(metrics), MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + MLFLOW_BATCH])
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def images(self, pictures: Mapping[str, np.ndarray], step: int) -> None:
         # seg's PNG encoder (seg.visualize) rather than log_image's slower PIL one; one upload

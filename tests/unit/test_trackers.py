@@ -105,6 +105,16 @@ def test_scalars_params_and_pictures_read_back(tmp_path, store):
     assert artifacts(mlflow_client, tracker.run_id) == ["val/confusion/00000002.png"]
 
 
+def test_more_params_and_metrics_than_one_request_takes_all_arrive(tmp_path, store):
+    tracker = MLflow(*store, experiment="unit")
+    params = {f"key.{i}": i for i in range(250)}  # MLflow takes 100 params per request
+    with tracker.session(tmp_path, 0, params):
+        tracker.scalars({f"val_class/IoU/{i}": i / 1200 for i in range(1200)}, step=1)  # 1000
+    run = client(store).get_run(tracker.run_id)
+    assert run.data.params == {key: str(value) for key, value in params.items()}
+    assert len(run.data.metrics) == 1200
+
+
 def test_a_failed_session_marks_the_run_and_a_resume_reopens_it(tmp_path, store):
     tracker = MLflow(*store, experiment="unit")
     with pytest.raises(RuntimeError), tracker.session(tmp_path, 0, {"a": 1}):
