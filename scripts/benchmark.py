@@ -23,7 +23,9 @@ evaluation throughput. Medians of --reps timed repetitions after --warmup untime
 """
 
 import argparse
+import contextlib
 import copy
+import itertools
 import json
 import os
 import platform
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +203,7 @@ def bench_model(name: str, args, device, sync) -> dict:
 
     # (a) seg's Trainer step, with the settings precision=auto / channels_last=auto choose
     trainer = make_trainer(cfg, copy.deepcopy(template))
-    batches = iter(lambda: (images, masks), None)  # the same batch forever, already in memory
+    batches = itertools.repeat((images, masks))  # the same batch forever, already in memory
     steps = {"seg": lambda: trainer.train_step(batches)}
     result |= {"precision": trainer.precision, "channels_last": trainer.channels_last}
 
@@ -232,7 +235,7 @@ def bench_model(name: str, args, device, sync) -> dict:
     result["achieved_gflops"] = flops_per_image * result["seg_img_s"] / 1e9
 
     # (d) end to end: the real input path feeding the same Trainer, without and with the cache
-    result |= bench_e2e(cfg, template, images, masks, args, device, sync)
+    result |= bench_e2e(cfg, trainer, batches, args, device, sync)
 
     if args.compile:
         result["compile"] = bench_compile(
@@ -256,15 +259,15 @@ def loader_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def bench_e2e(cfg, template, images, masks, args, device, sync) -> dict:
+def bench_e2e(cfg, trainer, batches, args, device, sync) -> dict:
     """seg's Trainer fed as ``fit`` feeds it, beside the step alone: img/s and data_bound.
 
     The input path: train.py's dataset and training transform of ``cfg`` (data=cityscapes, crop
     --size) over ``args.data_images`` Cityscapes-sized PNG pairs, ``train_loader`` with workers =
     cores, pinned memory on a GPU, ``DeviceBatches`` one batch ahead, batch --batch; without a
     cache (``e2e``) and with data.cache_dir (``e2e_cached``, warm: every sample is cached before,
-    its cold first pass left out). The step alone (``step``) trains on the in-memory batch
-    ``images``, ``masks`` with no loader alive, as figure (a) does.
+    its cold first pass left out). The step alone (``step``) trains on figure (a)'s in-memory
+    ``batches`` with no loader alive, as figure (a) does; all with (a)'s ``trainer``.
 
     The blocks run step, e2e, cached, cached, e2e, step, so that a linear drift of a shared
     machine's speed cancels; each figure is the mean of its two blocks and data_bound is
@@ -279,22 +282,21 @@ def bench_e2e(cfg, template, images, masks, args, device, sync) -> dict:
         for name, cache_dir in (("e2e", None), ("e2e_cached", str(args.work_dir / "cache")))
     }  # fmt: skip
     fill_cache(datasets["e2e_cached"])
-    trainer = make_trainer(cfg, copy.deepcopy(template))
 
     def block(name: str) -> float:
         if name == "step":
-            batches, untimed, timed = iter(lambda: (images, masks), None), args.warmup, args.reps
+            source, untimed, timed = batches, args.warmup, args.reps
         else:
             pin = device.type == "cuda"
             loader = train_loader(datasets[name], args.batch, workers, seed=0, pin_memory=pin)
-            batches = DeviceBatches(iter(loader), trainer.device)
+            source = DeviceBatches(iter(loader), trainer.device)
             untimed, timed = args.warmup + workers, max(2 * args.reps, 4 * workers)
         for _ in range(untimed):
-            trainer.train_step(batches)
+            trainer.train_step(source)
         sync()
         start = time.perf_counter()
         for _ in range(timed):
-            trainer.train_step(batches)
+            trainer.train_step(source)
         sync()
         return timed * args.batch / (time.perf_counter() - start)  # the loader ends with it
 
@@ -517,39 +519,38 @@ def cityscapes_tree(args) -> Path:
     return root
 
 
-def fill_cache(dataset) -> float:
-    """Read every sample of ``dataset`` once (with data.cache_dir: decoded and written, the cold
-    first pass), on one thread; returns samples per second."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch and OpenCV on one thread each: a core's worth, what a DataLoader worker gets."""
     threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     try:
-        start = time.perf_counter()
-        for index in range(len(dataset)):
-            dataset[(index, 0, index)]
-        return len(dataset) / (time.perf_counter() - start)
+        yield
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv2_threads)
+
+
+def fill_cache(dataset) -> None:
+    """Read every sample of ``dataset`` once (with data.cache_dir: decoded and written, the cold
+    first pass), on one thread."""
+    with one_thread():
+        for index in range(len(dataset)):
+            dataset[(index, 0, index)]
 
 
 def cold_pass(cached, uncached) -> dict:
     """The cache's first pass against no cache, on one thread: sample by sample in turn, each
     sample of ``cached`` (decoded, mapped, checked, written to data.cache_dir, transformed) right
     after the same sample of ``uncached`` (the same but the write); samples per second (medians)."""
-    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
     seconds = {"uncached": [], "cold": []}
-    try:
+    with one_thread():
         for index in range(len(cached)):
             for name, dataset in (("uncached", uncached), ("cold", cached)):
                 start = time.perf_counter()
                 dataset[(index, 0, index)]
                 seconds[name].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-        cv2.setNumThreads(cv2_threads)
     return {name: 1 / statistics.median(values) for name, values in seconds.items()}
 
 
@@ -596,10 +597,7 @@ def pipeline_img_s_per_core(pipelines: dict, rounds: int, batches: int) -> dict:
     DataLoader worker gets. Each round times ``batches`` batches of every pipeline in turn, so
     that a slow spell of a shared machine hits all of them alike; the figure is the median
     over rounds, after one untimed batch each."""
-    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    try:
+    with one_thread():
         iterators = {name: iter(data_loader(dataset, 0)) for name, dataset in pipelines.items()}
         for iterator in iterators.values():
             next(iterator)
@@ -610,26 +608,21 @@ def pipeline_img_s_per_core(pipelines: dict, rounds: int, batches: int) -> dict:
                 for _ in range(batches):
                     next(iterator)
                 seconds[name].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-        cv2.setNumThreads(cv2_threads)
     return {name: 2 * batches / statistics.median(seconds[name]) for name in pipelines}
 
 
 def decode_ms(samples, reps: int = 5) -> dict:
     """Milliseconds to decode one image and one label file of ``samples`` (median, one thread):
     the part of a sample's time that no transform can save."""
-    cv2_threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
     times = {"image": [], "mask": []}
-    for _ in range(reps):
-        for image_path, mask_path in samples:
-            for kind, read, path in (("image", read_image, image_path),
-                                     ("mask", read_mask, mask_path)):  # fmt: skip
-                start = time.perf_counter()
-                read(path)
-                times[kind].append(1000 * (time.perf_counter() - start))
-    cv2.setNumThreads(cv2_threads)
+    with one_thread():
+        for _ in range(reps):
+            for image_path, mask_path in samples:
+                for kind, read, path in (("image", read_image, image_path),
+                                         ("mask", read_mask, mask_path)):  # fmt: skip
+                    start = time.perf_counter()
+                    read(path)
+                    times[kind].append(1000 * (time.perf_counter() - start))
     return {kind: statistics.median(values) for kind, values in times.items()}
 
 
