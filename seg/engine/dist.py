@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,16 @@ def launched_by_torchrun() -> bool:
 
 def init(device: torch.device) -> torch.device:
     """Join torchrun's process group (NCCL on CUDA, gloo on the CPU) if not yet joined; returns
-    the device of this rank: ``cuda:LOCAL_RANK`` on GPUs, else ``device``."""
+    the device of this rank: ``cuda:LOCAL_RANK`` on GPUs (``cuda:0`` where each process sees
+    one GPU, as with ``srun --gpus-per-task=1``), else ``device``. A CUDA device also becomes
+    the current one, so that nothing lands on GPU 0 by default (``trainer.device=cuda:1``)."""
+    refuse_plain_srun()
+    if launched_by_torchrun() and device.type == "cuda":
+        device = rank_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not launched_by_torchrun():
         return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         store = restart_store()
@@ -58,6 +64,34 @@ def init(device: torch.device) -> torch.device:
             world_size=int(os.environ["WORLD_SIZE"]) if store else -1,
         )
     return device
+
+
+def rank_device() -> torch.device:
+    """``cuda:LOCAL_RANK``, checked against the GPUs this process sees; ``cuda:0`` where the
+    launcher bound one GPU to each process (``srun --gpus-per-task=1``: every process sees
+    only its own, as GPU 0)."""
+    local_rank, visible = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes per node
+    if processes > visible or (local_rank >= visible and visible != 1):
+        raise ValueError(
+            f"local rank {local_rank} of {processes} process(es) on this node, but it sees "
+            f"{visible} GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}): "
+            "start at most one process per visible GPU (torchrun --nproc_per_node)"
+        )
+    return torch.device("cuda", local_rank if local_rank < visible else 0)
+
+
+def refuse_plain_srun() -> None:
+    """Several SLURM tasks without torchrun would each train alone, as rank 0, into one run
+    directory: refuse, with the command that forms a process group."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if tasks > 1 and "WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            f"this is one of {tasks} SLURM tasks started without torchrun: each would train "
+            "alone into the same run directory. Start one torchrun per node, e.g. `srun "
+            "--ntasks-per-node=1 torchrun --nproc_per_node=<GPUs per node> ... train.py ...` "
+            "(scripts/launch/slurm_train.sbatch does this), or run a single task (srun -n 1)"
+        )
 
 
 def restart_store() -> torch_dist.Store | None:
@@ -169,30 +203,55 @@ def no_sync(model: nn.Module):
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    return any(isinstance(module, _BatchNorm) for module in model.modules())
 
 
-def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm layers that normalize with the statistics of the global batch (all ranks).
+def convert_sync_batchnorm(model: nn.Module, device: torch.device, prefix: str = "") -> nn.Module:
+    """``model`` with its BatchNorm layers normalising with the statistics of the global batch
+    (all ranks), each replaced in place by a layer that computes the same function.
 
-    CUDA: torch's SyncBatchNorm. The CPU has no kernels for it, so there ``CPUSyncBatchNorm``
-    does the same with two differentiable all-reduces (multi-process CPU runs: tests, CI).
+    CUDA: torch's SyncBatchNorm, and timm's SyncBatchNormAct for timm's BatchNormAct2d (a
+    BatchNorm2d followed by its activation and drop path, which torch's conversion would drop:
+    efficientnet, regnet and mobilenetv3 encoders). The CPU has no kernels for SyncBatchNorm,
+    so there ``CPUSyncBatchNorm`` and ``CPUSyncBatchNormAct`` do the same with two
+    differentiable all-reduces (multi-process CPU runs: tests, CI). Any other BatchNorm
+    subclass is refused by name: converting it would change what it computes.
     """
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, CPUSyncBatchNorm):
-            synced = CPUSyncBatchNorm(
-                child.num_features, child.eps, child.momentum, child.affine,
-                child.track_running_stats,
-            )  # fmt: skip
-            # The same parameter and buffer objects: an optimizer built before keeps them.
-            synced._parameters, synced._buffers = child._parameters, child._buffers
-            synced.train(child.training)
-            setattr(model, name, synced)
+        synced = synced_batchnorm(child, device, f"{prefix}{name}")
+        if synced is None:
+            convert_sync_batchnorm(child, device, f"{prefix}{name}.")
         else:
-            convert_sync_batchnorm(child, device)
+            setattr(model, name, synced)
     return model
+
+
+def synced_batchnorm(module: nn.Module, device: torch.device, name: str) -> nn.Module | None:
+    """The synced layer that replaces ``module``, or None for a module that is not a BatchNorm
+    layer (or is already synced)."""
+    if not isinstance(module, _BatchNorm) or isinstance(module, SYNCED_BATCHNORMS):
+        return None
+    on_cuda = device.type == "cuda"
+    kind = type(module)  # exact types: a subclass may compute something else
+    if kind is nn.BatchNorm2d:
+        synced_kind = nn.SyncBatchNorm if on_cuda else CPUSyncBatchNorm
+    elif kind is BatchNormAct2d:
+        synced_kind = SyncBatchNormAct if on_cuda else CPUSyncBatchNormAct
+    else:
+        raise ValueError(
+            f"trainer.sync_bn: {name} is a {kind.__module__}.{kind.__qualname__}, which seg "
+            "cannot synchronise over processes without changing what it computes (known: "
+            "torch's BatchNorm2d and timm's BatchNormAct2d). Set trainer.sync_bn=false"
+        )
+    synced = synced_kind(
+        module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+    )
+    # The same parameter and buffer objects (an optimizer built before keeps them) and the
+    # same submodules (BatchNormAct2d's activation and drop path).
+    synced._parameters, synced._buffers = module._parameters, module._buffers
+    synced._modules = module._modules
+    synced.train(module.training)
+    return synced
 
 
 class CPUSyncBatchNorm(nn.BatchNorm2d):
@@ -228,6 +287,18 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         if self.affine:
             output = output * self.weight.view(shape) + self.bias.view(shape)
         return output.to(input.dtype)
+
+
+class CPUSyncBatchNormAct(CPUSyncBatchNorm):
+    """timm's BatchNormAct2d (normalisation, drop path, activation) with ``CPUSyncBatchNorm``'s
+    statistics; its ``drop`` and ``act`` submodules come from the layer it replaces."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(input)))
+
+
+# Layers that already normalise over all ranks: a second conversion keeps them.
+SYNCED_BATCHNORMS = (nn.SyncBatchNorm, CPUSyncBatchNorm)
 
 
 class SumOverRanks(torch.autograd.Function):

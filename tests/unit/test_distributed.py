@@ -1,13 +1,19 @@
 """The data order shared by ranks (they together replay the single-process stream), the
-resume position across world sizes, and batches fetched one ahead onto the device."""
+resume position across world sizes, batches fetched one ahead onto the device, and the
+conversion of BatchNorm layers to their synchronised versions."""
 
 import itertools
 
 import pytest
 import torch
+from timm.layers import SyncBatchNormAct
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from seg.data.loader import DeviceBatches
 from seg.data.sampler import InfiniteSampler
+from seg.engine import dist
+from seg.models import smp_model
 from seg.train import data_position
 
 
@@ -69,3 +75,32 @@ def test_device_batches_run_one_ahead_and_raise_an_error_in_its_turn():
     assert fetched == [0, 1, 2]  # batch 2 failed ahead of time...
     with pytest.raises(ValueError, match="bad file in batch 2"):
         next(batches)  # ...and fails the step it belongs to
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sync_bn_conversion_keeps_what_timm_norm_act_layers_compute(device):
+    # timm's BatchNormAct2d is BatchNorm + drop path + activation: torch's own conversion
+    # would replace it by a plain SyncBatchNorm and drop ~50 of EfficientNet's nonlinearities.
+    model = smp_model("Unet", 3, encoder_name="tu-efficientnet_b0").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+        parameters = list(model.parameters())
+        converted = dist.convert_sync_batchnorm(model, torch.device(device))
+        assert torch.equal(converted(images), expected)  # eval mode: the same function
+    kinds = {type(m) for m in converted.modules() if isinstance(m, _BatchNorm)}
+    synced = (SyncBatchNormAct, nn.SyncBatchNorm) if device == "cuda" else (
+        dist.CPUSyncBatchNormAct, dist.CPUSyncBatchNorm)  # fmt: skip
+    assert kinds == set(synced)
+    # the same parameter objects: an optimizer built before keeps them
+    assert all(a is b for a, b in zip(converted.parameters(), parameters, strict=True))
+
+
+def test_sync_bn_refuses_a_batchnorm_it_does_not_know_by_name():
+    class ScaledBatchNorm(nn.BatchNorm2d):
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(ScaledBatchNorm(4)))
+    with pytest.raises(ValueError, match=r"1\.0 is a .*ScaledBatchNorm.*trainer.sync_bn=false"):
+        dist.convert_sync_batchnorm(model, torch.device("cpu"))
