@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 
 from seg.engine.checkpoint import load_checkpoint, validated_weights
 
@@ -48,8 +49,19 @@ class Segmenter(nn.Module):
         # Zero padding (the mean after normalization) at the bottom/right; no branch on the
         # amount, so that an exported graph with dynamic sizes pads every input correctly.
         images = F.pad(images, (0, -width % self.stride, 0, -height % self.stride))
-        out = self.net(images)
-        logits, aux = (out["out"], out.get("aux")) if isinstance(out, dict) else (out, None)
+        if isinstance(self.net, _SimpleSegmentationModel):
+            # torchvision's FCN and DeepLabV3, called part by part: their own forward would
+            # compute the auxiliary head also where it is not wanted (validation, inference).
+            features = self.net.backbone(images)
+            logits = self.net.classifier(features["out"])
+            aux = (
+                self.net.aux_classifier(features["aux"])
+                if with_aux and self.net.aux_classifier is not None
+                else None
+            )
+        else:
+            out = self.net(images)
+            logits, aux = (out["out"], out.get("aux")) if isinstance(out, dict) else (out, None)
         logits = self._to_input_size(logits, images, height, width)
         if not with_aux:
             return logits
@@ -105,7 +117,32 @@ def smp_model(
         )
     if encoder_weights_path is not None:
         _load_weights(net.encoder, encoder_weights_path)
-    return Segmenter(net, stride=net.encoder.output_stride)
+    model = Segmenter(net, stride=net.encoder.output_stride)
+    if encoder_depth < 5:
+        freeze_unused(model, in_channels)
+    return model
+
+
+def freeze_unused(model: nn.Module, in_channels: int = 3, size: int = 64) -> list[str]:
+    """Set ``requires_grad=False`` on the parameters no output depends on, found by one
+    forward and backward pass on zeros (eval mode: no BatchNorm statistics change, no random
+    number is drawn); returns their names.
+
+    smp keeps the encoder stages that ``encoder_depth`` < 5 leaves unused: their parameters
+    would never get a gradient, which DDP reports as an error at its second iteration. The
+    modules stay, so checkpoints of such models keep their keys and still load.
+    """
+    was_training = model.training
+    model.eval()
+    model(torch.zeros(1, in_channels, size, size)).sum().backward()
+    model.train(was_training)
+    unused = []
+    for name, parameter in model.named_parameters():
+        if parameter.grad is None and parameter.requires_grad:
+            parameter.requires_grad_(False)
+            unused.append(name)
+        parameter.grad = None
+    return unused
 
 
 def torchvision_model(

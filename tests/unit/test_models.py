@@ -80,3 +80,35 @@ def test_failed_download_says_how_to_get_the_weights(monkeypatch):
     monkeypatch.setattr("segmentation_models_pytorch.create_model", offline)
     with pytest.raises(RuntimeError, match=r"pretrained=false.*encoder_weights_path"):
         smp_model("Unet", 3, pretrained=True)
+
+
+@pytest.mark.parametrize(
+    ("arch", "options"), [("FPN", {}), ("Unet", {"decoder_channels": [32, 16, 8]})]
+)
+def test_encoder_stages_a_shallow_depth_leaves_unused_get_no_gradient_but_keep_their_keys(
+    arch, options
+):
+    # Depth 3 runs the stem, layer1 and layer2; DDP fails at its second iteration on the
+    # parameters of layer3 and layer4, which never get a gradient.
+    model = smp_model(arch, 3, encoder_name="resnet18", encoder_depth=3, options=options)
+    unused_stages = ("net.encoder.layer3.", "net.encoder.layer4.")
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {
+        name for name, _ in model.named_parameters() if name.startswith(unused_stages)
+    }
+    model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    assert {name for name, p in model.named_parameters() if p.grad is None} == frozen
+    # the modules stay: checkpoints of such models keep these keys and still load
+    assert any(key.startswith(unused_stages) for key in model.state_dict())
+    assert all(p.requires_grad for p in smp_model(arch, 3, encoder_name="resnet18").parameters())
+
+
+def test_torchvision_aux_head_runs_only_when_its_output_is_wanted():
+    model = torchvision_model("fcn", 3, aux_weight=0.4)
+    calls = []
+    model.net.aux_classifier.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))  # validation and inference
+    assert calls == []
+    model(torch.randn(2, 3, 32, 32), with_aux=True)
+    assert calls == [1]
