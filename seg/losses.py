@@ -32,13 +32,21 @@ class CrossEntropy(nn.Module):
         self.register_buffer("class_weights", weight, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.float(),
-            target,
+        options = dict(
             weight=self.class_weights,
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
         )
+        if not torch.are_deterministic_algorithms_enabled():
+            return F.cross_entropy(logits.float(), target, **options)
+        # trainer.deterministic: CUDA's mean reduction adds with atomics (no deterministic
+        # kernel), its per-pixel losses do not; the same mean, summed by a plain reduction.
+        losses = F.cross_entropy(logits.float(), target, reduction="none", **options)
+        valid = target != self.ignore_index
+        if self.class_weights is None:
+            return losses.sum() / valid.sum()
+        weights = self.class_weights[target.masked_fill(~valid, 0)] * valid
+        return losses.sum() / weights.sum()
 
 
 class Dice(nn.Module):
