@@ -15,9 +15,9 @@ from seg import restore
 from seg.config import build, report_user_errors, run_command
 from seg.data import loader
 from seg.engine import dist
+from seg.engine.device import resolve_device
 from seg.engine.evaluation import Evaluation, evaluate, figures, scalars
 from seg.engine.trackers import Tracker
-from seg.engine.trainer import resolve_device
 from seg.inference import Predictor, memory_advice, progress
 from seg.metrics import bootstrap_miou, format_table, iou_from_counts, named
 from seg.visualize import save_png

@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from seg.engine.device import AMP_DTYPES, is_out_of_memory
+
 log = logging.getLogger(__name__)
 
-AMP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("whole", "slide")
-# The CPU allocator reports exhaustion as a plain RuntimeError with this text.
-CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 
 
 class Normalize:
@@ -106,6 +105,9 @@ class Predictor:
         self.scales = tuple(scales)
         self.flip = flip
         self.window_batch = window_batch
+        # Images whose class scores held a NaN or inf (fp16 overflow): their argmax reads as
+        # class 0, a plausible-looking wrong result. Counted on the device, read once at the end.
+        self.nonfinite_images = torch.zeros((), dtype=torch.int64, device=device)
 
     @property
     def num_passes(self) -> int:
@@ -113,7 +115,12 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = self.normalize(images)
+        scores = self.scores(self.normalize(images))
+        self.nonfinite_images += scores.isfinite().logical_not().flatten(1).any(1).sum()
+        return scores
+
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) scores of normalized images: logits, or TTA's mean probabilities."""
         if self.num_passes == 1 and self.scales[0] == 1.0:
             return self.logits(images)
         height, width = images.shape[-2:]
@@ -166,6 +173,18 @@ class Predictor:
         return totals / counts
 
 
+def warn_nonfinite(count: int, total: int, precision: str) -> None:
+    """Say once, at the end of a pass, that ``count`` of ``total`` images had non-finite class
+    scores, and what to do about it."""
+    if count:
+        log.warning(
+            "%d of %d images had non-finite class scores (NaN or inf) in %s: their predicted "
+            "classes are meaningless (NaN argmax reads as class 0). Run with "
+            "trainer.precision=fp32%s",
+            count, total, precision, " (fp16 overflows where fp32 does not)" * (precision == "fp16"),
+        )  # fmt: skip
+
+
 def check_windows(crop: Sequence[int], stride: Sequence[int]) -> None:
     """Refuse windows that leave pixels uncovered (stride > crop: NaN scores there) or never
     move (stride 0), naming the keys and the allowed range."""
@@ -201,11 +220,6 @@ def _resize(images: torch.Tensor, scale: float) -> torch.Tensor:
     height, width = images.shape[-2:]
     size = (max(round(height * scale), 1), max(round(width * scale), 1))
     return F.interpolate(images, size, mode="bilinear", align_corners=False)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for an allocator's out-of-memory error: CUDA's (OutOfMemoryError) or the CPU's."""
-    return isinstance(error, torch.OutOfMemoryError) or CPU_OUT_OF_MEMORY in str(error)
 
 
 def memory_advice(predictor: Predictor, batch_key: str) -> str:

@@ -21,8 +21,14 @@ from seg.config import report_user_errors, run_command
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID
 from seg.engine import dist
-from seg.engine.trainer import resolve_device
-from seg.inference import Predictor, explain_out_of_memory, memory_advice, progress
+from seg.engine.device import resolve_device
+from seg.inference import (
+    Predictor,
+    explain_out_of_memory,
+    memory_advice,
+    progress,
+    warn_nonfinite,
+)
 from seg.visualize import colorize, overlay
 
 log = logging.getLogger(__name__)
@@ -171,11 +177,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         predictor = restore.predictor_from(cfg, train_cfg, checkpoint, device)
         share = predict_share(cfg, predictor, files, relatives, formats, checkpoint, train_cfg)
         shares = dist.gather(share)
-        written = sum(count for count, _ in shares)
+        written = sum(count for count, _, _ in shares)
         # (index, error) of every rank, in the inputs' order
-        skipped = [error for _, error in sorted(item for _, errors in shares for item in errors)]
+        skipped = [error for _, error in sorted(item for _, errors, _ in shares for item in errors)]
         if dist.is_main():
             log.info("Wrote predictions for %d images to %s", written, cfg.output)
+            warn_nonfinite(sum(count for _, _, count in shares), written, predictor.precision)
             if skipped:
                 log.warning(
                     "Skipped %d unreadable files:\n%s",
@@ -194,9 +201,10 @@ def predict_share(
     formats: list[str],
     checkpoint: dict,
     train_cfg: DictConfig,
-) -> tuple[int, list[tuple[int, str]]]:
+) -> tuple[int, list[tuple[int, str]], int]:
     """Predict this rank's share of ``files`` (all of them in one process) and write their
-    outputs; returns how many were written and the (index, error) of those skipped."""
+    outputs; returns how many were written, the (index, error) of those skipped and how many
+    had non-finite class scores."""
     advice = memory_advice(predictor, "batch_size")
     palette = checkpoint["palette"]
     output = Path(cfg.output)
@@ -228,7 +236,7 @@ def predict_share(
                     written += 1
             if dist.is_main():
                 bar.update(len(batch))
-    return written, skipped
+    return written, skipped, predictor.nonfinite_images.item()
 
 
 def write_outputs(label, image, formats, output: Path, relative: Path, palette, alpha: float):

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from seg.config import ABSENT, apply_overrides, build, linked_keys, override_keys
 from seg.engine.checkpoint import check_compatible, load_checkpoint, validated_weights
-from seg.engine.trainer import resolve_channels_last, resolve_precision
+from seg.engine.device import resolve_channels_last, resolve_precision
 from seg.inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def predictor_from(
     """The Predictor that ``mode``, ``crop``, ``stride``, ``scales``, ``flip`` and
     ``window_batch`` ask for, over the checkpoint's model on ``device`` with the configured
     precision and memory layout (``trainer.precision``, ``trainer.channels_last``)."""
-    precision = resolve_precision(train_cfg.trainer.precision, device)
+    precision = resolve_precision(train_cfg.trainer.precision, device, inference=True)
     channels_last = resolve_channels_last(train_cfg.trainer.channels_last, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model_from(checkpoint, train_cfg).to(device, memory_format=memory_format)

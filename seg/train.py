@@ -2,6 +2,7 @@
 
 import logging
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ from seg.data import loader
 from seg.doctor import quick_check
 from seg.engine import dist
 from seg.engine.checkpoint import check_compatible, load_checkpoint
+from seg.engine.device import CUBLAS_DETERMINISTIC, resolve_device
 from seg.engine.recorder import Recorder
-from seg.engine.trainer import StopTraining, resolve_device
+from seg.engine.trainer import StopTraining
 from seg.models import init_from, load_checkpoint_weights
 from seg.optim import build_optimizer
 from seg.run_dir import (
@@ -109,12 +111,12 @@ def run(
     """
     # Under torchrun: join the process group first; rank 0 decides and writes, the other ranks
     # report warnings and errors only.
-    dist.init(resolve_device(cfg.trainer.device))
+    device = dist.init(resolve_device(cfg.trainer.device))
     if not dist.is_main():
         logging.getLogger().setLevel(logging.WARNING)
     run_log = RunLog()
     try:
-        return start(cfg, run_dir, overrides, explicit_run_dir, run_log)
+        return start(cfg, run_dir, overrides, explicit_run_dir, run_log, device)
     finally:
         run_log.close()
         # Hydra creates its run directory up front (on every rank): gone again if unused.
@@ -123,9 +125,15 @@ def run(
 
 
 def start(
-    cfg: DictConfig, run_dir: Path, overrides: list[str], explicit_run_dir: bool, run_log: RunLog
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    explicit_run_dir: bool,
+    run_log: RunLog,
+    device: torch.device,
 ) -> RunResult:
-    """Check, build, place the run, train: in that order, so that a failed check writes nothing."""
+    """Check, build, place the run, train: in that order, so that a failed check writes nothing.
+    ``device`` is the one this process joined torchrun's group for (or the command line's)."""
     check_values(cfg)
     identity = run_identity(overrides, cfg.run_name)
     found = None
@@ -145,6 +153,7 @@ def start(
         overrides = checkpoint["overrides"] + [o for o in overrides if not o.startswith("resume=")]
         cfg = hydra.compose(config_name="train", overrides=overrides)
         check_values(cfg)
+        device = same_device(cfg, device)
         check_compatible(checkpoint, cfg, checkpoint_path)
         check_same_groups(OmegaConf.create(checkpoint["config"]), cfg)
         log.info("Resuming %s from iteration %d", checkpoint_path, checkpoint["iteration"])
@@ -156,6 +165,8 @@ def start(
                 checkpoint["iteration"], cfg.trainer.max_iters,
             )  # fmt: skip
     check_data_config(cfg.data)
+    if cfg.trainer.deterministic:  # before the first cuBLAS handle exists: read when created
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -207,10 +218,26 @@ def start(
         trackers=trackers,
         params=flat_values(cfg),
     )
-    return RunResult(train(cfg, recorder, checkpoint, model, train_set, val_set), run_dir)
+    return RunResult(train(cfg, recorder, checkpoint, model, train_set, val_set, device), run_dir)
 
 
-def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
+def same_device(cfg: DictConfig, device: torch.device) -> torch.device:
+    """The device of a resumed run, whose config (the checkpoint's overrides, then this command
+    line's) may name another ``trainer.device`` than the command line did. Under torchrun the
+    process group was formed for the command line's (NCCL or gloo): another kind is refused."""
+    resumed = resolve_device(cfg.trainer.device)
+    if not dist.launched_by_torchrun():
+        return dist.init(resumed)
+    if resumed.type != device.type:
+        raise ValueError(
+            f"trainer.device={cfg.trainer.device} (the checkpoint's run) differs from this "
+            f"command's {device.type}, for which the processes have joined their group: add "
+            f"trainer.device=... to the command line to choose"
+        )
+    return device
+
+
+def train(cfg, recorder, checkpoint, model, train_set, val_set, device) -> float:
     """Build loss, optimizer, schedule and Trainer around ``model``, restore ``checkpoint``
     if any, and train; returns the best val mIoU (NaN if it never validated)."""
     loss_fn = build(cfg.loss)
@@ -223,6 +250,7 @@ def train(cfg, recorder, checkpoint, model, train_set, val_set) -> float:
         optimizer=optimizer,
         scheduler=scheduler,
         recorder=recorder,
+        device=device,
         ignore_index=cfg.data.ignore_index,
         mean=list(cfg.data.mean),
         std=list(cfg.data.std),

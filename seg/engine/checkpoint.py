@@ -13,6 +13,10 @@ log = logging.getLogger(__name__)
 
 # torch.compile and DistributedDataParallel wrap the model and prefix its keys.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+# The layout of the dict below; ``upgrade`` brings older checkpoints to it.
+# 1 (no key): ``rng["cuda"]`` held every visible GPU's generator (a list).
+# 2: ``rng["cuda"]`` is the training device's generator, or None.
+FORMAT_VERSION = 2
 
 
 def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -106,6 +110,22 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a seg checkpoint (no 'model' entry)")
     state["model"] = {strip_prefixes(key): value for key, value in state["model"].items()}
+    return upgrade(state)
+
+
+def upgrade(state: dict) -> dict:
+    """``state`` in the current ``FORMAT_VERSION``'s layout, whatever version wrote it."""
+    if state.get("format_version", 1) < 2 and isinstance(state.get("rng"), dict):
+        # Every visible GPU's generator was saved: keep the one of the device rank 0 trained
+        # on (cuda:0 under torchrun; trainer.device's index in one process).
+        generators = state["rng"].get("cuda") or []
+        index = 0
+        if state.get("world_size", 1) == 1 and "config" in state:
+            device = str(OmegaConf.select(OmegaConf.create(state["config"]), "trainer.device"))
+            if device.startswith("cuda"):
+                index = torch.device(device).index or 0
+        state["rng"]["cuda"] = generators[index] if index < len(generators) else None
+    state["format_version"] = FORMAT_VERSION
     return state
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from seg.engine import dist
-from seg.inference import Predictor, explain_out_of_memory
+from seg.inference import Predictor, explain_out_of_memory, warn_nonfinite
 from seg.metrics import ConfusionMatrix, iou_from_counts, per_image_counts
 from seg.visualize import comparison, confusion_figure, gallery, iou_figure
 
@@ -59,6 +59,7 @@ def evaluate(
     trainer adds its own advice).
     """
     model = predictor.model
+    predictor.nonfinite_images.zero_()
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, predictor.device)
@@ -111,6 +112,7 @@ def evaluate(
     finally:
         model.train(was_training)
     dist.sum_over_ranks(confusion.matrix)  # integer pixel counts: the sum is exact
+    nonfinite = dist.sum_over_ranks(predictor.nonfinite_images.clone()).item()
     worst_miou = {-at: -miou for miou, at in worst}
     empty = torch.zeros(0, 3, num_classes, dtype=torch.int64)  # (0, 3, C): no images
     rows = torch.cat(image_counts).cpu() if image_counts else empty
@@ -123,6 +125,8 @@ def evaluate(
     names = [sample.name for sample in samples]
     # lowest mIoU first; ties: the earlier image first
     ranked = sorted((s.worst_miou, at) for at, s in enumerate(samples) if s.worst_miou is not None)
+    if dist.is_main():
+        warn_nonfinite(nonfinite, len(samples), predictor.precision)
     return Evaluation(
         metrics=confusion.compute(),
         confusion=confusion.matrix.cpu(),

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seg.engine import dist
-from seg.engine.checkpoint import save_checkpoint
+from seg.engine.checkpoint import FORMAT_VERSION, save_checkpoint
 from seg.engine.evaluation import Evaluation, figures, scalars
 from seg.engine.trackers import Tracker
 from seg.metrics import format_table, named
@@ -165,7 +165,8 @@ class Recorder:
         path = self.checkpoint_path(name)
         if self.write:
             save_checkpoint(
-                state() | {"class_names": self.class_names, "palette": self.palette,
+                state() | {"format_version": FORMAT_VERSION,
+                           "class_names": self.class_names, "palette": self.palette,
                            "config": self.config_yaml, "overrides": self.overrides},
                 path,
             )  # fmt: skip

@@ -2,8 +2,6 @@
 
 import logging
 import math
-import os
-import random
 import signal
 import threading
 import time
@@ -12,7 +10,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -21,9 +18,19 @@ from torch.utils.data import DataLoader
 from seg.data.loader import DeviceBatches
 from seg.engine import dist
 from seg.engine.checkpoint import unwrapped_state_dict, validated_weights
+from seg.engine.device import (
+    AMP_DTYPES,
+    CompiledForward,
+    configure_determinism,
+    resolve_channels_last,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+)
 from seg.engine.evaluation import Evaluation, evaluate
 from seg.engine.recorder import Recorder
-from seg.inference import AMP_DTYPES, Normalize, Predictor
+from seg.engine.rng import rng_state, set_rng_state
+from seg.inference import Normalize, Predictor
 
 log = logging.getLogger(__name__)
 # The schedule follows the iteration, applied or skipped: when a process's first step is skipped
@@ -33,56 +40,6 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings(
     "ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`", UserWarning
 )
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={device} but CUDA is not available; use auto or cpu")
-    return resolved
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> the fastest safe choice: bf16 where the hardware has it, else fp16 with a
-    grad scaler on CUDA, else fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"trainer.precision={precision!r}; options: {list(PRECISIONS)}")
-    if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-    else:
-        # oneDNN runs bf16 convolutions and GEMMs about 2x faster than fp32 on AVX-512 CPUs.
-        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if precision == "auto":
-        return "bf16" if bf16 else "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("trainer.precision=fp16 needs CUDA; on the CPU use bf16 or fp32")
-    if precision == "bf16" and not bf16:
-        raise ValueError(f"trainer.precision=bf16 is not supported on {device}; use fp32")
-    return precision
-
-
-def resolve_channels_last(channels_last: bool | str, device: torch.device) -> bool:
-    """``auto`` -> channels_last everywhere: oneDNN (CPU) and cuDNN tensor cores both prefer it."""
-    if channels_last == "auto":
-        return True
-    if not isinstance(channels_last, bool):
-        raise ValueError(f"trainer.channels_last={channels_last!r}; options: auto, true, false")
-    return channels_last
-
-
-def resolve_compile(compile: bool | str, device: torch.device) -> bool:
-    """``auto`` -> torch.compile on CUDA, where it pays (U-Net-R34 on an H100: 282 against 159
-    img/s after 48 s of compilation), not on the CPU, where it was 0.91-0.99x of eager."""
-    if compile == "auto":
-        return device.type == "cuda"
-    if not isinstance(compile, bool):
-        raise ValueError(f"trainer.compile={compile!r}; options: auto, true, false")
-    return compile
 
 
 def resolve_sync_bn(sync_bn: bool | str, model: nn.Module) -> bool:
@@ -105,27 +62,6 @@ def averaged_model(model: nn.Module, decay: float | None) -> AveragedModel | Non
         raise ValueError(f"trainer.ema_decay={decay!r}; give a number between 0 and 1 "
                          "(e.g. 0.999), or null for no averaging")  # fmt: skip
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def rng_state() -> dict:
-    """Every random generator's state as tensors and primitives (``weights_only``-loadable)."""
-    numpy_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy_key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-        "numpy_pos": numpy_state["state"]["pos"],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    key = state["numpy_key"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", key, state["numpy_pos"]))
-    random.setstate(state["python"])
 
 
 def loss_input(logits: torch.Tensor) -> torch.Tensor:
@@ -200,7 +136,7 @@ class Trainer:
         ignore_index: int,
         mean: Sequence[float],
         std: Sequence[float],
-        device: str = "auto",
+        device: str | torch.device = "auto",
         precision: str = "auto",
         channels_last: bool | str = "auto",
         deterministic: bool = False,
@@ -231,20 +167,17 @@ class Trainer:
         # Training steps go through DDP (gradients averaged over ranks) and, with ``compile``,
         # the compiled model; validation, checkpoints and the fallback use the plain one
         # (compilation is lazy: failures show at the first step).
-        self.ddp_model = dist.wrap(self.model, self.device)
-        self.compiling = resolve_compile(compile, self.device)
-        self.forward_model = torch.compile(self.ddp_model) if self.compiling else self.ddp_model
+        self.compiled = (
+            CompiledForward(self.model) if resolve_compile(compile, self.device) else None
+        )
+        self.ddp_model = dist.wrap(self.compiled or self.model, self.device)
         self.loss_fn = loss_fn.to(self.device)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.recorder = recorder
         # A no-op unless fp16: bf16 has fp32's exponent range and needs no loss scaling.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS asks for it
-            torch.use_deterministic_algorithms(True)
-        # Fixed crop sizes: let cuDNN pick the fastest kernels, unless results must repeat.
-        torch.backends.cudnn.benchmark = self.device.type == "cuda" and not deterministic
+        configure_determinism(deterministic, self.device)
         self.ignore_index = ignore_index
         self.mean, self.std = list(mean), list(std)
         self.normalize = Normalize(self.mean, self.std, self.device, self.memory_format)
@@ -393,8 +326,10 @@ class Trainer:
             raise
         return self.apply_gradients(total)
 
-    def save_before_error(self) -> None:
-        """Save ``last.pt`` at the last completed iteration, before an error ends the run."""
+    def save_before_error(self, what: str | None = None) -> None:
+        """Save ``last.pt`` at the last completed iteration, before an error in ``what`` (by
+        default the next iteration) ends the run."""
+        what = what or f"Iteration {self.iteration + 1}"
         path = self.recorder.checkpoint_path("last")
         try:
             self.save("last")
@@ -402,10 +337,11 @@ class Trainer:
             # The error that stopped the step matters more: it propagates, this is logged.
             log.error("Could not save %s before stopping: %s", path, save_error)
             return
+        owed = " with the validation owed (it runs first on resume)" * self.pending_validation
         log.warning(
-            "Iteration %d failed; saved %s at iteration %d. Once the error below is fixed, "
-            "continue with: python train.py resume=%s",
-            self.iteration + 1, path, self.iteration, path,
+            "%s failed; saved %s at iteration %d%s. Once the error below is fixed, continue "
+            "with: python train.py resume=%s",
+            what, path, self.iteration, owed, path,
         )  # fmt: skip
 
     def save(self, name: str) -> None:
@@ -469,26 +405,34 @@ class Trainer:
                 signal.signal(signum, handler)
 
     def run_model(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The training forward pass; if torch.compile fails, warn and continue eagerly (still
-        under DDP). The first compiled call compiles: its time is logged."""
+        """The training forward pass. With ``compile``, the first one compiles (its time is
+        logged) and all ranks then agree: if compiling failed on any of them, every rank warns
+        and goes on eagerly, still under DDP (``CompiledForward``)."""
         started = time.perf_counter()
-        try:
-            outputs = self.forward_model(images, with_aux=True)
-        except Exception as error:
-            if self.forward_model is self.ddp_model:
-                raise
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            log.warning(
-                "trainer.compile: torch.compile failed (%s: %s); continuing without it",
-                type(error).__name__, message[:300],
-            )  # fmt: skip
-            self.forward_model = self.ddp_model
-            return self.ddp_model(images, with_aux=True)
-        if self.compiling:
-            self.compiling = False
-            log.info("trainer.compile: compiled the training step in %.1f s (its first forward "
-                     "pass)", time.perf_counter() - started)  # fmt: skip
+        outputs = self.ddp_model(images, with_aux=True)
+        if self.compiled is not None and self.compiled.calls == 1:
+            self.agree_on_compile(time.perf_counter() - started)
         return outputs
+
+    def agree_on_compile(self, seconds: float) -> None:
+        """After the first compiled call: one flag over all ranks, so that no rank goes on
+        compiled while another runs eagerly (other graphs, other numerics)."""
+        failure = self.compiled.failure
+        flag = torch.full((1,), float(failure is not None), device=self.device)
+        if not dist.any_rank(flag).item():
+            log.info("trainer.compile: compiled the training step in %.1f s (its first forward "
+                     "pass)", seconds)  # fmt: skip
+            return
+        self.compiled.eager = True
+        if failure is None:
+            log.warning("trainer.compile: torch.compile failed on another rank; continuing "
+                        "without it")  # fmt: skip
+            return
+        message = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
+        log.warning(
+            "trainer.compile: torch.compile failed (%s: %s); continuing without it",
+            type(failure).__name__, message[:300],
+        )  # fmt: skip
 
     def train_step(self, batches: Iterator) -> StepResult:
         """One optimizer step over ``grad_accum_steps`` batches, skipped if non-finite."""
@@ -566,13 +510,20 @@ class Trainer:
         best so far. None when a stop signal came first or cut it short: it stays owed."""
         if self.agreed_stop is not None:
             return None
-        rng = rng_state()
+        rng = rng_state(self.device)
         with self.recorder.timed("validation"):
-            result = self.validate(loader)
+            try:
+                result = self.validate(loader)
+            except Exception:
+                # Out of memory at full resolution is the likeliest GPU error: the iterations
+                # since the last checkpoint are kept, with the validation owed.
+                set_rng_state(rng, self.device)  # as before the validation, like a stop's save
+                self.save_before_error(f"Validation at iteration {self.iteration}")
+                raise
         if result is None:
             # Validation draws from the RNG (the DataLoader's seed): the resumed run repeats
             # it from the same state, as the uninterrupted run did.
-            set_rng_state(rng)
+            set_rng_state(rng, self.device)
             # Cut short on every rank alike; a rank the signal did not reach stops as if sent
             # SIGTERM.
             self.agreed_stop = self.stop_signal or signal.SIGTERM
@@ -619,11 +570,12 @@ class Trainer:
             "iteration": self.iteration,
             "samples_seen": self.samples_seen,
             "world_size": dist.world_size(),
+            "precision": self.precision,  # as resolved: what this run really computed in
             "best_miou": self.best_miou,
             "skipped_steps": self.skipped_steps,
             "pending_validation": self.pending_validation,
             "validations_without_improvement": self.validations_without_improvement,
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
         } | self.ema_state()
 
     def ema_state(self) -> dict:
@@ -638,7 +590,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.load_scaler(state["scaler"], state.get("precision"))
         self.iteration = state["iteration"]
         self.samples_seen = state["samples_seen"]
         self.best_miou = state["best_miou"]
@@ -650,4 +602,18 @@ class Trainer:
             # A checkpoint without an average (EMA newly switched on) starts one from its weights.
             self.ema.module.load_state_dict(validated_weights(state))
             self.ema.n_averaged.fill_(state.get("ema_updates", 0))
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
+
+    def load_scaler(self, scaler_state: dict, trained_in: str | None) -> None:
+        """The grad scaler's state; a run that changes precision keeps a fresh one (fp16 from a
+        bf16, fp32 or CPU checkpoint) or none (away from fp16), and says so."""
+        trained_in = trained_in or "a precision other than fp16"  # older checkpoints: unknown
+        if self.scaler.is_enabled() and not scaler_state:
+            log.warning("Resuming in fp16 from a checkpoint trained in %s: the grad scaler "
+                        "starts afresh (scale %g)", trained_in, self.scaler.get_scale())  # fmt: skip
+        elif not self.scaler.is_enabled() and scaler_state:
+            log.warning("Resuming in %s from a checkpoint trained in fp16: its grad scaler "
+                        "(scale %g) is no longer needed and is dropped", self.precision,
+                        scaler_state.get("scale", float("nan")))  # fmt: skip
+        else:
+            self.scaler.load_state_dict(scaler_state)

@@ -1,6 +1,6 @@
 """``train.py`` as a torchrun worker that also reports what a test cannot see from outside:
 its exit code and its model's weights after training, per rank, in ``$SEG_TEST_OUT``; and
-that can make one rank fail (``$SEG_TEST_FAIL``)."""
+that can make one rank fail (``$SEG_TEST_FAIL``) or its compile (``$SEG_TEST_COMPILE_FAIL``)."""
 
 import os
 import runpy
@@ -35,6 +35,20 @@ if "SEG_TEST_FAIL" in os.environ:
         return accumulate(self, batches)
 
     trainer_module.Trainer.accumulate_gradients = failing_accumulate
+# SEG_TEST_COMPILE_FAIL=<rank>: torch.compile fails on that rank; elsewhere it "compiles" to
+# the eager model, so that the other ranks' first call succeeds.
+if "SEG_TEST_COMPILE_FAIL" in os.environ:
+    compile_fails_on = int(os.environ["SEG_TEST_COMPILE_FAIL"])
+
+    def fake_compile(model):
+        def compiled(*args, **kwargs):
+            if dist.rank() == compile_fails_on:
+                raise RuntimeError(f"injected compile failure on rank {compile_fails_on}")
+            return model(*args, **kwargs)
+
+        return compiled
+
+    torch.compile = fake_compile
 code = 0
 try:
     sys.argv = ["train.py", *sys.argv[1:]]

@@ -1,10 +1,18 @@
-"""The CUDA paths (fp16 with a grad scaler, bf16, pinned memory, non-blocking copies), run
-where a GPU is present; skipped on CPU-only machines."""
+"""The CUDA paths, run where a GPU is present (``pytest -m gpu``); skipped on CPU-only machines:
+each precision trained and resumed (the precision a resumed run really used is asserted),
+compile really compiling, deterministic mode resuming bit for bit, a checkpoint saved with
+more GPUs visible, DDP over a one-process NCCL group. ``scripts/gpu_check.sh`` runs them on a
+lent GPU machine and prints the versions."""
+
+import logging
+import socket
 
 import pytest
 import torch
+import torch.distributed as torch_dist
+from torch import nn
 
-from seg.engine.checkpoint import load_checkpoint
+from seg.engine.checkpoint import load_checkpoint, save_checkpoint
 from seg.models import smp_model
 from tests.conftest import run_evaluation, run_training
 
@@ -12,24 +20,109 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+CUDA = ("trainer.device=cuda", "data.num_workers=1")
+
+
+def last(run_dir):
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
-def test_tiny_run_on_cuda_resumes_and_loads_on_the_cpu(tmp_path, precision):
+def test_tiny_run_on_cuda_resumes_in_its_precision_and_loads_on_the_cpu(tmp_path, precision):
     run_dir = tmp_path / "run"
-    settings = ("trainer.device=cuda", f"trainer.precision={precision}", "data.num_workers=1")
+    settings = (*CUDA, f"trainer.precision={precision}")
     run_training(run_dir, *settings, "trainer.max_iters=2", "scheduler.max_iters=4")
     # The same command, resumed: run_training's own trainer.precision=fp32 must not win over
-    # the run's precision (it did here, so the fp16 run resumed without its grad scaler).
+    # the run's precision (it did once, so the fp16 run resumed without its grad scaler).
     run_training(tmp_path / "x", *settings, "scheduler.max_iters=4", "resume=auto",
                  "trainer.max_iters=4")  # fmt: skip
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state = last(run_dir)
     assert state["iteration"] == 4
+    assert state["precision"] == precision  # what the resumed run really computed in
     assert all(value.device.type == "cpu" for value in state["model"].values())
-    if precision == "fp16":
-        assert state["scaler"]["scale"] > 0  # the grad scaler's state travels with the run
+    assert bool(state["scaler"]) == (precision == "fp16")
     model = smp_model("Unet", 6)
     model.load_state_dict(state["model"])  # a CUDA checkpoint loads into a plain CPU model
     result = run_evaluation(f"checkpoint={run_dir / 'checkpoints/last.pt'}", "trainer.device=cpu",
                             "trainer.precision=fp32", f"report_dir={tmp_path / 'r'}")  # fmt: skip
     assert 0 <= result["mIoU"] <= 1
+
+
+def test_fp16_resumed_from_a_bf16_checkpoint_starts_a_fresh_grad_scaler(tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    run_training(run_dir, *CUDA, "trainer.precision=bf16", "trainer.max_iters=2")
+    run_training(run_dir, *CUDA, f"resume={run_dir / 'checkpoints/last.pt'}",
+                 "trainer.precision=fp16", "trainer.max_iters=4")  # fmt: skip
+    assert "the grad scaler starts afresh" in caplog.text
+    state = last(run_dir)
+    assert state["precision"] == "fp16" and state["scaler"]["scale"] > 0
+
+
+def test_compile_really_compiles_the_training_step(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run_training(tmp_path / "run", *CUDA, "trainer.precision=bf16", "trainer.compile=true",
+                 "trainer.max_iters=3")  # fmt: skip
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert "compiled the training step in" in caplog.text
+    assert "torch.compile failed" not in caplog.text
+
+
+def test_deterministic_unet_resumes_bit_for_bit_on_cuda(tmp_path):
+    # U-Net (nearest upsampling) with the deterministic cross-entropy: every op has a
+    # deterministic CUDA kernel (tests/unit/test_determinism.py lists the exact models).
+    settings = (*CUDA, "trainer.precision=fp32", "trainer.deterministic=true",
+                "trainer.compile=false", "scheduler.max_iters=4")  # fmt: skip
+    run_training(tmp_path / "straight", *settings, "trainer.max_iters=4")
+    stopped = tmp_path / "stopped"
+    run_training(stopped, *settings, "trainer.max_iters=2")
+    run_training(stopped, *settings, f"resume={stopped / 'checkpoints/last.pt'}",
+                 "trainer.max_iters=4")  # fmt: skip
+    straight, resumed = last(tmp_path / "straight")["model"], last(stopped)["model"]
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def test_deterministic_mode_warns_for_models_without_deterministic_kernels(tmp_path):
+    with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+        run_training(tmp_path / "run", *CUDA, "model=fpn", "trainer.deterministic=true",
+                     "trainer.max_iters=2")  # fmt: skip
+
+
+def test_a_checkpoint_saved_with_more_gpus_visible_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(run_dir, *CUDA, "trainer.max_iters=2")
+    state = last(run_dir)
+    # Format 1, as an 8-GPU torchrun run saved it: every visible GPU's generator.
+    state["rng"]["cuda"] = [state["rng"]["cuda"]] * 8
+    state["world_size"] = 8
+    del state["format_version"]
+    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
+    run_training(run_dir, *CUDA, f"resume={run_dir / 'checkpoints/last.pt'}",
+                 "trainer.max_iters=4")  # fmt: skip
+    assert last(run_dir)["iteration"] == 4
+
+
+def test_ddp_over_a_one_process_nccl_group(tmp_path):
+    from tests.unit.test_trainer import batches, make_trainer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.cuda.set_device(0)
+    torch_dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                  world_size=1, device_id=torch.device("cuda", 0))  # fmt: skip
+    try:
+        trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), device="cuda", precision="bf16")
+        assert isinstance(trainer.ddp_model, nn.parallel.DistributedDataParallel)
+        stream = batches()
+        assert all(trainer.train_step(stream).applied for _ in range(3))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_second_gpu_becomes_the_current_device(tmp_path):
+    run_training(tmp_path / "run", "trainer.device=cuda:1", "trainer.max_iters=1")
+    assert torch.cuda.current_device() == 1  # no context and pin thread left on GPU 0

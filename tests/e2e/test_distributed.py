@@ -172,3 +172,34 @@ def test_an_error_on_one_rank_ends_the_job_with_its_message(tmp_path):
     )  # fmt: skip
     assert "injected failure on rank 1" in output
     assert time.monotonic() - started < 120  # the other rank did not wait for its timeout
+
+
+def test_sync_bn_keeps_timm_activations_so_validation_equals_evaluate(tmp_path):
+    # tu-efficientnet_b0's BatchNormAct2d layers: converted to plain SyncBatchNorm they lost
+    # their activations, and the run validated another network than evaluate.py rebuilds.
+    run_dir = tmp_path / "run"
+    torchrun(tmp_path / "out", f"hydra.run.dir={run_dir}", "model.encoder_name=tu-efficientnet_b0",
+             "trainer.max_iters=2", "data.max_val_samples=4")  # fmt: skip
+    validated = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    evaluated = run_evaluation(f"checkpoint={run_dir / 'checkpoints/last.pt'}", "max_samples=4")
+    assert evaluated["mIoU"] == validated["mIoU"]
+    assert evaluated["IoU"] == validated["IoU"]
+
+
+def test_a_shallow_encoder_depth_trains_under_torchrun(tmp_path):
+    # depth 4 leaves layer4 unused: DDP stopped at iteration 2 ("Expected to have finished
+    # reduction in the prior iteration")
+    torchrun(tmp_path / "out", f"hydra.run.dir={tmp_path / 'run'}", "model=fpn",
+             "model.encoder_name=resnet18", "model.encoder_depth=4", "trainer.max_iters=3",
+             "trainer.val_every=100")  # fmt: skip
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["iteration"] == 3
+
+
+def test_a_compile_failure_on_one_rank_makes_every_rank_go_on_eagerly(tmp_path):
+    output = torchrun(tmp_path / "out", f"hydra.run.dir={tmp_path / 'run'}", "trainer.compile=true",
+                      "trainer.max_iters=2", SEG_TEST_COMPILE_FAIL="1")  # fmt: skip
+    assert "torch.compile failed (RuntimeError: injected compile failure" in output  # rank 1
+    assert "torch.compile failed on another rank; continuing without it" in output  # rank 0
+    rank0, rank1 = (torch.load(tmp_path / "out" / f"weights_rank{r}.pt") for r in range(2))
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key

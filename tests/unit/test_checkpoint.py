@@ -162,3 +162,41 @@ def test_incompatible_config_names_both_values():
         ValueError, match=r"data.num_classes=19 in the checkpoint but data.num_classes=6"
     ):
         check_compatible(state, other, "ck.pt")
+
+
+def cuda_generators(count: int) -> list[torch.Tensor]:
+    """Stand-ins for ``torch.cuda.get_rng_state_all()`` of ``count`` GPUs (distinct tensors)."""
+    return [torch.full((16,), index, dtype=torch.uint8) for index in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("world_size", "device", "expected"),
+    [(8, "cuda", 0), (1, "cuda:3", 3), (1, "auto", 0)],
+)
+def test_a_checkpoint_with_every_gpus_generator_keeps_the_one_rank_0_trained_on(
+    tmp_path, world_size, device, expected
+):
+    # Format 1 saved every visible GPU's generator: resumed where fewer GPUs are visible,
+    # torch.cuda.set_rng_state_all raised IndexError.
+    rng = {"torch": torch.get_rng_state(), "cuda": cuda_generators(8)}
+    state = {"model": {}, "rng": rng, "world_size": world_size,
+             "config": f"trainer:\n  device: {device}\n"}  # fmt: skip
+    save_checkpoint(state, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded["format_version"] == checkpoint_module.FORMAT_VERSION
+    assert torch.equal(loaded["rng"]["cuda"], cuda_generators(8)[expected])
+
+
+def test_a_cpu_checkpoint_of_format_1_has_no_cuda_generator(tmp_path):
+    save_checkpoint({"model": {}, "rng": {"cuda": []}}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["rng"]["cuda"] is None
+
+
+def test_rng_state_holds_only_this_process_generators():
+    from seg.engine.rng import rng_state, set_rng_state
+
+    state = rng_state(torch.device("cpu"))
+    assert state["cuda"] is None
+    expected = torch.rand(3)
+    set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)

@@ -260,3 +260,28 @@ def test_evaluate_keeps_the_first_examples_and_the_lowest_miou_images_in_order()
     for (image, mask, _), index in zip(result.examples, (0, 1), strict=True):
         assert torch.equal(image, images[index]) and torch.equal(mask, masks[index])
     assert result.metrics["IoU"][1] == sum(hits) / (16 * len(hits))
+
+
+class OverflowsOnBright(nn.Module):
+    """Class scores that are NaN for images whose first pixel is 255 (as fp16 overflow gives)."""
+
+    def forward(self, images):
+        scores = torch.stack([1 - images[:, 0], images[:, 0]], 1)
+        bright = (images[:, 0, 0, 0] == 1).view(-1, 1, 1, 1)
+        return scores.masked_fill(bright, float("nan"))
+
+
+def test_non_finite_class_scores_are_reported_once_at_the_end_of_an_evaluation(caplog):
+    # NaN scores argmax to class 0: without the warning the mIoU looks plausible.
+    images = torch.zeros(5, 3, 4, 4, dtype=torch.uint8)
+    images[[1, 3], 0, 0, 0] = 255
+    loader = DataLoader(TensorDataset(images, torch.ones(5, 4, 4, dtype=torch.uint8)), batch_size=2)
+    scores = Predictor(OverflowsOnBright(), torch.device("cpu"), (0, 0, 0), (1, 1, 1))
+    evaluate(scores, loader, 2, 255)
+    assert caplog.text.count("non-finite class scores") == 1
+    assert "2 of 5 images had non-finite class scores (NaN or inf) in fp32" in caplog.text
+    caplog.clear()
+    evaluate(
+        scores, DataLoader(TensorDataset(images[:1], torch.ones(1, 4, 4)), batch_size=1), 2, 255
+    )
+    assert "non-finite" not in caplog.text  # counted afresh for each evaluation

@@ -181,7 +181,8 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatc
     step = trainer.train_step(batches())
     assert step.applied
     assert "torch.compile failed (RuntimeError: backend exploded)" in caplog.text
-    assert trainer.forward_model is trainer.ddp_model  # eager, and still under DDP if any
+    assert trainer.compiled.eager  # from now on, and still under DDP if any
+    assert trainer.train_step(batches()).applied
 
 
 def test_compile_auto_is_on_for_cuda_only_and_its_time_is_logged(tmp_path, monkeypatch, caplog):
@@ -189,7 +190,7 @@ def test_compile_auto_is_on_for_cuda_only_and_its_time_is_logged(tmp_path, monke
     assert resolve_compile("auto", torch.device("cpu")) is False
     with pytest.raises(ValueError, match=r"trainer.compile='yes'; options: auto, true, false"):
         resolve_compile("yes", torch.device("cpu"))
-    assert not make_trainer(tmp_path, nn.CrossEntropyLoss()).compiling  # auto on the CPU
+    assert make_trainer(tmp_path, nn.CrossEntropyLoss()).compiled is None  # auto on the CPU
     monkeypatch.setattr(torch, "compile", lambda model: lambda *a, **k: model(*a, **k))
     caplog.set_level(logging.INFO)
     trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), compile=True)
@@ -423,3 +424,91 @@ def test_tensorboard_val_group_holds_the_headline_metrics_alone(tmp_path):
     }  # fmt: skip
     per_class = {f"val_class/{metric}/{name}" for metric in ("IoU", "Dice") for name in "abc"}
     assert {tag for tag in scalars if tag.startswith("val_class/")} == per_class
+
+
+def fp16_scaler(trainer):
+    """Give a CPU trainer an enabled grad scaler, as an fp16 run on CUDA has (same code)."""
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    return trainer
+
+
+def test_an_fp16_resume_from_a_checkpoint_without_a_scaler_starts_a_fresh_one(tmp_path, caplog):
+    # GradScaler.load_state_dict({}) raised "The source state dict is empty".
+    state = make_trainer(tmp_path, nn.CrossEntropyLoss()).state_dict()
+    assert state["scaler"] == {} and state["precision"] == "fp32"
+    resumed = fp16_scaler(make_trainer(tmp_path, nn.CrossEntropyLoss()))
+    resumed.load_state_dict(state)
+    assert resumed.scaler.get_scale() == 1024.0
+    assert "Resuming in fp16 from a checkpoint trained in fp32: the grad scaler starts" in (
+        caplog.text
+    )
+    assert resumed.train_step(batches()).applied
+
+
+def test_a_resume_away_from_fp16_drops_the_scaler_and_says_so(tmp_path, caplog):
+    trainer = fp16_scaler(make_trainer(tmp_path, nn.CrossEntropyLoss()))
+    trainer.train_step(batches())
+    state = trainer.state_dict()
+    assert state["scaler"]["scale"] == 1024.0
+    make_trainer(tmp_path, nn.CrossEntropyLoss()).load_state_dict(state)
+    assert "from a checkpoint trained in fp16: its grad scaler (scale 1024) is no longer" in (
+        caplog.text
+    )
+
+
+def test_out_of_memory_while_compiling_is_not_taken_for_a_compile_failure(tmp_path, monkeypatch):
+    def compile_runs_out_of_memory(model):
+        def run(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_runs_out_of_memory)
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), compile=True)
+    with pytest.raises(RuntimeError, match=r"out of memory\. Lower data\.batch_size"):
+        trainer.train_step(batches())
+    assert not trainer.compiled.eager  # compile stays on
+
+
+def test_an_error_after_the_compiling_call_propagates(tmp_path, monkeypatch):
+    # A later error (here at the third call) is the step's own: compile stays on and the
+    # error ends the run, where the fallback used to swallow it and blame compile.
+    calls = []
+
+    def compiled(model):
+        def run(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("a kernel failed")
+            return model(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compiled)
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), compile=True)
+    stream = batches()
+    trainer.train_step(stream)
+    trainer.train_step(stream)
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        trainer.train_step(stream)
+
+
+class FailingValidation(Loader):
+    def __iter__(self):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def test_a_validation_error_first_saves_last_pt_with_the_validation_owed(tmp_path, caplog):
+    # Validation and a checkpoint due together (iteration 4): an OOM in validation used to
+    # lose the iterations since the last checkpoint.
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=4, val_every=4,
+                           ckpt_every=4)  # fmt: skip
+    with pytest.raises(RuntimeError, match="Validation: out of memory"):
+        trainer.fit(Loader(itertools.islice(batches(), 4)), FailingValidation())
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == 4 and state["pending_validation"]
+    assert "Validation at iteration 4 failed; saved" in caplog.text
+    assert "with the validation owed" in caplog.text
+    resumed = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=4)
+    resumed.load_state_dict(state)
+    assert resumed.fit(Loader(), val_batches())["mIoU"] == resumed.best_miou  # validated first
