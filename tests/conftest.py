@@ -29,7 +29,9 @@ CONFIG_GROUPS = (
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
+    """A config group's options, those in subfolders too (``model=tiny/semantic``)."""
+    folder = REPO / "configs" / group
+    return sorted(str(path.relative_to(folder).with_suffix("")) for path in folder.rglob("*.yaml"))
 
 
 @contextmanager

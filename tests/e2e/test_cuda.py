@@ -10,10 +10,11 @@ import socket
 import pytest
 import torch
 import torch.distributed as torch_dist
+from omegaconf import OmegaConf
 from torch import nn
 
 from seg.engine.checkpoint import load_checkpoint, save_checkpoint
-from seg.models import smp_model
+from seg.restore import model_from
 from tests.conftest import run_evaluation, run_training
 
 pytestmark = [
@@ -41,8 +42,8 @@ def test_tiny_run_on_cuda_resumes_in_its_precision_and_loads_on_the_cpu(tmp_path
     assert state["precision"] == precision  # what the resumed run really computed in
     assert all(value.device.type == "cpu" for value in state["model"].values())
     assert bool(state["scaler"]) == (precision == "fp16")
-    model = smp_model("Unet", 6)
-    model.load_state_dict(state["model"])  # a CUDA checkpoint loads into a plain CPU model
+    model = model_from(state, OmegaConf.create(state["config"]))  # a plain CPU model
+    assert all(value.device.type == "cpu" for value in model.state_dict().values())
     result = run_evaluation(f"checkpoint={run_dir / 'checkpoints/last.pt'}", "trainer.device=cpu",
                             "trainer.precision=fp32", f"report_dir={tmp_path / 'r'}")  # fmt: skip
     assert 0 <= result["mIoU"] <= 1

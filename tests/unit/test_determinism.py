@@ -30,7 +30,7 @@ NONDETERMINISTIC_ON_CUDA = {
 REDUCED_NLL = (aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
 # The model options whose training step runs on deterministic CUDA kernels alone: resumed with
 # trainer.deterministic=true on a GPU they continue bit for bit (docs: resume and reliability).
-EXACT_ON_CUDA = {"linknet", "manet", "unet", "unetplusplus"}
+EXACT_ON_CUDA = {"linknet", "manet", "unet", "unetplusplus", "tiny/semantic"}
 
 
 class NondeterministicOps(TorchDispatchMode):
