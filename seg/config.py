@@ -199,6 +199,7 @@ VALUE_RULES = {
     "trainer.clip_grad_norm": (float, 0, False, True),
     "trainer.ema_decay": (float, 0, False, True, 1),
     "trainer.early_stop_patience": (int, 1, True, True),
+    "trainer.keep_checkpoints": (int, 0, True, False),
     "data.batch_size": (int, 1, True, False),
     "data.val_batch_size": (int, 1, True, False),
     "data.num_workers": (int, 0, True, False),
@@ -216,6 +217,7 @@ CHOICES = {
     "trainer.compile": ("auto", True, False),
     "trainer.sync_bn": ("auto", True, False),
     "trainer.deterministic": (True, False),
+    "trainer.best_checkpoint": ("full", "weights", "none"),
     "model.pretrained": (True, False),
     "optimizer.norm_bias_decay": (True, False),
 }

@@ -51,7 +51,7 @@ def recorded_identity(run_dir: Path) -> str | None:
     try:
         return json.loads((run_dir / RUN_FILE).read_text())["identity"]
     except (OSError, ValueError, KeyError):
-        found = newest_loadable_checkpoint(run_dir)
+        found = newest_loadable_checkpoint(run_dir, resumable=False)  # any kind has overrides
         if found is None:
             return None
         stored = found[1].get("overrides", [])

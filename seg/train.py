@@ -26,7 +26,7 @@ from seg.config import (
 from seg.data import loader
 from seg.doctor import quick_check
 from seg.engine import dist
-from seg.engine.checkpoint import check_compatible, load_checkpoint
+from seg.engine.checkpoint import check_compatible, load_checkpoint, refuse_weights_only
 from seg.engine.device import CUBLAS_DETERMINISTIC, resolve_device
 from seg.engine.recorder import Recorder
 from seg.engine.trainer import StopTraining
@@ -94,7 +94,9 @@ def find_resume_checkpoint(
         return found
     if not Path(resume).is_file():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint file (or use resume=auto)")
-    return Path(resume), load_checkpoint(resume)
+    checkpoint = load_checkpoint(resume)
+    refuse_weights_only(checkpoint, resume)
+    return Path(resume), checkpoint
 
 
 def run(

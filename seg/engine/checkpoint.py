@@ -17,6 +17,9 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 # 1 (no key): ``rng["cuda"]`` held every visible GPU's generator (a list).
 # 2: ``rng["cuda"]`` is the training device's generator, or None.
 FORMAT_VERSION = 2
+# ``kind`` of a checkpoint written with trainer.best_checkpoint=weights: the weights and what
+# rebuilds the model, without optimizer, schedule, random state or data position.
+WEIGHTS_ONLY = "weights"
 
 
 def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -153,18 +156,41 @@ def exported_model(path: Path) -> str | None:
     return None
 
 
-def newest_loadable_checkpoint(root: Path) -> tuple[Path, dict] | None:
-    """The most recently written ``checkpoints/*.pt`` under ``root`` that loads, with its state.
+def newest_loadable_checkpoint(root: Path, resumable: bool = True) -> tuple[Path, dict] | None:
+    """The most recently written ``checkpoints/*.pt`` under ``root`` that loads, with its state;
+    with ``resumable`` only one that can continue a run (not a weights-only ``best.pt``).
 
     Unreadable newer ones are reported and skipped, so a damaged file never blocks a resume.
     """
     candidates = sorted(root.glob("**/checkpoints/*.pt"), key=lambda p: p.stat().st_mtime)
     for path in reversed(candidates):
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
         except ValueError as error:
             log.warning("Skipping checkpoint %s: %s", path, error)
+            continue
+        if resumable and not can_resume(state):
+            log.warning("Skipping checkpoint %s: it holds the weights alone "
+                        "(trainer.best_checkpoint=weights) and cannot continue a run", path)  # fmt: skip
+            continue
+        return path, state
     return None
+
+
+def can_resume(state: dict) -> bool:
+    """Whether a checkpoint holds all that continues its run (not a weights-only one)."""
+    return state.get("kind") != WEIGHTS_ONLY
+
+
+def refuse_weights_only(state: dict, path: str | Path) -> None:
+    """``resume=<path>`` of a weights-only checkpoint: say why not, and what to do instead."""
+    if not can_resume(state):
+        raise ValueError(
+            f"resume={path}: this checkpoint holds the weights alone (written with "
+            "trainer.best_checkpoint=weights): no optimizer, schedule, random state or data "
+            "position to continue from. Resume from the run's checkpoints/last.pt, or start a "
+            f"new run from these weights with init_from={path}"
+        )
 
 
 # Config keys that decide the shape of the weights: a checkpoint only fits the same values.

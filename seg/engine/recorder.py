@@ -5,6 +5,8 @@ rank but rank 0 (``write=False``, no trackers) nothing is written or printed."""
 
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -171,6 +173,22 @@ class Recorder:
                 path,
             )  # fmt: skip
         return path
+
+    def keep_snapshot(self, iteration: int, keep: int) -> None:
+        """Keep ``last.pt`` of ``iteration`` as ``checkpoints/iter_<iteration>.pt`` too, and only
+        the ``keep`` newest such snapshots (``trainer.keep_checkpoints``; 0: none). A hard link:
+        no disk is used until last.pt is replaced by a newer one."""
+        if not self.write or keep == 0:
+            return
+        last = self.checkpoint_path("last")
+        snapshot = self.checkpoint_path(f"iter_{iteration:07d}")
+        snapshot.unlink(missing_ok=True)  # a resumed run passing the same iteration again
+        try:
+            os.link(last, snapshot)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(last, snapshot)
+        for old in sorted(last.parent.glob("iter_*.pt"))[:-keep]:
+            old.unlink()
 
     def truncate_metrics(self, iteration: int) -> None:
         """Keep only the metrics.jsonl lines up to ``iteration`` (the restored one)."""

@@ -6,7 +6,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from seg.data.loader import DeviceBatches
 from seg.engine import dist
-from seg.engine.checkpoint import unwrapped_state_dict, validated_weights
+from seg.engine.checkpoint import WEIGHTS_ONLY, unwrapped_state_dict, validated_weights
 from seg.engine.device import (
     AMP_DTYPES,
     CompiledForward,
@@ -77,6 +77,10 @@ class StopTraining(Exception):
         super().__init__(message)
         self.exit_code = exit_code
 
+
+# trainer.best_checkpoint: best.pt resumes like last.pt, holds the validated weights alone (a
+# quarter of an AdamW checkpoint), or is not written.
+BEST_CHECKPOINTS = ("full", "weights", "none")
 
 # Exit codes of train.py (README "Reliability"): 128 + signal number after SIGINT/SIGTERM
 # (130, 143), and this one when the non-finite guard gives up.
@@ -152,6 +156,8 @@ class Trainer:
         num_val_images: int = 4,
         ema_decay: float | None = None,
         early_stop_patience: int | None = None,
+        best_checkpoint: str = "full",
+        keep_checkpoints: int = 0,
     ):
         # Under torchrun each rank trains on its own device (cuda:LOCAL_RANK).
         self.device = dist.init(resolve_device(device))
@@ -193,6 +199,12 @@ class Trainer:
         # wrapper: the same tensors, without their prefixes).
         self.ema = averaged_model(self.model, ema_decay)
         self.early_stop_patience = early_stop_patience
+        if best_checkpoint not in BEST_CHECKPOINTS:
+            raise ValueError(
+                f"trainer.best_checkpoint={best_checkpoint!r}; options: {list(BEST_CHECKPOINTS)}"
+            )
+        self.best_checkpoint = best_checkpoint
+        self.keep_checkpoints = keep_checkpoints
         self.validations_without_improvement = 0
         self.iteration = 0
         self.samples_seen = 0  # training samples consumed by all ranks: the data order's position
@@ -255,6 +267,7 @@ class Trainer:
                 if due[2] or self.patience_spent():
                     with self.recorder.timed("checkpoints"):
                         self.save("last")
+                        self.recorder.keep_snapshot(self.iteration, self.keep_checkpoints)
                 if self.agreed_stop is not None:
                     self.stop_after_signal()
         if self.patience_spent():
@@ -344,14 +357,15 @@ class Trainer:
             what, path, self.iteration, owed, path,
         )  # fmt: skip
 
-    def save(self, name: str) -> None:
-        """Write ``checkpoints/<name>.pt`` (rank 0). A second stop signal during the write waits
-        until the file is complete, then stops: raised inside torch.save it would abort the
-        save with torch's internal error."""
+    def save(self, name: str, state: Callable[[], dict] | None = None) -> None:
+        """Write ``checkpoints/<name>.pt`` from ``state()`` (by default ``state_dict``: all that
+        resumes the run) on rank 0. A second stop signal during the write waits until the file
+        is complete, then stops: raised inside torch.save it would abort the save with torch's
+        internal error."""
         self.read_decisions(keep=0)  # the skipped-step count the checkpoint holds is complete
         self.saving = True
         try:
-            path = self.recorder.save(self.state_dict, name)
+            path = self.recorder.save(state or self.state_dict, name)
         finally:
             self.saving = False
         if self.deferred_signal is not None:
@@ -534,7 +548,9 @@ class Trainer:
         if metrics["mIoU"] > self.best_miou:  # False for NaN; the same on every rank
             self.best_miou = metrics["mIoU"]
             self.validations_without_improvement = 0
-            self.save("best")
+            if self.best_checkpoint != "none":
+                weights_only = self.best_checkpoint == "weights"
+                self.save("best", self.weights_state if weights_only else self.state_dict)
         else:
             self.validations_without_improvement += 1
         return metrics
@@ -577,6 +593,19 @@ class Trainer:
             "validations_without_improvement": self.validations_without_improvement,
             "rng": rng_state(self.device),
         } | self.ema_state()
+
+    def weights_state(self) -> dict:
+        """What evaluate, predict, export and init_from need (the validated weights) and no more:
+        ``trainer.best_checkpoint=weights``. It cannot resume a run."""
+        model = self.model if self.ema is None else self.ema.module
+        return {
+            "kind": WEIGHTS_ONLY,
+            "model": unwrapped_state_dict(model),
+            "iteration": self.iteration,
+            "world_size": dist.world_size(),
+            "precision": self.precision,
+            "best_miou": self.best_miou,
+        }
 
     def ema_state(self) -> dict:
         """The averaged weights (what evaluate, predict and export use) and how many steps
