@@ -1,4 +1,4 @@
-"""python scripts/check_data.py data=<name> data.root=<dir>: the dataset doctor (README "Datasets")."""
+"""python scripts/check_data.py data=<name> data.root=<dir>: the dataset doctor (docs/datasets.md)."""
 
 from seg.doctor import main
 

@@ -1,4 +1,4 @@
-"""python scripts/export.py checkpoint=<path> format=onnx|torchscript: see README.md ("Export")."""
+"""python scripts/export.py checkpoint=<path> format=onnx|torchscript: see docs/evaluate.md ("Export")."""
 
 from seg.export import main
 

@@ -1,4 +1,4 @@
-"""Publish a training run as the evidence for a result the README claims.
+"""Publish a training run as the evidence for a result the docs quote (docs/results.md).
 
     python scripts/publish_result.py outputs/2026-11-26/22-50-00 default_run
     python scripts/publish_result.py <run dir> camvid_unet --eval outputs/.../eval_test_last/metrics.json
@@ -56,7 +56,7 @@ def publish(run_dir: Path, name: str, evaluation: Path | None, root: Path) -> Pa
     ]
     if evaluation is not None:
         shutil.copyfile(evaluation, target / "evaluation.json")
-        lines.append("- evaluation.json: the evaluation quoted in the README (evaluate.py out=...)")
+        lines.append("- evaluation.json: the evaluation quoted in the docs (evaluate.py out=...)")
     (target / "README.md").write_text("\n".join(lines) + "\n")
     return target
 
