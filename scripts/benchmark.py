@@ -58,14 +58,15 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from seg.data.base import read_image, read_mask  # noqa: E402
 from seg.data.cityscapes import Cityscapes  # noqa: E402
-from seg.data.loader import DeviceBatches, train_loader  # noqa: E402
+from seg.data.loader import train_loader  # noqa: E402
 from seg.data.synthetic import SyntheticScenes  # noqa: E402
 from seg.data.transforms import train_transform  # noqa: E402
-from seg.engine.evaluation import evaluate  # noqa: E402
+from seg.engine.prefetch import DeviceBatches  # noqa: E402
 from seg.engine.recorder import Recorder  # noqa: E402
 from seg.inference import Normalize, Predictor  # noqa: E402
 from seg.optim import build_optimizer  # noqa: E402
 from seg.schedulers import poly  # noqa: E402
+from seg.tasks.semantic import evaluate  # noqa: E402
 
 NUM_CLASSES = 19  # Cityscapes-sized heads
 CITYSCAPES_SIZE = (1024, 2048)  # (height, width) of the PNGs the data figures read
@@ -174,9 +175,8 @@ def make_trainer(cfg, model: torch.nn.Module, sync_bn: bool | str = "auto"):
         write=False,
     )  # fmt: skip
     return instantiate(
-        cfg.trainer, model=model, loss_fn=instantiate(cfg.loss), optimizer=optimizer,
-        scheduler=poly(optimizer, max_iters=10_000), recorder=recorder, ignore_index=255,
-        mean=list(cfg.data.mean), std=list(cfg.data.std), sync_bn=sync_bn,
+        cfg.trainer, model=model, task=instantiate(cfg.task), optimizer=optimizer,
+        scheduler=poly(optimizer, max_iters=10_000), recorder=recorder, sync_bn=sync_bn,
     )  # fmt: skip
 
 
@@ -243,7 +243,7 @@ def bench_model(name: str, args, device, sync) -> dict:
         )
 
     # evaluation: whole-image inference + metric accumulation, as validation runs it
-    predictor = Predictor(trainer.model, trainer.device, trainer.mean, trainer.std,
+    predictor = Predictor(trainer.model, trainer.device, trainer.task.mean, trainer.task.std,
                           trainer.precision, trainer.channels_last)  # fmt: skip
     eval_batches = [(images, masks)] * args.eval_batches
     evaluate(predictor, _Batches(eval_batches[:1]), NUM_CLASSES, 255)  # warm-up

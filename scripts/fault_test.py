@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from seg.engine.checkpoint import load_checkpoint, newest_loadable_checkpoint  # noqa: E402
+from seg.checkpoint import load_checkpoint, newest_loadable_checkpoint  # noqa: E402
 
 TRAIN = [
     sys.executable, "train.py", "debug=tiny", "trainer.precision=fp32", "trainer.max_iters=100000",

@@ -1,6 +1,5 @@
 """``python evaluate.py checkpoint=<path>``: metrics of a checkpoint on a dataset split."""
 
-import csv
 import json
 import logging
 from contextlib import ExitStack, nullcontext
@@ -14,13 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from seg import restore
 from seg.config import build, report_user_errors, run_command
 from seg.data import loader
+from seg.device import resolve_device
 from seg.engine import dist
-from seg.engine.device import resolve_device
-from seg.engine.evaluation import Evaluation, evaluate, figures, scalars
+from seg.engine.evaluation import evaluate
+from seg.engine.task import Report
 from seg.engine.trackers import Tracker
-from seg.inference import Predictor, memory_advice, progress
-from seg.metrics import bootstrap_miou, format_table, iou_from_counts, named
-from seg.visualize import save_png
+from seg.inference import progress
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +37,18 @@ def hydra_main(cfg: DictConfig) -> None:
     report_user_errors(lambda: run(cfg, overrides))
 
 
-def report_name(predictor: Predictor, max_samples: int | None) -> str:
+def report_name(predictor, max_samples: int | None) -> str:
     """What sets this evaluation apart from a whole-image pass over the whole split, as a
     folder-name suffix (``_slide-crop64x64-stride42x42_scales0.75-1-1.25_flip_first4``), so
-    that evaluations with different settings never share a report folder."""
+    that evaluations with different settings never share a report folder. ``predictor``: the
+    task's; the inference settings are the semantic task's (others have none)."""
     parts = []
-    if predictor.mode == "slide":
+    if getattr(predictor, "mode", "whole") == "slide":
         crop, stride = ("x".join(map(str, size)) for size in (predictor.crop, predictor.stride))
         parts.append(f"slide-crop{crop}-stride{stride}")
-    if predictor.scales != (1.0,):
+    if getattr(predictor, "scales", (1.0,)) != (1.0,):
         parts.append("scales" + "-".join(f"{scale:g}" for scale in predictor.scales))
-    if predictor.flip:
+    if getattr(predictor, "flip", False):
         parts.append("flip")
     if max_samples is not None:
         parts.append(f"first{max_samples}")
@@ -94,14 +93,18 @@ def evaluate_split(
     """``run`` once the checkpoint is loaded and the process group joined."""
     checkpoint_path = Path(cfg.checkpoint)
     data = train_cfg.data
+    task = restore.task_from(train_cfg)
     dataset = restore.split_dataset(train_cfg, cfg.split)
-    predictor = restore.predictor_from(cfg, train_cfg, checkpoint, device)
+    predict = restore.predictor_from(cfg, train_cfg, checkpoint, device)
     data_loader = loader.val_loader(
         dataset,
         batch_size=data.val_batch_size,
         num_workers=data.num_workers,
         max_samples=max_samples,
-        pin_memory=predictor.device.type == "cuda",
+        pin_memory=device.type == "cuda",
+        rank=dist.rank(),
+        world_size=dist.world_size(),
+        collate_fn=task.collate,
     )
     total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     if dist.is_main():
@@ -112,43 +115,29 @@ def evaluate_split(
                 total, len(dataset), cfg.split, limit_key, max_samples,
             )  # fmt: skip
         log.info(
-            "Evaluating %s (iteration %d) on split '%s' (%d images, %d process(es)): %s "
-            "inference, %d pass(es), %s, %s",
+            "Evaluating %s (iteration %d) on split '%s' (%d images, %d process(es)): %s, %s, %s",
             checkpoint_path, checkpoint["iteration"], cfg.split, total, dist.world_size(),
-            cfg.mode, predictor.num_passes, predictor.device, predictor.precision,
+            predict.describe(), device, predict.precision,
         )  # fmt: skip
     # One progress display, rank 0's over its share: the ranks' would garble one another.
     bar = progress("evaluate", len(data_loader.dataset)) if dist.is_main() else nullcontext()
+    evaluator = task.evaluator(device, num_pictures=0, num_worst=cfg.num_worst)
     with bar:
-        result = evaluate(
-            predictor,
-            data_loader,
-            data.num_classes,
-            data.ignore_index,
-            num_worst=cfg.num_worst,
-            progress=bar.update if dist.is_main() else None,
-            memory_advice=memory_advice(predictor, "data.val_batch_size"),
-        )
+        result = evaluate(predict.model, predict, data_loader, evaluator, device,
+                          progress=bar.update if dist.is_main() else None)  # fmt: skip
     dataset.report_skipped()
-    class_names = list(checkpoint["class_names"])
-    summary = named(result.metrics, class_names)
-    summary["images"] = len(result.image_names)
-    if cfg.bootstrap:
-        low, high = bootstrap_miou(result.image_counts, resamples=cfg.bootstrap)
-        summary["mIoU_ci95"] = [low, high]
+    summary = task.summary(result, cfg.bootstrap)
     if not dist.is_main():
         return summary  # the same metrics: rank 0 reports them
-    log.info("\n%s", format_table(result.metrics, class_names))
-    if cfg.bootstrap:
-        log.info("mIoU %.4f, 95%% bootstrap interval [%.4f, %.4f]", summary["mIoU"], low, high)
-
-    settings = report_name(predictor, max_samples if total < len(dataset) else None)
+    settings = report_name(predict, max_samples if total < len(dataset) else None)
     report_dir = (
         Path(cfg.report_dir)
         if cfg.report_dir
         else default_report_dir(checkpoint_path, cfg.split, settings)
     )
-    write_report(result, report_dir, class_names, checkpoint, trackers)
+    report = task.report(result, report_dir.name)
+    log.info("\n%s", report.table)
+    write_report(task, result, report, report_dir, checkpoint, trackers)
     if cfg.out is not None:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,47 +148,24 @@ def evaluate_split(
 
 
 def write_report(
-    result: Evaluation,
-    report_dir: Path,
-    class_names: list[str],
-    checkpoint: dict,
-    trackers: list[Tracker],
+    task, result, report: Report, report_dir: Path, checkpoint: dict, trackers: list[Tracker]
 ) -> None:
-    """Per-image CSV and figures in ``report_dir``; in a run directory, the metrics and figures
-    also go to the run's ``trackers``, tagged ``<report_dir name>/...`` (one name per report:
-    settings never mix) at the checkpoint's iteration."""
-    if (report_dir / "per_image.csv").is_file():
+    """The task's files in ``report_dir`` (per-image CSV, figures); in a run directory, the
+    metrics and figures also go to the run's ``trackers``, tagged ``<report_dir name>/...``
+    (one name per report: settings never mix) at the checkpoint's iteration."""
+    if report_dir.is_dir() and any(report_dir.iterdir()):
         log.info(
             "Replacing the earlier report in %s (report_dir=<dir> writes elsewhere)", report_dir
         )
     report_dir.mkdir(parents=True, exist_ok=True)
-    image_iou = iou_from_counts(result.image_counts.double())
-    with open(report_dir / "per_image.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["image", "mIoU", "aAcc", *[f"IoU/{name}" for name in class_names]])
-        for name, counts, iou in zip(
-            result.image_names, result.image_counts, image_iou, strict=True
-        ):
-            labelled = counts[1].sum().item()
-            accuracy = counts[0].sum().item() / labelled if labelled else float("nan")
-            writer.writerow(
-                [name, _cell(iou.nanmean().item()), _cell(accuracy), *map(_cell, iou.tolist())]
-            )
-    pictures = figures(result, class_names, checkpoint["palette"])
-    for name, array in pictures.items():
-        save_png(array, report_dir / f"{name}.png")
+    task.write_report(result, report_dir, report)
     if report_dir.parent.joinpath("checkpoints").is_dir():  # a run directory
-        run_dir, report, iteration = report_dir.parent, report_dir.name, checkpoint["iteration"]
-        values = scalars(result.metrics, class_names, report)
-        tagged = {f"{report}/{name}": array for name, array in pictures.items()}
+        run_dir, name, iteration = report_dir.parent, report_dir.name, checkpoint["iteration"]
+        tagged = {f"{name}/{picture}": array for picture, array in report.pictures.items()}
         with ExitStack() as sessions:
             for tracker in trackers:
-                sessions.enter_context(tracker.session(run_dir, iteration, {}, report=report))
+                sessions.enter_context(tracker.session(run_dir, iteration, {}, report=name))
             for tracker in trackers:
-                tracker.scalars(values, iteration)
+                tracker.scalars(report.scalars, iteration)
                 tracker.images(tagged, iteration)
     log.info("Per-image metrics and figures in %s", report_dir)
-
-
-def _cell(value: float) -> str:
-    return "" if value != value else f"{value:.6f}"

@@ -14,12 +14,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from seg import restore
+from seg.checkpoint import load_checkpoint
 from seg.config import report_user_errors, run_command
 from seg.data import loader
 from seg.engine import dist
-from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluation import evaluate
-from seg.inference import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +170,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         raise ValueError(f"format={cfg.format!r}; options: {list(FORMATS)}")
     checkpoint_path = Path(cfg.checkpoint)
     checkpoint, train_cfg = restore.load(cfg, overrides, OWN_KEYS)
+    task = restore.task_from(train_cfg)
+    if not task.exportable:
+        raise ValueError(
+            f"export.py does not yet export models of the {task.name} task ({checkpoint_path}); "
+            "evaluate.py scores them"
+        )
     output = Path(cfg.output) if cfg.output else default_output(checkpoint_path, cfg.format)
     check_output(output, checkpoint_path, cfg.format)
     # Exported graphs are fp32 and CPU-traced; runtimes pick their own precision and device.
@@ -255,17 +260,20 @@ def compare_miou(
     """``split``'s mIoU through PyTorch (fp32, CPU) and through the exported file, on the same
     data: its first ``max_samples`` images (None: all)."""
     data = train_cfg.data
+    task = restore.task_from(train_cfg)
     dataset = restore.split_dataset(train_cfg, split)
-    data_loader = loader.val_loader(dataset, data.val_batch_size, data.num_workers, max_samples)
+    data_loader = loader.val_loader(dataset, data.val_batch_size, data.num_workers, max_samples,
+                                    collate_fn=task.collate)  # fmt: skip
     if len(data_loader.dataset) < len(dataset):
         log.warning(
             "Comparing on the first %d of the %d images of split '%s' (data.max_val_samples)",
             len(data_loader.dataset), len(dataset), split,
         )  # fmt: skip
     results = {}
+    cpu = torch.device("cpu")
     for name, candidate in (("pytorch", model), ("exported", exported)):
-        predictor = Predictor(candidate, torch.device("cpu"), list(data.mean), list(data.std))
-        result = evaluate(predictor, data_loader, data.num_classes, data.ignore_index)
+        predict = task.predictor(candidate, cpu, "fp32", channels_last=False)
+        result = evaluate(candidate, predict, data_loader, task.evaluator(cpu), cpu)
         results[f"mIoU_{name}"] = result.metrics["mIoU"]
     log.info(
         "%s mIoU: PyTorch %.6f, exported %.6f",

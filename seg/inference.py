@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from seg.engine.device import AMP_DTYPES, is_out_of_memory
+from seg.device import AMP_DTYPES, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,7 @@ class Predictor:
         self.scales = tuple(scales)
         self.flip = flip
         self.window_batch = window_batch
-        # Images whose class scores held a NaN or inf (fp16 overflow): their argmax reads as
-        # class 0, a plausible-looking wrong result. Counted on the device, read once at the end.
-        self.nonfinite_images = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64)  # of the last ``predict`` call
 
     @property
     def num_passes(self) -> int:
@@ -115,12 +113,7 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        scores = self.scores(self.normalize(images))
-        self.nonfinite_images += scores.isfinite().logical_not().flatten(1).any(1).sum()
-        return scores
-
-    def scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) scores of normalized images: logits, or TTA's mean probabilities."""
+        images = self.normalize(images)
         if self.num_passes == 1 and self.scales[0] == 1.0:
             return self.logits(images)
         height, width = images.shape[-2:]
@@ -139,8 +132,11 @@ class Predictor:
         return total / self.num_passes
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Class indices (N, H, W)."""
-        return self(images).argmax(1)
+        """Class indices (N, H, W); ``nonfinite`` is then how many of the images had NaN or
+        inf scores (on the device: no sync)."""
+        scores = self(images)
+        self.nonfinite = nonfinite_images(scores)
+        return scores.argmax(1)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """One pass (whole or sliding window) at the images' own size: float32 logits."""
@@ -173,15 +169,21 @@ class Predictor:
         return totals / counts
 
 
-def warn_nonfinite(count: int, total: int, precision: str) -> None:
+def nonfinite_images(scores: torch.Tensor) -> torch.Tensor:
+    """How many images of (N, C, H, W) ``scores`` hold a NaN or inf, on the device (no sync):
+    an fp16 overflow, whose argmax reads as class 0, a plausible-looking wrong result."""
+    return scores.isfinite().logical_not().flatten(1).any(1).sum()
+
+
+def warn_nonfinite(count: int, total: int) -> None:
     """Say once, at the end of a pass, that ``count`` of ``total`` images had non-finite class
     scores, and what to do about it."""
     if count:
         log.warning(
-            "%d of %d images had non-finite class scores (NaN or inf) in %s: their predicted "
-            "classes are meaningless (NaN argmax reads as class 0). Run with "
-            "trainer.precision=fp32%s",
-            count, total, precision, " (fp16 overflows where fp32 does not)" * (precision == "fp16"),
+            "%d of %d images had non-finite class scores (NaN or inf): their predicted classes "
+            "are meaningless (NaN argmax reads as class 0). Run with trainer.precision=fp32 "
+            "(fp16 overflows where fp32 does not)",
+            count, total,
         )  # fmt: skip
 
 

@@ -20,11 +20,10 @@ from seg import restore
 from seg.config import report_user_errors, run_command
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID
+from seg.device import resolve_device
 from seg.engine import dist
-from seg.engine.device import resolve_device
 from seg.inference import (
     Predictor,
-    explain_out_of_memory,
     memory_advice,
     progress,
     warn_nonfinite,
@@ -152,6 +151,13 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     if not files:
         raise FileNotFoundError(f"input={cfg.input}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     checkpoint, train_cfg = restore.load(cfg, overrides, OWN_KEYS)
+    task = restore.task_from(train_cfg)
+    if not set(formats) <= set(task.predict_formats):
+        writes = list(task.predict_formats) or "nothing yet (evaluate.py scores such checkpoints)"
+        raise ValueError(
+            f"format={formats}: predict.py writes {writes} for a checkpoint of the "
+            f"{task.name} task ({cfg.checkpoint})"
+        )
     if "cityscapes" in formats and len(checkpoint["class_names"]) != len(LABEL_TO_TRAIN_ID):
         raise ValueError(
             f"format=cityscapes writes the 19 Cityscapes classes as labelIds, but checkpoint "
@@ -182,7 +188,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         skipped = [error for _, error in sorted(item for _, errors, _ in shares for item in errors)]
         if dist.is_main():
             log.info("Wrote predictions for %d images to %s", written, cfg.output)
-            warn_nonfinite(sum(count for _, _, count in shares), written, predictor.precision)
+            warn_nonfinite(sum(count for _, _, count in shares), written)
             if skipped:
                 log.warning(
                     "Skipped %d unreadable files:\n%s",
@@ -205,7 +211,8 @@ def predict_share(
     """Predict this rank's share of ``files`` (all of them in one process) and write their
     outputs; returns how many were written, the (index, error) of those skipped and how many
     had non-finite class scores."""
-    advice = memory_advice(predictor, "batch_size")
+    predictor.advice = memory_advice(predictor.predictor, "batch_size")
+    nonfinite_count = 0
     palette = checkpoint["palette"]
     output = Path(cfg.output)
     dataset = ImageFiles(files)
@@ -227,8 +234,8 @@ def predict_share(
             else:
                 images = torch.stack([item[1] for item in batch])  # (N, 3, H, W) uint8
                 names = [str(files[item[0]]) for item in batch]
-                with explain_out_of_memory(images, names, advice):
-                    labels = predictor.predict(images).cpu()
+                labels, nonfinite = predictor.labels(images, names)
+                labels, nonfinite_count = labels.cpu(), nonfinite_count + nonfinite
                 for (index, image, _), label in zip(batch, labels, strict=True):
                     write_outputs(
                         label, image, formats, output, relatives[index], palette, cfg.alpha
@@ -236,7 +243,7 @@ def predict_share(
                     written += 1
             if dist.is_main():
                 bar.update(len(batch))
-    return written, skipped, predictor.nonfinite_images.item()
+    return written, skipped, int(nonfinite_count)
 
 
 def write_outputs(label, image, formats, output: Path, relative: Path, palette, alpha: float):

@@ -11,10 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
+from seg.checkpoint import check_compatible, load_checkpoint, validated_weights
 from seg.config import ABSENT, apply_overrides, build, linked_keys, override_keys
-from seg.engine.checkpoint import check_compatible, load_checkpoint, validated_weights
-from seg.engine.device import resolve_channels_last, resolve_precision
-from seg.inference import Predictor
+from seg.device import resolve_channels_last, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -67,36 +66,37 @@ def model_from(checkpoint: dict, train_cfg: DictConfig) -> nn.Module:
     """The checkpoint's model with its weights: fp32, on the CPU, in eval mode. A run with
     ``trainer.ema_decay`` validated its averaged weights: those are the ones used here too."""
     # The weights come from the checkpoint: never download pretrained ones here.
-    model = build(train_cfg.model, pretrained=False)
+    model = build(train_cfg.model, **({"pretrained": False} if "pretrained" in train_cfg.model
+                                      else {}))  # fmt: skip
     model.load_state_dict(validated_weights(checkpoint))
     return model.eval()
 
 
-def predictor_from(
-    cfg: DictConfig, train_cfg: DictConfig, checkpoint: dict, device: torch.device
-) -> Predictor:
-    """The Predictor that ``mode``, ``crop``, ``stride``, ``scales``, ``flip`` and
-    ``window_batch`` ask for, over the checkpoint's model on ``device`` with the configured
-    precision and memory layout (``trainer.precision``, ``trainer.channels_last``)."""
+def task_from(train_cfg: DictConfig):
+    """The checkpoint's task (``seg.tasks``), without its loss: nothing here trains."""
+    return build(train_cfg.task, **({"loss": None} if "loss" in train_cfg.task else {}))
+
+
+INFERENCE_KEYS = ("mode", "crop", "stride", "scales", "flip", "window_batch")
+
+
+def predictor_from(cfg: DictConfig, train_cfg: DictConfig, checkpoint: dict, device: torch.device):
+    """The task's predictor over the checkpoint's model on ``device``, with the configured
+    precision and memory layout (``trainer.precision``, ``trainer.channels_last``) and the
+    inference settings of evaluate.yaml/predict.yaml (``mode``, ``crop``, ``stride``,
+    ``scales``, ``flip``, ``window_batch``: the semantic task's)."""
     precision = resolve_precision(train_cfg.trainer.precision, device, inference=True)
     channels_last = resolve_channels_last(train_cfg.trainer.channels_last, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model_from(checkpoint, train_cfg).to(device, memory_format=memory_format)
-    crop = cfg.crop if cfg.crop is not None else train_cfg.data.train_transform.crop_size
-    return Predictor(
-        model,
-        device,
-        mean=list(train_cfg.data.mean),
-        std=list(train_cfg.data.std),
-        precision=precision,
-        channels_last=channels_last,
-        mode=cfg.mode,
-        crop=list(crop) if cfg.mode == "slide" else None,
-        stride=list(cfg.stride) if cfg.stride is not None else None,
-        scales=list(cfg.scales),
-        flip=cfg.flip,
-        window_batch=cfg.window_batch,
-    )
+    inference = {key: OmegaConf.select(cfg, key) for key in INFERENCE_KEYS}
+    if inference["mode"] == "slide" and inference["crop"] is None:
+        inference["crop"] = train_cfg.data.train_transform.crop_size  # the training crop
+    elif inference["mode"] != "slide":
+        inference["crop"] = None
+    inference = {key: list(value) if OmegaConf.is_list(value) else value
+                 for key, value in inference.items()}  # fmt: skip
+    return task_from(train_cfg).predictor(model, device, precision, channels_last, inference)
 
 
 def split_dataset(train_cfg: DictConfig, split: str) -> Dataset:

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from seg.checkpoint import newest_loadable_checkpoint
 from seg.config import override_keys
-from seg.engine.checkpoint import newest_loadable_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def remove_if_empty(directory: Path, root: Path) -> None:
 
 
 class RunResult(float):
-    """A run's best val mIoU (NaN if it never validated), which also names its run directory.
+    """A run's best validation score (the task's primary metric; NaN if it never validated),
+    which also names its run directory.
 
     A float, because that is what Hydra's Optuna sweeper maximizes of what a job returns; the
     directory tells a sweep's summary (seg/sweep.py) where the job trained: its own directory,
@@ -152,8 +153,8 @@ class RunResult(float):
 
     run_dir: Path
 
-    def __new__(cls, best_miou: float, run_dir: Path):
-        result = super().__new__(cls, best_miou)
+    def __new__(cls, best_score: float, run_dir: Path):
+        result = super().__new__(cls, best_score)
         result.run_dir = run_dir
         return result
 

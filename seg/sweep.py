@@ -1,11 +1,11 @@
 """Sweeps (``python train.py -m ...``, ``hparams_search=optuna``): what each job did, and one
-summary of the sweep's runs, best val mIoU first, in ``<sweep dir>/summary.csv`` and on the
+summary of the sweep's runs, best validation score (mIoU, mask_AP) first, in ``<sweep dir>/summary.csv`` and on the
 console.
 
 Everything is read back from files, not kept in memory: a launcher may run the jobs in other
 processes or on other machines, and a sweep that stops early (a failed grid job, Ctrl-C) keeps
 the summary of the jobs that ended. Each ended job leaves ``<sweep dir>/jobs/<num>.json``
-(its overrides, whether it failed and why, where it trained); its best val mIoU and the
+(its overrides, whether it failed and why, where it trained); its best score and the
 iteration of that best come from that run directory's ``metrics.jsonl``.
 """
 
@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from seg.config import USER_ERRORS
-from seg.engine.trainer import StopTraining
+from seg.engine.guard import StopTraining
 from seg.run_dir import RUN_FILE
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class Row:
 
     job: int  # the job's number
     status: str  # completed or failed
-    mIoU: float | None  # the best val mIoU of the run (None: no validation)
+    score: float | None  # the run's best validation score (None: no validation)
+    metric: str | None  # its metric: the task's primary one (mIoU, mask_AP)
     iteration: int | None  # the iteration of that best
     run_dir: str | None
     overrides: str  # space-separated
@@ -68,73 +69,101 @@ def record_job(sweep_dir: Path, job: Job) -> None:
 
 
 def best_validation(run_dir: Path) -> tuple[float, int] | None:
-    """The best val mIoU in ``run_dir``'s metrics.jsonl and its iteration (on a tie the
-    first, as the Trainer keeps it); None when the run never validated."""
+    """The best validation score in ``run_dir``'s metrics.jsonl (of each line's first metric,
+    the task's primary one) and its iteration (on a tie the first, as the Trainer keeps it);
+    None when the run never validated."""
+    best = best_scored(run_dir)
+    return None if best is None else best[:2]
+
+
+def best_scored(run_dir: Path) -> tuple[float, int, str] | None:
+    """``best_validation`` with the metric's name."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    scored = [line for line in lines if math.isfinite(line.get("mIoU", math.nan))]
+    # Each line's first key after the iteration is the task's primary metric (the Recorder's
+    # order): mIoU, mask_AP.
+    metrics = [next((key for key in line if key != "iteration"), "mIoU") for line in lines]
+    scored = [(line.get(metric, math.nan), line["iteration"], metric)
+              for line, metric in zip(lines, metrics, strict=True)]  # fmt: skip
+    scored = [score for score in scored if math.isfinite(score[0])]
     if not scored:
         return None
-    best = max(scored, key=lambda line: line["mIoU"])  # max keeps the first of equals
-    return best["mIoU"], best["iteration"]
+    return max(scored, key=lambda score: score[0])  # max keeps the first of equals
 
 
 def summarize(sweep_dir: Path) -> list[Row]:
-    """The sweep's ended jobs, completed ones by best val mIoU (highest first), then the
-    failed ones (with what their runs reached, if anything)."""
+    """The sweep's ended jobs, completed ones by best validation score (highest first), then
+    the failed ones (with what their runs reached, if anything); and the score's metric (mIoU,
+    mask_AP: the task's)."""
     rows = []
     for path in (sweep_dir / JOBS).glob("*.json"):
         job = Job(**json.loads(path.read_text()))
-        best = best_validation(Path(job.run_dir)) if job.run_dir else None
+        best = best_scored(Path(job.run_dir)) if job.run_dir else None
         rows.append(
             Row(
                 job=job.num,
                 status="failed" if job.error is not None else "completed",
-                mIoU=best[0] if best else None,
+                score=best[0] if best else None,
+                metric=best[2] if best else None,
                 iteration=best[1] if best else None,
                 run_dir=job.run_dir,
                 overrides=" ".join(job.overrides),
                 error=job.error,
             )
         )
-    return sorted(
+    rows = sorted(
         rows,
         key=lambda row: (
             row.status != "completed",
-            -row.mIoU if row.mIoU is not None else math.inf,
+            -row.score if row.score is not None else math.inf,
             row.job,
         ),
     )
+    return rows
+
+
+def score_name(rows: list[Row]) -> str:
+    """The name of the rows' score: their metric (mIoU for semantic sweeps), or ``score`` when
+    the jobs differ (a sweep over tasks)."""
+    metrics = {row.metric for row in rows if row.metric is not None}
+    return metrics.pop() if len(metrics) == 1 else "score"
 
 
 def write_summary(sweep_dir: Path) -> list[Row]:
-    """Write ``<sweep_dir>/summary.csv`` from the jobs' files; returns its rows."""
+    """Write ``<sweep_dir>/summary.csv`` from the jobs' files, the score's column named by its
+    metric; returns its rows."""
     rows = summarize(sweep_dir)
+    metric = score_name(rows)
+    columns = [metric if field.name == "score" else field.name for field in fields(Row)]
     with open(sweep_dir / SUMMARY, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[field.name for field in fields(Row)])
+        writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(asdict(row) for row in rows)
+        writer.writerows(
+            {metric if key == "score" else key: value for key, value in asdict(row).items()}
+            for row in rows
+        )
     return rows
 
 
 def format_summary(rows: list[Row]) -> str:
     """The summary as a table for people; the overrides that all its jobs share are left out."""
+    metric = score_name(rows)
     if len(rows) > 1:
         shared = set.intersection(*(set(row.overrides.split()) for row in rows))
     else:
         shared = set()
     overrides = [" ".join(o for o in row.overrides.split() if o not in shared) for row in rows]
     width = max(len("overrides"), *map(len, overrides))
-    lines = [f"{'mIoU':>7}  {'iteration':>9}  {'job':>4}  {'overrides':{width}}  run directory"]
+    lines = [f"{metric:>7}  {'iteration':>9}  {'job':>4}  {'overrides':{width}}  run directory"]
     for row, changed in zip(rows, overrides, strict=True):
         where = row.run_dir or ""
         if row.error is not None:
             where = f"failed: {row.error.splitlines()[0]}" + (f" ({where})" if where else "")
-        miou = "-" if row.mIoU is None else f"{row.mIoU:.4f}"
+        score = "-" if row.score is None else f"{row.score:.4f}"
         iteration = "-" if row.iteration is None else row.iteration
-        lines.append(f"{miou:>7}  {iteration:>9}  {row.job:>4}  {changed:{width}}  {where}")
+        lines.append(f"{score:>7}  {iteration:>9}  {row.job:>4}  {changed:{width}}  {where}")
     return "\n".join(lines)
 
 
@@ -179,6 +208,6 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
         log.info(
-            "Sweep of %d run(s), best val mIoU first (%s):\n%s",
-            len(rows), sweep_dir / SUMMARY, format_summary(rows),
+            "Sweep of %d run(s), best val %s first (%s):\n%s",
+            len(rows), score_name(rows), sweep_dir / SUMMARY, format_summary(rows),
         )  # fmt: skip

@@ -1,7 +1,6 @@
 """``python train.py``: build everything from the config, then hand it to the Trainer."""
 
 import logging
-import math
 import os
 import random
 import sys
@@ -14,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from seg.checkpoint import check_compatible, load_checkpoint, refuse_weights_only
 from seg.config import (
     build,
     check_data_config,
@@ -24,12 +24,11 @@ from seg.config import (
     run_command,
 )
 from seg.data import loader
+from seg.device import CUBLAS_DETERMINISTIC, resolve_device
 from seg.doctor import quick_check
 from seg.engine import dist
-from seg.engine.checkpoint import check_compatible, load_checkpoint, refuse_weights_only
-from seg.engine.device import CUBLAS_DETERMINISTIC, resolve_device
+from seg.engine.guard import StopTraining
 from seg.engine.recorder import Recorder
-from seg.engine.trainer import StopTraining
 from seg.models import init_from, load_checkpoint_weights
 from seg.optim import build_optimizer
 from seg.run_dir import (
@@ -52,8 +51,9 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="train")
 def hydra_main(cfg: DictConfig) -> RunResult:
-    """One run, or one job of a sweep (``-m``); returns its best val mIoU, which an Optuna
-    sweep (``hparams_search=optuna``) maximizes."""
+    """One run, or one job of a sweep (``-m``); returns its best validation score (the task's
+    primary metric: mIoU, mask_AP), which an Optuna sweep (``hparams_search=optuna``)
+    maximizes."""
     hydra_config = HydraConfig.get()
     sweep_job = hydra_config.mode == RunMode.MULTIRUN
     # A sweep's job directories are numbered by Hydra: only a single run's is named by the user.
@@ -102,7 +102,7 @@ def find_resume_checkpoint(
 def run(
     cfg: DictConfig, run_dir: Path, overrides: list[str], explicit_run_dir: bool = True
 ) -> RunResult:
-    """Train with ``cfg``, or resume per ``cfg.resume``; returns the best val mIoU, with the
+    """Train with ``cfg``, or resume per ``cfg.resume``; returns the best validation score, with the
     directory the run wrote to.
 
     ``run_dir`` is Hydra's run directory; a new run claims it (README "Outputs"), a resumed run
@@ -185,7 +185,8 @@ def start(
     for dataset in (train_set, val_set):  # the doctor's checks on a few files, before any work
         quick_check(dataset)
     # A resumed model gets its weights from the checkpoint: nothing to download.
-    model = build(cfg.model, **({"pretrained": False} if checkpoint else {}))
+    model = build(cfg.model, **({"pretrained": False} if checkpoint and "pretrained" in cfg.model
+                                else {}))  # fmt: skip
     if checkpoint is not None:  # the complete compatibility check, before anything is written
         load_checkpoint_weights(model, checkpoint["model"], f"checkpoint {checkpoint_path}")
         if cfg.init_from is not None:
@@ -240,22 +241,20 @@ def same_device(cfg: DictConfig, device: torch.device) -> torch.device:
 
 
 def train(cfg, recorder, checkpoint, model, train_set, val_set, device) -> float:
-    """Build loss, optimizer, schedule and Trainer around ``model``, restore ``checkpoint``
-    if any, and train; returns the best val mIoU (NaN if it never validated)."""
-    loss_fn = build(cfg.loss)
+    """Build the task (with its loss), optimizer, schedule and Trainer around ``model``,
+    restore ``checkpoint`` if any, and train; returns the best validation score of the task's
+    primary metric (NaN if it never validated)."""
+    task = build(cfg.task)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build(cfg.scheduler)(optimizer=optimizer)
     trainer = build(
         cfg.trainer,
         model=model,
-        loss_fn=loss_fn,
+        task=task,
         optimizer=optimizer,
         scheduler=scheduler,
         recorder=recorder,
         device=device,
-        ignore_index=cfg.data.ignore_index,
-        mean=list(cfg.data.mean),
-        std=list(cfg.data.std),
     )
     samples_per_iteration = cfg.data.batch_size * cfg.trainer.grad_accum_steps * dist.world_size()
     log.info(
@@ -268,21 +267,22 @@ def train(cfg, recorder, checkpoint, model, train_set, val_set, device) -> float
         trainer.samples_seen = data_position(checkpoint, samples_per_iteration)
         log_schedule_change(checkpoint, cfg, scheduler, trainer.iteration)
 
-    pin_memory = trainer.device.type == "cuda"
+    shared = dict(pin_memory=trainer.device.type == "cuda", rank=dist.rank(),
+                  world_size=dist.world_size(), collate_fn=task.collate)  # fmt: skip
     train_loader = loader.train_loader(
         train_set,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         start_sample=trainer.samples_seen,
-        pin_memory=pin_memory,
+        **shared,
     )
     val_loader = loader.val_loader(
         val_set,
         batch_size=cfg.data.val_batch_size,
         num_workers=cfg.data.num_workers,
         max_samples=cfg.data.max_val_samples,
-        pin_memory=pin_memory,
+        **shared,
     )
     try:
         trainer.fit(train_loader, val_loader)
@@ -290,7 +290,7 @@ def train(cfg, recorder, checkpoint, model, train_set, val_set, device) -> float
         for dataset in (train_set, val_set):
             dataset.report_skipped()
     # Of the whole run, resumed parts included (the checkpoint keeps it): what a sweep compares.
-    return trainer.best_miou if math.isfinite(trainer.best_miou) else float("nan")
+    return trainer.best.finite()
 
 
 def check_same_groups(stored: DictConfig, cfg: DictConfig) -> None:

@@ -2,15 +2,13 @@
 
 import random
 import signal
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from seg.data.sampler import InfiniteSampler
-from seg.engine import dist
 
 
 def _worker_init(worker_id: int) -> None:
@@ -32,9 +30,13 @@ def train_loader(
     seed: int,
     start_sample: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """Endless batches; ``start_sample`` is the number of samples (all ranks together) that a
-    resumed run already used."""
+    resumed run already used; ``rank`` of ``world_size`` processes (torchrun) takes its share;
+    ``collate_fn``: the task's (None: torch's default)."""
     if len(dataset) == 0:
         raise ValueError("the training split is empty")
     return DataLoader(
@@ -42,15 +44,16 @@ def train_loader(
         batch_size=batch_size,
         # Each rank takes every world_size-th sample of the one global order.
         sampler=InfiniteSampler(
-            len(dataset), seed, start=start_sample, rank=dist.rank(), world_size=dist.world_size()
+            len(dataset), seed, start=start_sample, rank=rank, world_size=world_size
         ),
+        collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=num_workers > 0,
         worker_init_fn=_worker_init,
         # Worker seeds come from this generator, not from the global RNG state.
-        generator=torch.Generator().manual_seed(seed + start_sample + dist.rank()),
+        generator=torch.Generator().manual_seed(seed + start_sample + rank),
     )
 
 
@@ -60,12 +63,15 @@ def val_loader(
     num_workers: int,
     max_samples: int | None = None,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """The first ``max_samples`` samples (all when None), in order; under torchrun this
-    rank's share of them (every ``world_size``-th, no padding: each sample is evaluated
-    once), which ``seg.engine.evaluation.evaluate`` puts back together."""
+    """The first ``max_samples`` samples (all when None), in order; under torchrun rank
+    ``rank``'s share of them (every ``world_size``-th, no padding: each sample is evaluated
+    once), which the task's evaluator puts back together."""
     limit = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    indices = dist.shard(range(limit))
+    indices = range(limit)[rank::world_size]
     if len(indices) < len(dataset):
         dataset = Subset(dataset, indices)
     return DataLoader(
@@ -73,46 +79,8 @@ def val_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         worker_init_fn=_worker_init,
     )
-
-
-class DeviceBatches:
-    """The batches of ``batches`` (uint8 images, masks) on ``device``, one batch ahead: while
-    the model computes on batch k, batch k+1 is already being copied, on a side CUDA stream
-    from pinned memory. On the CPU the same lines run without a stream (the copy is a no-op).
-
-    An error fetching the batch ahead is raised when that batch is asked for, not earlier, so
-    a failing batch still fails the step it belongs to.
-    """
-
-    def __init__(self, batches: Iterator, device: torch.device):
-        self.batches = batches
-        self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ahead: tuple[torch.Tensor, ...] | Exception | None = None
-
-    def __iter__(self) -> "DeviceBatches":
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, ...]:
-        batch = self.ahead if self.ahead is not None else self.fetch()
-        self.ahead = self.fetch()  # the next copy starts before this step computes
-        if isinstance(batch, Exception):
-            raise batch
-        if self.stream is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self.stream)  # the copy must be done before the step reads it
-            for tensor in batch:
-                tensor.record_stream(current)  # its memory is in use on this stream now
-        return batch
-
-    def fetch(self) -> tuple[torch.Tensor, ...] | Exception:
-        try:
-            batch = next(self.batches)
-        except Exception as error:  # StopIteration included: raised in its turn
-            return error
-        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            return tuple(tensor.to(self.device, non_blocking=True) for tensor in batch)

@@ -202,6 +202,16 @@ def no_sync(model: nn.Module):
     return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
 
 
+def resolve_sync_bn(sync_bn: bool | str, model: nn.Module) -> bool:
+    """``auto`` -> on when several processes train a model with BatchNorm: each rank's batch
+    alone is too small for good statistics (mmsegmentation #179: PSPNet 69.1 vs 79.8 mIoU)."""
+    if sync_bn == "auto":
+        return world_size() > 1 and has_batchnorm(model)
+    if not isinstance(sync_bn, bool):
+        raise ValueError(f"trainer.sync_bn={sync_bn!r}; options: auto, true, false")
+    return sync_bn and world_size() > 1
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(module, _BatchNorm) for module in model.modules())
 

@@ -17,11 +17,10 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from seg.checkpoint import run_state, save_checkpoint
 from seg.engine import dist
-from seg.engine.checkpoint import FORMAT_VERSION, save_checkpoint
-from seg.engine.evaluation import Evaluation, figures, scalars
+from seg.engine.task import Report
 from seg.engine.trackers import Tracker
-from seg.metrics import format_table, named
 from seg.visualize import save_png
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 class Recorder:
     """Writes the run directory ``run_dir`` (README "Outputs").
 
-    ``class_names``, ``palette`` (to draw the pictures), ``config_yaml`` and
+    ``class_names``, ``palette``, ``config_yaml`` and
     ``overrides`` also go into every checkpoint, so that a checkpoint rebuilds its model alone.
     ``trackers`` receive the scalars and pictures, and ``params`` (the resolved config by dotted
     key) when they open.
@@ -141,37 +140,29 @@ class Recorder:
         self.steps = 0
         self.clock = time.perf_counter()
 
-    def validation(self, iteration: int, result: Evaluation) -> None:
-        """Scalars, figures, the class table and a metrics.jsonl line for one validation."""
+    def validation(self, iteration: int, report: Report) -> None:
+        """Scalars, figures, the table and a metrics.jsonl line for one validation."""
         if not self.write:
             return
-        metrics = result.metrics
-        values = scalars(metrics, self.class_names, "val")
-        pictures = figures(result, self.class_names, self.palette)
-        tagged = {f"val/{name}": array for name, array in pictures.items()}
+        tagged = {f"val/{name}": array for name, array in report.pictures.items()}
         for tracker in self.trackers:
-            tracker.scalars(values, iteration)
+            tracker.scalars(report.scalars, iteration)
             tracker.images(tagged, iteration)
-        for name, array in pictures.items():
+        for name, array in report.pictures.items():
             if not name.startswith("example"):
                 save_png(array, self.run_dir / "figures" / f"val_{name}.png")
-        log.info(
-            "Validation at iteration %d:\n%s", iteration, format_table(metrics, self.class_names)
-        )
+        log.info("Validation at iteration %d:\n%s", iteration, report.table)
         with open(self.run_dir / "metrics.jsonl", "a") as file:
-            record = {"iteration": iteration, **named(metrics, self.class_names)}
+            # The primary metric first: sweeps read it there (seg/sweep.py).
+            record = {"iteration": iteration, report.metric: report.score, **report.record}
             file.write(json.dumps(record) + "\n")
 
     def save(self, state: Callable[[], dict], name: str) -> Path:
         """Write ``checkpoints/<name>.pt`` from ``state()`` plus what rebuilds the model."""
         path = self.checkpoint_path(name)
         if self.write:
-            save_checkpoint(
-                state() | {"format_version": FORMAT_VERSION,
-                           "class_names": self.class_names, "palette": self.palette,
-                           "config": self.config_yaml, "overrides": self.overrides},
-                path,
-            )  # fmt: skip
+            run = run_state(self.config_yaml, self.overrides, self.class_names, self.palette)
+            save_checkpoint(state() | run, path)
         return path
 
     def keep_snapshot(self, iteration: int, keep: int) -> None:

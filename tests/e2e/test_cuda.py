@@ -13,7 +13,7 @@ import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 from torch import nn
 
-from seg.engine.checkpoint import load_checkpoint, save_checkpoint
+from seg.checkpoint import load_checkpoint, save_checkpoint
 from seg.restore import model_from
 from tests.conftest import run_evaluation, run_training
 

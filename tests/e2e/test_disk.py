@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from seg.engine.checkpoint import load_checkpoint, newest_loadable_checkpoint
+from seg.checkpoint import load_checkpoint, newest_loadable_checkpoint
 from tests.conftest import run_evaluation, run_training
 
 TINY_RUN_BYTES = 20 * 2**20  # docs: "about 11 MB"

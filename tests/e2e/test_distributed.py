@@ -13,7 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from seg.engine.checkpoint import load_checkpoint
+from seg.checkpoint import load_checkpoint
 from tests.conftest import REPO, TINY, run_evaluation, run_training
 
 WORKER = REPO / "tests" / "e2e" / "ddp_worker.py"

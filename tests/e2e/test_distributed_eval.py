@@ -95,12 +95,13 @@ from torch.utils.data import TensorDataset
 
 from seg.data.loader import val_loader
 from seg.engine import dist
-from seg.engine.evaluation import evaluate
+from seg.tasks.semantic import evaluate
 from seg.inference import Predictor
 
 dist.init(torch.device("cpu"))
 images, masks = torch.zeros(7, 3, 4, 4, dtype=torch.uint8), torch.zeros(7, 4, 4, dtype=torch.uint8)
-loader = val_loader(TensorDataset(images, masks), batch_size=3, num_workers=0)
+loader = val_loader(TensorDataset(images, masks), batch_size=3, num_workers=0, rank=dist.rank(),
+                    world_size=dist.world_size())
 predictor = Predictor(nn.Conv2d(3, 2, 1), torch.device("cpu"), (0.5,) * 3, (0.25,) * 3)
 checks = 0
 

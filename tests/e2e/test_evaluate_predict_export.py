@@ -18,8 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from seg import export, predict
+from seg.checkpoint import load_checkpoint
 from seg.data.synthetic import PALETTE, SyntheticScenes
-from seg.engine.checkpoint import load_checkpoint
 from seg.inference import Predictor
 from seg.models import Segmenter
 from tests.conftest import REPO, hydra_context, run_evaluation, run_training

@@ -11,6 +11,7 @@ from seg.engine.trainer import Trainer
 from seg.losses import CrossEntropy
 from seg.models import smp_model
 from seg.schedulers import poly
+from tests.unit.test_trainer import semantic_task
 
 STEPS = 200
 
@@ -23,9 +24,9 @@ def final_loss(tmp_path, precision: str) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     recorder = Recorder(tmp_path / precision, [str(i) for i in range(6)], [[0, 0, 0]] * 6)
     trainer = Trainer(
-        model, CrossEntropy(), optimizer, poly(optimizer, max_iters=STEPS, warmup_iters=10),
-        recorder, 255, [0.5] * 3, [0.25] * 3, device="cpu", precision=precision,
-        max_iters=STEPS,
+        model, semantic_task(CrossEntropy()), optimizer,
+        poly(optimizer, max_iters=STEPS, warmup_iters=10), recorder, device="cpu",
+        precision=precision, max_iters=STEPS,
     )  # fmt: skip
     transform = train_transform((32, 32), 255, scale_range=(1.0, 1.0))
     scenes = SyntheticScenes(

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from seg.checkpoint import load_checkpoint
 from seg.data.base import DataError
 from seg.data.synthetic import SyntheticScenes
-from seg.engine.checkpoint import load_checkpoint
-from seg.engine.trainer import StopTraining
+from seg.engine.guard import StopTraining
 from seg.inference import Predictor
 from tests.conftest import REPO, run_training
 
@@ -149,7 +149,7 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(tmp_path)
 
 KILLED_IN_SAVE = """
 import os, sys, torch
-from seg.engine import checkpoint
+from seg import checkpoint
 
 real_save = torch.save
 
@@ -223,7 +223,7 @@ def test_a_signal_during_the_last_validation_is_made_up_on_resume(tmp_path, monk
     assert (run_dir / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
     assert load_checkpoint(run_dir / "checkpoints/best.pt")["iteration"] == 4
     a, b = final_state(straight), final_state(run_dir)
-    for key in ("model", "optimizer", "scheduler", "iteration", "best_miou", "rng"):
+    for key in ("model", "optimizer", "scheduler", "iteration", "best_metric", "rng"):
         assert_same_tensors(a[key], b[key], key)
     assert not b["pending_validation"]
 
@@ -255,7 +255,7 @@ def test_a_data_error_mid_run_first_saves_the_last_completed_iteration(tmp_path,
 
 CTRL_C_TWICE_IN_A_SAVE = """
 import io, signal, sys
-from seg.engine import checkpoint
+from seg import checkpoint
 
 class InterruptedFile(io.FileIO):
     interrupted = False

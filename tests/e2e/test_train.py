@@ -62,7 +62,7 @@ def test_checkpoint_is_plain_and_rebuilds_the_model(tiny_run):
     assert state["class_names"][1] == "disc" and len(state["palette"]) == 6
     assert "_target_: seg.models.smp_model" in state["config"]
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in state["model"])
-    for key in ("optimizer", "scheduler", "scaler", "rng", "best_miou", "overrides"):
+    for key in ("optimizer", "scheduler", "scaler", "rng", "best_metric", "overrides"):
         assert key in state
 
 

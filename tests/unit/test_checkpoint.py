@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from seg.engine import checkpoint as checkpoint_module
-from seg.engine.checkpoint import (
+from seg import checkpoint as checkpoint_module
+from seg.checkpoint import (
     check_compatible,
     load_checkpoint,
     newest_loadable_checkpoint,
@@ -184,16 +184,16 @@ def test_a_checkpoint_with_every_gpus_generator_keeps_the_one_rank_0_trained_on(
     save_checkpoint(state, tmp_path / "old.pt")
     loaded = load_checkpoint(tmp_path / "old.pt")
     assert loaded["format_version"] == checkpoint_module.FORMAT_VERSION
-    assert torch.equal(loaded["rng"]["cuda"], cuda_generators(8)[expected])
+    assert torch.equal(loaded["rng"][0]["cuda"], cuda_generators(8)[expected])
 
 
 def test_a_cpu_checkpoint_of_format_1_has_no_cuda_generator(tmp_path):
     save_checkpoint({"model": {}, "rng": {"cuda": []}}, tmp_path / "old.pt")
-    assert load_checkpoint(tmp_path / "old.pt")["rng"]["cuda"] is None
+    assert load_checkpoint(tmp_path / "old.pt")["rng"][0]["cuda"] is None
 
 
 def test_rng_state_holds_only_this_process_generators():
-    from seg.engine.rng import rng_state, set_rng_state
+    from seg.checkpoint import rng_state, set_rng_state
 
     state = rng_state(torch.device("cpu"))
     assert state["cuda"] is None

@@ -5,9 +5,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from seg.engine import device as device_module
+from seg import device as device_module
+from seg.device import resolve_compile, resolve_precision
 from seg.engine import dist
-from seg.engine.device import resolve_compile, resolve_precision
 from seg.train import same_device
 
 CUDA = torch.device("cuda")

@@ -10,9 +10,9 @@ from timm.layers import SyncBatchNormAct
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from seg.data.loader import DeviceBatches
 from seg.data.sampler import InfiniteSampler
 from seg.engine import dist
+from seg.engine.prefetch import DeviceBatches
 from seg.models import smp_model
 from seg.train import data_position
 

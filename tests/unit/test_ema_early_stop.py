@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from seg.engine.checkpoint import load_checkpoint
-from seg.engine.evaluation import evaluate
+from seg.checkpoint import load_checkpoint
 from seg.engine.trainer import averaged_model
 from seg.inference import Predictor
+from seg.tasks.semantic import evaluate
 from tests.conftest import run_evaluation, run_training
 from tests.unit.test_trainer import Endless, batches, make_trainer, val_batches
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from seg.engine.checkpoint import load_checkpoint
+from seg.checkpoint import load_checkpoint
 from seg.engine.trackers import MLFLOW_RUN_ID_FILE, MLflow
 from tests.conftest import run_evaluation, run_training
 

@@ -14,21 +14,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from tqdm import tqdm
 
+from seg import checkpoint as checkpoint_module
+from seg.checkpoint import load_checkpoint
 from seg.data.base import DataError
-from seg.engine import checkpoint as checkpoint_module
+from seg.device import resolve_compile
 from seg.engine import recorder as recorder_module
-from seg.engine.checkpoint import load_checkpoint
+from seg.engine.guard import EXIT_NONFINITE, StopTraining, skips_on_device
 from seg.engine.recorder import Recorder
 from seg.engine.trackers import TensorBoard
-from seg.engine.trainer import (
-    EXIT_NONFINITE,
-    StopTraining,
-    Trainer,
-    resolve_compile,
-    skips_on_device,
-)
+from seg.engine.trainer import Trainer
 from seg.models import Segmenter, torchvision_model
 from seg.schedulers import poly
+from seg.tasks.semantic import SemanticTask
 
 
 def batches(batch_size=2, num_classes=3, size=16):
@@ -79,9 +76,15 @@ def make_trainer(tmp_path, loss_fn, model=None, optimizer="sgd", **kwargs):
     settings = dict(device="cpu", precision="fp32", max_iters=6, val_every=100, ckpt_every=100)
     recorder = Recorder(tmp_path, ["a", "b", "c"], [[0, 0, 0]] * 3, trackers=[TensorBoard()])
     return Trainer(
-        model, loss_fn, optimizer, poly(optimizer, max_iters=6), recorder, 255, [0.5] * 3,
-        [0.25] * 3, **(settings | kwargs),
+        model, semantic_task(loss_fn), optimizer, poly(optimizer, max_iters=6), recorder,
+        **(settings | kwargs),
     )  # fmt: skip
+
+
+def semantic_task(loss_fn, num_classes=3, aux_weight=0.0):
+    """The semantic task the trainer tests train: 3 classes, pixels normalized by 0.5 / 0.25."""
+    return SemanticTask(num_classes, 255, ["a", "b", "c"][:num_classes], [[0, 0, 0]] * num_classes,
+                        [0.5] * 3, [0.25] * 3, loss=loss_fn, aux_weight=aux_weight)  # fmt: skip
 
 
 def optimizer_state(trainer):
@@ -108,7 +111,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, optimizer):
     assert trainer.scheduler.get_last_lr() != lr  # the schedule follows the iteration
     val = Loader(itertools.islice(batches(), 1))
     trainer.fit(Loader(itertools.islice(stream, 10)), val)
-    assert trainer.skipped_steps == 1  # call 3 (in fit), counted once
+    assert trainer.guard.skipped_steps == 1  # call 3 (in fit), counted once
     assert trainer.iteration == 6
 
 
@@ -247,7 +250,7 @@ def test_a_validation_skipped_by_a_signal_is_owed_and_runs_on_resume(tmp_path, w
     resumed = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=2)
     resumed.load_state_dict(state)
     metrics = resumed.fit(Loader(), val_batches())  # nothing to train: it still validates
-    assert metrics["mIoU"] == resumed.best_miou
+    assert metrics["mIoU"] == resumed.best.value
     assert load_checkpoint(checkpoints / "best.pt")["iteration"] == 2
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [2]
@@ -511,4 +514,4 @@ def test_a_validation_error_first_saves_last_pt_with_the_validation_owed(tmp_pat
     assert "with the validation owed" in caplog.text
     resumed = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=4)
     resumed.load_state_dict(state)
-    assert resumed.fit(Loader(), val_batches())["mIoU"] == resumed.best_miou  # validated first
+    assert resumed.fit(Loader(), val_batches())["mIoU"] == resumed.best.value  # validated first

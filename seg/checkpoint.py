@@ -1,11 +1,21 @@
-"""Checkpoints: plain dicts of tensors and primitives, written atomically, loaded safely."""
+"""The checkpoint: its keys, its format version and the upgrade of older files, its writing
+(atomic) and loading (safe), and the random-generator states it carries.
+
+A checkpoint is a plain dict of tensors and primitives that loads with
+``torch.load(weights_only=True)``. Every key is declared in ``Checkpoint`` below and written by
+``training_state`` (the Trainer's part) and ``run_state`` (what rebuilds the model); every file
+is read through ``load_checkpoint``, which upgrades older formats to the current one.
+"""
 
 import logging
 import os
 import pickle
+import random
 import zipfile
 from pathlib import Path
+from typing import Any, TypedDict
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -13,13 +23,61 @@ log = logging.getLogger(__name__)
 
 # torch.compile and DistributedDataParallel wrap the model and prefix its keys.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-# The layout of the dict below; ``upgrade`` brings older checkpoints to it.
-# 1 (no key): ``rng["cuda"]`` held every visible GPU's generator (a list).
+# The layout of ``Checkpoint``; ``upgrade`` brings older files to it.
+# 1 (no key): ``rng`` one dict, whose ``cuda`` held every visible GPU's generator (a list);
+#    ``best_miou``; the config has no ``task`` (semantic segmentation was the only one).
 # 2: ``rng["cuda"]`` is the training device's generator, or None.
-FORMAT_VERSION = 2
+# 3: ``rng`` is a list, one entry per rank; ``best_metric`` and ``metric``; ``task`` config.
+FORMAT_VERSION = 3
 # ``kind`` of a checkpoint written with trainer.best_checkpoint=weights: the weights and what
 # rebuilds the model, without optimizer, schedule, random state or data position.
 WEIGHTS_ONLY = "weights"
+FULL = "full"
+
+
+class Checkpoint(TypedDict, total=False):
+    """Every key a checkpoint holds (format ``FORMAT_VERSION``)."""
+
+    format_version: int
+    kind: str  # FULL (resumes a run) or WEIGHTS_ONLY
+    # What rebuilds the model and describes the run (``run_state``).
+    config: str  # the resolved training config, as YAML text
+    overrides: list[str]  # the training command line's overrides
+    class_names: list[str]
+    palette: list[list[int]]
+    # The training state (``training_state``); a WEIGHTS_ONLY checkpoint has the first five.
+    model: dict[str, torch.Tensor]  # unwrapped: no ``module.``/``_orig_mod.`` prefixes
+    iteration: int  # completed optimizer steps
+    world_size: int  # processes that trained it
+    precision: str  # as resolved: fp32, fp16 or bf16
+    best_metric: float  # the best validation score so far (the task's primary metric)
+    metric: str  # that metric's name (mIoU, mask_AP)
+    optimizer: dict
+    scheduler: dict
+    scaler: dict  # empty unless fp16
+    samples_seen: int  # training samples consumed by all ranks: the data order's position
+    skipped_steps: int
+    pending_validation: bool  # a validation is owed: the resumed run runs it first
+    validations_without_improvement: int
+    rng: list[dict]  # ``rng_state`` of each rank, in rank order
+    ema: dict[str, torch.Tensor]  # with trainer.ema_decay: the averaged weights
+    ema_updates: int
+
+
+def training_state(**state: Any) -> dict:
+    """The Trainer's part of a checkpoint: ``Checkpoint``'s training keys, checked by name."""
+    unknown = set(state) - set(Checkpoint.__annotations__)
+    if unknown:
+        raise KeyError(f"not checkpoint keys: {sorted(unknown)} (declare them in Checkpoint)")
+    return {"format_version": FORMAT_VERSION, "kind": FULL} | state
+
+
+def run_state(
+    config: str, overrides: list[str], class_names: list[str], palette: list[list[int]]
+) -> dict:
+    """What rebuilds the model and names its classes, added to every checkpoint of a run."""
+    return {"config": config, "overrides": list(overrides), "class_names": list(class_names),
+            "palette": [list(color) for color in palette]}  # fmt: skip
 
 
 def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -118,7 +176,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def upgrade(state: dict) -> dict:
     """``state`` in the current ``FORMAT_VERSION``'s layout, whatever version wrote it."""
-    if state.get("format_version", 1) < 2 and isinstance(state.get("rng"), dict):
+    version = state.get("format_version", 1)
+    if version < 2 and isinstance(state.get("rng"), dict):
         # Every visible GPU's generator was saved: keep the one of the device rank 0 trained
         # on (cuda:0 under torchrun; trainer.device's index in one process).
         generators = state["rng"].get("cuda") or []
@@ -128,8 +187,35 @@ def upgrade(state: dict) -> dict:
             if device.startswith("cuda"):
                 index = torch.device(device).index or 0
         state["rng"]["cuda"] = generators[index] if index < len(generators) else None
+    if version < 3:
+        if isinstance(state.get("rng"), dict):
+            state["rng"] = [state["rng"]]  # rank 0's: the ranks of semantic runs drew alike
+        if "best_miou" in state:
+            state["best_metric"], state["metric"] = state.pop("best_miou"), "mIoU"
+        if "config" in state:
+            state["config"] = with_semantic_task(state["config"])
+    state.setdefault("kind", FULL)
     state["format_version"] = FORMAT_VERSION
     return state
+
+
+def with_semantic_task(config_yaml: str) -> str:
+    """A config of format 1 or 2 with the ``task`` section its run had: semantic segmentation,
+    the only task then, on the config's own data settings (configs/task/semantic.yaml)."""
+    config = OmegaConf.create(config_yaml)
+    if "task" in config:
+        return config_yaml
+    data = config.get("data", {})
+    config.task = {
+        "_target_": "seg.tasks.semantic.SemanticTask",
+        "num_classes": data.get("num_classes"),
+        "ignore_index": data.get("ignore_index"),
+        "class_names": data.get("class_names"),
+        "palette": data.get("palette"),
+        "mean": data.get("mean"),
+        "std": data.get("std"),
+    }
+    return OmegaConf.to_yaml(config)
 
 
 def validated_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
@@ -217,3 +303,37 @@ def check_compatible(checkpoint: dict, config: DictConfig, path: str | Path) -> 
             f"checkpoint {path} does not fit this config: {'; '.join(differences)}. Drop the "
             "overrides that change these, or start a new run instead of resuming."
         )
+
+
+def rank_rng_state(states: list[dict], rank: int, world_size: int) -> tuple[dict, bool]:
+    """The random state rank ``rank`` of ``world_size`` continues from, and whether it is its
+    own: a checkpoint of as many ranks has one per rank; otherwise every rank takes rank 0's
+    (exact for semantic runs, whose ranks draw alike; not for instance runs, whose samplers
+    draw data-dependent counts)."""
+    if len(states) == world_size:
+        return states[rank], True
+    return states[0], False
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random-generator states; ``cuda`` is ``device``'s generator (None on the
+    CPU)."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy_key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": numpy_state["state"]["pos"],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore ``rng_state``'s states; a CUDA state goes to ``device``'s generator (a checkpoint
+    from the CPU, resumed on a GPU, leaves that generator as seeded)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    key = state["numpy_key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, state["numpy_pos"]))
+    random.setstate(state["python"])
