@@ -1,11 +1,13 @@
-"""Thin adapters over segmentation-models-pytorch and torchvision with one contract:
-``model(images (N, 3, H, W)) -> logits (N, C, H, W)`` at the input resolution, any H and W."""
+"""Thin adapters over segmentation-models-pytorch and torchvision. Segmenters (semantic) have
+one contract: ``model(images (N, 3, H, W)) -> logits (N, C, H, W)`` at the input resolution,
+any H and W. ``maskrcnn`` (instance) is torchvision's Mask R-CNN, which never resizes."""
 
 import difflib
 import inspect
 import io
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
@@ -15,9 +17,22 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import (
+    BackboneWithFPN,
+    mobilenet_backbone,
+    resnet_fpn_backbone,
+)
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.segmentation._utils import _SimpleSegmentationModel
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from seg.engine.checkpoint import load_checkpoint, validated_weights
+from seg.checkpoint import load_checkpoint, validated_weights
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +225,18 @@ def _load_weights(module: nn.Module, path: str) -> None:
         )
 
 
-def encoder_prefix(model: Segmenter) -> str:
-    """Where the encoder sits in ``model``: ``net.encoder`` (smp) or ``net.backbone``
-    (torchvision), as a module path and a state-dict key prefix."""
-    for name in ("encoder", "backbone"):
-        if isinstance(getattr(model.net, name, None), nn.Module):
-            return f"net.{name}"
-    raise ValueError(
-        f"{type(model.net).__name__} has neither an encoder (smp) nor a backbone (torchvision)"
-    )
+def encoder_prefix(model: nn.Module) -> str:
+    """Where the encoder sits in ``model``: ``net.encoder`` (smp), ``net.backbone``
+    (torchvision's segmenters) or ``backbone.body`` (Mask R-CNN, whose FPN is not the
+    encoder), as a module path and a state-dict key prefix."""
+    for path in ("net.encoder", "net.backbone", "backbone.body"):
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            continue
+        return path
+    raise ValueError(f"{type(model).__name__} has no encoder (smp), backbone (torchvision) or "
+                     "backbone body (Mask R-CNN)")  # fmt: skip
 
 
 def _match_weights(
@@ -319,10 +337,21 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
         return {f"net.{key}": value for key, value in net.state_dict().items()}
     if not location.is_file():
         raise FileNotFoundError(
-            f"init_from={path}: no such file or directory; give a seg checkpoint (.pt) or a "
-            "directory written by smp's save_pretrained"
+            f"init_from={path}: no such file or directory; give a seg checkpoint (.pt), a "
+            "directory written by smp's save_pretrained or a state dict of the model's (.pth)"
         )
-    checkpoint = load_checkpoint(location)
+    try:
+        checkpoint = load_checkpoint(location)
+    except ValueError as error:
+        if "is not a seg checkpoint" not in str(error):
+            raise
+        # A plain state dict of the model, e.g. torchvision's COCO weights of Mask R-CNN.
+        state = torch.load(location, map_location="cpu", weights_only=True)
+        if not all(isinstance(value, torch.Tensor) for value in state.values()):
+            raise ValueError(
+                f"init_from={path}: neither a seg checkpoint nor a state dict of tensors"
+            ) from error
+        return state
     return validated_weights(checkpoint)  # what evaluate reports
 
 
@@ -346,3 +375,170 @@ def _prefixes(key: str) -> list[str]:
     """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``: the modules around a key, outermost first."""
     parts = key.split(".")
     return [".".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
+
+
+# Mask R-CNN (torchvision) for the instance task. Backbones: ResNet-FPN as in the builders
+# (resnet50_v2: maskrcnn_resnet50_fpn_v2's convolutional heads with BatchNorm) and MobileNetV3-FPN.
+MASKRCNN_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet50_v2", "mobilenet_v3_small",
+                      "mobilenet_v3_large")  # fmt: skip
+COCO_CLASSES = 91  # torchvision's COCO weights: 90 category ids (with gaps) and background
+
+
+class KeepSize(GeneralizedRCNNTransform):
+    """Mask R-CNN's input transform without resizing and normalizing: seg's transforms own
+    the scale (torchvision's would rescale every image to ``min_size`` in eval) and the task
+    normalizes once, with ``data.mean``/``data.std``. It still batches the images, padded to
+    a multiple of ``size_divisible``."""
+
+    def __init__(self, size_divisible: int = 32):
+        super().__init__(min_size=1, max_size=1, image_mean=[0.0], image_std=[1.0],
+                         size_divisible=size_divisible)  # fmt: skip
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def in_float32(module: nn.Module, inputs, output):
+    """A forward hook: ``output`` (tensors, or lists/tuples of them) in float32. On the heads
+    whose outputs become boxes, scores and masks, so that box decoding, NMS, score ranking and
+    mask pasting run in float32 under bf16/fp16 autocast (bf16 moves boxes in 8-pixel steps
+    past x=1024 and merges close scores)."""
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    return type(output)(in_float32(module, inputs, item) for item in output)
+
+
+def maskrcnn(
+    num_classes: int,
+    backbone: str = "resnet18",
+    weights_path: str | None = None,
+    trainable_layers: int | None = None,
+    fpn_channels: int = 256,
+    box_head_size: int = 1024,
+    mask_head_channels: int = 256,
+    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    detections_per_image: int = 100,
+    score_threshold: float = 0.05,
+    rpn_batch_size: int = 256,
+    roi_batch_size: int = 512,
+) -> MaskRCNN:
+    """torchvision's Mask R-CNN for ``num_classes`` classes, background included (class 0).
+
+    Without ``weights_path`` the whole network trains from scratch (BatchNorm everywhere, all
+    layers trainable). ``weights_path``: a local file of torchvision's COCO weights for this
+    backbone (nothing is downloaded); built as torchvision's builder builds it with weights
+    (frozen BatchNorm in the backbone, ``trainable_layers`` of it trained, 3 by default; the
+    v1 weights' BatchNorm epsilon 0), with the class heads re-initialised for another
+    ``num_classes``. ``fpn_channels``, ``box_head_size`` and ``mask_head_channels`` size the
+    FPN and heads (not for resnet50_v2, whose heads are torchvision's). One anchor size per
+    FPN level (5 for ResNets, 3 for MobileNets), each with ``aspect_ratios``;
+    ``detections_per_image`` and ``score_threshold`` bound what inference returns;
+    ``rpn_batch_size``/``roi_batch_size`` are the sampled anchors and proposals per image.
+    """
+    if backbone not in MASKRCNN_BACKBONES:
+        raise ValueError(f"model.backbone={backbone!r}; options: {list(MASKRCNN_BACKBONES)}")
+    pretrained = weights_path is not None
+    if trainable_layers is None:
+        trainable_layers = 3 if pretrained else (5 if backbone.startswith("resnet") else 6)
+    norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    options = dict(box_detections_per_img=detections_per_image, box_score_thresh=score_threshold,
+                   rpn_batch_size_per_image=rpn_batch_size,
+                   box_batch_size_per_image=roi_batch_size)  # fmt: skip
+    classes = COCO_CLASSES if pretrained else num_classes
+    if backbone == "resnet50_v2":
+        model = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(
+            weights=None, weights_backbone=None, num_classes=classes,
+            trainable_backbone_layers=trainable_layers, **options,
+        )  # fmt: skip
+        if pretrained:  # the builder's backbone with weights: frozen BatchNorm
+            freeze_batchnorm(model.backbone.body)
+    else:
+        body = _fpn_backbone(backbone, norm_layer, trainable_layers, fpn_channels)
+        model = MaskRCNN(
+            body, None,  # the predictors below carry the class count
+            box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_size),
+            box_predictor=FastRCNNPredictor(box_head_size, classes),
+            mask_head=MaskRCNNHeads(fpn_channels, [mask_head_channels] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, classes),
+            **options,
+        )  # fmt: skip
+    levels = len(model.backbone.body.return_layers) + 1  # + LastLevelMaxPool's
+    if len(anchor_sizes) != levels:
+        raise ValueError(
+            f"model.anchor_sizes={list(anchor_sizes)}: give one size per feature level of the "
+            f"{backbone} FPN ({levels}), smallest first"
+        )
+    model.rpn.anchor_generator = AnchorGenerator(
+        tuple((size,) for size in anchor_sizes), (tuple(aspect_ratios),) * levels
+    )
+    model.transform = KeepSize()
+    if pretrained:
+        _load_coco_weights(model, weights_path, backbone, num_classes)
+    for head in (model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor):
+        head.register_forward_hook(in_float32)
+    return model
+
+
+def _fpn_backbone(
+    name: str, norm_layer, trainable_layers: int, fpn_channels: int
+) -> BackboneWithFPN:
+    """torchvision's ResNet- or MobileNetV3-FPN (no weights) with ``fpn_channels`` channels."""
+    if name.startswith("resnet"):
+        backbone = resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=norm_layer,
+                                       trainable_layers=trainable_layers)  # fmt: skip
+    else:
+        backbone = mobilenet_backbone(backbone_name=name, weights=None, fpn=True,
+                                      norm_layer=norm_layer, trainable_layers=trainable_layers)  # fmt: skip
+    if fpn_channels != backbone.out_channels:  # the builders' FPN has 256 channels
+        in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+        backbone.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, LastLevelMaxPool())
+        backbone.out_channels = fpn_channels
+    return backbone
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Replace ``module``'s BatchNorm2d layers by FrozenBatchNorm2d with the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
+            frozen.load_state_dict(child.state_dict(), strict=False)  # no num_batches_tracked
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+
+
+def _load_coco_weights(model: MaskRCNN, path: str, backbone: str, num_classes: int) -> None:
+    """Load torchvision's COCO weights from ``path`` into ``model`` (built for 91 classes),
+    then give it heads for ``num_classes``, freshly initialised where they differ."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"model.weights_path={path}: file not found. Download torchvision's COCO weights "
+            "for this backbone on a machine with internet (e.g. maskrcnn_resnet50_fpn_coco-"
+            "bf2d0c1e.pth from download.pytorch.org/models/) and copy it here"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    _, reshaped, missing, unexpected = _match_weights(own, state)
+    if reshaped or missing or unexpected:
+        raise ValueError(
+            f"model.weights_path={path} does not fit a Mask R-CNN with backbone {backbone} "
+            f"(and these fpn/head sizes): of another shape {reshaped[:2]}, missing "
+            f"{missing[:2]}, unexpected {unexpected[:2]}; set model.backbone to the file's "
+            "(resnet50 for maskrcnn_resnet50_fpn_coco, resnet50_v2 for _v2) and its sizes"
+        )
+    model.load_state_dict(state)
+    if backbone != "resnet50_v2":  # what torchvision's builder does for the v1 COCO weights
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.eps = 0.0
+    if num_classes != COCO_CLASSES:
+        box = model.roi_heads.box_predictor
+        mask = model.roi_heads.mask_predictor
+        model.roi_heads.box_predictor = FastRCNNPredictor(box.cls_score.in_features, num_classes)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(
+            mask.conv5_mask.in_channels, mask.conv5_mask.out_channels, num_classes
+        )

@@ -78,6 +78,43 @@ def comparison(
     return torch.cat([rgb, ground_truth, predicted], dim=2)
 
 
+def instance_overlay(
+    image: torch.Tensor,
+    masks: torch.Tensor,
+    labels: Sequence[int],
+    palette: Sequence[Sequence[int]],
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """(K, H, W) bool instance ``masks`` over a (3, H, W) uint8 image: each filled with its
+    class's colour (``labels``) and outlined in white, so that touching instances of one class
+    stay apart. Later masks are drawn over earlier ones."""
+    out = image.float()
+    if len(masks):
+        masks = masks.bool()
+        colors = torch.tensor([palette[label] for label in labels], dtype=torch.float32)
+        inner = -torch.nn.functional.max_pool2d(-masks[:, None].float(), 3, 1, 1)[:, 0] > 0
+        for mask, edge, color in zip(masks, masks & ~inner, colors, strict=True):
+            out[:, mask] = out[:, mask] * (1 - alpha) + color[:, None] * alpha
+            out[:, edge] = 255.0
+    return out.to(torch.uint8)
+
+
+def instance_comparison(
+    image: torch.Tensor,
+    truth: tuple[torch.Tensor, Sequence[int]],
+    prediction: tuple[torch.Tensor, Sequence[int]],
+    palette: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Image | ground-truth instances | predicted instances, side by side: (3, H, 3W) uint8;
+    ``truth`` and ``prediction`` are (masks (K, H, W) bool, class labels)."""
+    panels = [
+        image,
+        instance_overlay(image, *truth, palette),
+        instance_overlay(image, *prediction, palette),
+    ]
+    return torch.cat(panels, dim=2)
+
+
 def _figure_to_array(figure) -> np.ndarray:
     """Render a matplotlib figure to (H, W, 3) uint8 RGB and close it."""
     import matplotlib.pyplot as plt

@@ -28,6 +28,13 @@ CONFIG_GROUPS = (
 )
 
 
+def semantic_models() -> list[str]:
+    """The model options of the semantic task: those with the segmenter contract (logits)."""
+    folder = REPO / "configs" / "model"
+    return [option for option in group_options("model")
+            if "seg.models.maskrcnn" not in (folder / f"{option}.yaml").read_text()]  # fmt: skip
+
+
 def group_options(group: str) -> list[str]:
     """A config group's options, those in subfolders too (``model=tiny/semantic``)."""
     folder = REPO / "configs" / group

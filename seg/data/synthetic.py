@@ -11,8 +11,10 @@ from collections.abc import Mapping
 
 import cv2
 import numpy as np
+import torch
 
 from seg.data.base import SegmentationDataset
+from seg.data.transforms import apply, to_tensors
 
 CLASS_NAMES = ("background", "disc", "box", "triangle", "ring", "cross")
 PALETTE = (
@@ -65,11 +67,20 @@ class SyntheticScenes(SegmentationDataset):
         return f"synthetic/{self.split}/{index}"
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, mask, _, _ = self.scene(index)
+        return image, mask
+
+    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """Scene ``index``: the (H, W, 3) uint8 image, the (H, W) class mask, the (H, W) int16
+        instance-ID map (shape k drawn is id k + 1; 0 background) and each shape's class. Later
+        shapes occlude earlier ones: an id may cover fewer pixels than its shape, or none."""
         rng = np.random.default_rng((self.seed, self.split_key, index))
         size = self.image_size
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
         image = _background(rng, size, xx, yy)
         mask = np.zeros((size, size), np.uint8)
+        ids = np.zeros((size, size), np.int16)
+        labels = []
         for _ in range(rng.integers(2, self.max_objects + 1)):
             label = int(rng.integers(1, self.num_classes))
             shape = _shape(rng, label, size)
@@ -78,8 +89,10 @@ class SyntheticScenes(SegmentationDataset):
             pixels = shape > 0
             image[pixels] = np.where(texture[pixels, None], colors[0], colors[1])
             mask[pixels] = label
+            labels.append(label)
+            ids[pixels] = len(labels)
         image += rng.uniform(2.0, 8.0) * rng.standard_normal(image.shape, np.float32)
-        return np.clip(image, 0, 255).astype(np.uint8), mask
+        return np.clip(image, 0, 255).astype(np.uint8), mask, ids, labels
 
 
 def _random_colors(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -180,3 +193,22 @@ def _polygon(center, radius, angle, corners) -> np.ndarray:
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     points = center + radius * (np.asarray(corners, np.float64) @ rotation.T)
     return points.round().astype(np.int32)
+
+
+class SyntheticInstances(SyntheticScenes):
+    """The same scenes with each shape an instance (``seg.tasks.instance``): a sample is the
+    image (3, H, W) uint8, the instance-ID map (H, W) int16 (0 background, k + 1 the k-th row
+    of the table) and the table (K, 2) int64 of [class, iscrowd] per instance (no crowds here).
+
+    The transform crops and flips the image and the ID map together; it must pad the map with
+    0 (``train_transform``'s ``ignore_index: 0``), which no instance owns.
+    """
+
+    def prepare(
+        self, index: int, seed: tuple[int, ...] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, _, ids, labels = self.scene(index)
+        table = torch.tensor([[label, 0] for label in labels], dtype=torch.int64).view(-1, 2)
+        if self.transform is None:
+            return (*to_tensors(image, ids), table)
+        return (*apply(self.transform, image, ids, seed), table)

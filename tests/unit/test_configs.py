@@ -56,6 +56,7 @@ def test_data_configs_build(folder_root, cityscapes_root, camvid_root, voc_root,
         "voc": voc_root,
         "ade20k": ade20k_root,
         "synthetic": None,
+        "synthetic_instances": None,
     }
     assert set(roots) == set(group_options("data"))
     for option, root in roots.items():
@@ -64,10 +65,11 @@ def test_data_configs_build(folder_root, cityscapes_root, camvid_root, voc_root,
             dataset = instantiate(
                 cfg.data.dataset, split=split, transform=instantiate(cfg.data[transform])
             )
-            image, mask = dataset[0]
+            # (image, mask), or (image, instance-ID map, instance table) for instance data
+            image, mask = dataset[0][:2]
             # uint8 in transit: normalized and widened on the device
             assert image.dtype == torch.uint8 and image.shape[0] == 3
-            assert mask.dtype == torch.uint8 and mask.shape == image.shape[1:]
+            assert mask.dtype in (torch.uint8, torch.int16) and mask.shape == image.shape[1:]
         assert len(cfg.data.class_names) == len(cfg.data.palette) == cfg.data.num_classes
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seg.losses import CrossEntropy
-from tests.conftest import compose_config, group_options
+from tests.conftest import compose_config, group_options, semantic_models
 from tests.unit.test_trainer import make_trainer
 
 aten = torch.ops.aten
@@ -61,7 +61,7 @@ def training_step_ops(model: nn.Module, loss: nn.Module) -> set[str]:
     return recorder.found
 
 
-@pytest.mark.parametrize("option", group_options("model"))
+@pytest.mark.parametrize("option", semantic_models())
 def test_the_models_documented_exact_use_only_deterministic_cuda_kernels(option):
     cfg = compose_config(f"model={option}")
     found = training_step_ops(instantiate(cfg.model).train(), CrossEntropy())

@@ -2,13 +2,23 @@
 encoder its own LR and spare normalization layers and biases the weight decay."""
 
 import logging
+import re
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from seg.config import check_values
-from seg.models import encoder_prefix, init_from, smp_model, torchvision_model
+from seg.models import (
+    COCO_CLASSES,
+    encoder_prefix,
+    freeze_batchnorm,
+    init_from,
+    maskrcnn,
+    smp_model,
+    torchvision_model,
+)
 from seg.optim import build_optimizer, param_groups
 from seg.schedulers import poly
 from tests.conftest import compose_config, group_options
@@ -90,9 +100,56 @@ def test_init_from_refuses_what_is_not_a_checkpoint(tmp_path):
         init_from(tiny_unet(), str(tmp_path / "nope.pt"))
     with pytest.raises(ValueError, match=r"directory without config\.json"):
         init_from(tiny_unet(), str(tmp_path))
+    # a state dict is read as the model's weights (torchvision's COCO files are such)
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "state_dict.pt")
-    with pytest.raises(ValueError, match="not a seg checkpoint"):
+    with pytest.raises(ValueError, match="none of the encoder's weights"):
         init_from(tiny_unet(), str(tmp_path / "state_dict.pt"))
+    torch.save({"epoch": 3}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither a seg checkpoint nor a state dict of tensors"):
+        init_from(tiny_unet(), str(tmp_path / "other.pt"))
+
+
+SMALL_MASK_RCNN = dict(backbone="mobilenet_v3_small", anchor_sizes=(16, 32, 64), fpn_channels=16,
+                       box_head_size=32, mask_head_channels=16)  # fmt: skip
+
+
+def coco_like_weights(path):
+    """A state dict shaped like torchvision's COCO weights: 91 classes, frozen BatchNorm."""
+    torch.manual_seed(1)
+    model = maskrcnn(COCO_CLASSES, **SMALL_MASK_RCNN)
+    freeze_batchnorm(model.backbone.body)
+    torch.save(model.state_dict(), path)
+    return model.state_dict()
+
+
+def test_mask_rcnn_starts_from_coco_like_weights_with_new_class_heads(tmp_path, caplog):
+    coco = coco_like_weights(tmp_path / "coco.pth")
+    model = maskrcnn(6, weights_path=str(tmp_path / "coco.pth"), **SMALL_MASK_RCNN)
+    state = model.state_dict()
+    body = [key for key in coco if key.startswith("backbone.body.")]
+    assert body and all(torch.equal(state[key], coco[key]) for key in body)
+    assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 6  # re-initialised
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 6
+    # what torchvision's builder does with weights: frozen BatchNorm, only some layers train
+    frozen = [m for m in model.backbone.body.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen and all(m.eps == 0.0 for m in frozen)
+    assert not all(p.requires_grad for p in model.backbone.body.parameters())
+    # init_from= the same file into a model built from scratch: the fitting tensors load
+    scratch = maskrcnn(6, **SMALL_MASK_RCNN)
+    init_from(scratch, str(tmp_path / "coco.pth"))
+    assert torch.equal(scratch.state_dict()["backbone.fpn.layer_blocks.0.0.weight"],
+                       coco["backbone.fpn.layer_blocks.0.0.weight"])  # fmt: skip
+    # the class heads (another class count) start fresh
+    assert re.search(
+        r"re-initialised \d+ of another shape: .*roi_heads\.box_predictor", caplog.text
+    )
+
+
+def test_weights_of_another_backbone_are_refused_naming_it(tmp_path):
+    coco_like_weights(tmp_path / "coco.pth")
+    with pytest.raises(ValueError, match=r"does not fit a Mask R-CNN with backbone resnet18"):
+        maskrcnn(6, backbone="resnet18", weights_path=str(tmp_path / "coco.pth"),
+                 anchor_sizes=(16, 32, 64, 128, 256))  # fmt: skip
 
 
 @pytest.mark.parametrize("option", group_options("model"))

@@ -5,10 +5,10 @@ import torch
 from hydra.utils import instantiate
 
 from seg.models import smp_model, torchvision_model
-from tests.conftest import compose_config, group_options
+from tests.conftest import compose_config, semantic_models
 
 
-@pytest.mark.parametrize("option", group_options("model"))
+@pytest.mark.parametrize("option", semantic_models())
 def test_model_output_shape_and_backward(option):
     cfg = compose_config(f"model={option}")
     model = instantiate(cfg.model)
