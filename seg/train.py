@@ -105,7 +105,7 @@ def run(
     """Train with ``cfg``, or resume per ``cfg.resume``; returns the best validation score, with the
     directory the run wrote to.
 
-    ``run_dir`` is Hydra's run directory; a new run claims it (README "Outputs"), a resumed run
+    ``run_dir`` is Hydra's run directory; a new run claims it (docs/training.md, "Outputs"), a resumed run
     continues in its checkpoint's. ``overrides`` are the command line's: a checkpoint keeps them
     so that a resumed run is recomposed from the same command line (plus the new one's
     overrides, which win). Nothing is written until the config, data and weights passed their

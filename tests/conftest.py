@@ -29,10 +29,11 @@ CONFIG_GROUPS = (
 
 
 def semantic_models() -> list[str]:
-    """The model options of the semantic task: those with the segmenter contract (logits)."""
-    folder = REPO / "configs" / "model"
-    return [option for option in group_options("model")
-            if "seg.models.maskrcnn" not in (folder / f"{option}.yaml").read_text()]  # fmt: skip
+    """The model options of the semantic task: those with the segmenter contract (logits),
+    not Mask R-CNN's (``seg.models.maskrcnn``, also through a config's defaults)."""
+    targets = {option: compose_config(f"model={option}").model._target_
+               for option in group_options("model")}  # fmt: skip
+    return [option for option, target in targets.items() if target != "seg.models.maskrcnn"]
 
 
 def group_options(group: str) -> list[str]:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class Recorder:
-    """Writes the run directory ``run_dir`` (README "Outputs").
+    """Writes the run directory ``run_dir`` (docs/training.md, "Outputs").
 
     ``class_names``, ``palette``, ``config_yaml`` and
     ``overrides`` also go into every checkpoint, so that a checkpoint rebuilds its model alone.

@@ -1,6 +1,6 @@
 """Where a run's curves and figures go besides metrics.jsonl and figures/: TensorBoard (the
 default) and MLflow, chosen by ``configs/tracker/``. The Recorder calls them on rank 0 only; a
-tracker is a class with the three methods of ``Tracker`` (README "Experiment trackers")."""
+tracker is a class with the three methods of ``Tracker`` (docs/trackers.md)."""
 
 import logging
 import re
@@ -40,7 +40,7 @@ class Tracker(Protocol):
 
 
 class TensorBoard:
-    """Event files in ``<run_dir>/tb`` (README "TensorBoard")."""
+    """Event files in ``<run_dir>/tb`` (docs/trackers.md, "TensorBoard")."""
 
     def __init__(self) -> None:
         self.writer: SummaryWriter | None = None
