@@ -54,6 +54,23 @@ class Normalize:
         return inputs.mul_(self.scale).add_(self.shift)  # in place: the layout stays
 
 
+class DeviceNormalize:
+    """``Normalize`` for whichever device and memory format a caller asks for, each built once
+    (a task normalizes training batches and validation images alike)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = list(mean), list(std)
+        self.built: dict[tuple, Normalize] = {}
+
+    def __call__(
+        self, images: torch.Tensor, device: torch.device, memory_format: torch.memory_format
+    ) -> torch.Tensor:
+        key = (device, memory_format)
+        if key not in self.built:
+            self.built[key] = Normalize(self.mean, self.std, device, memory_format)
+        return self.built[key](images)
+
+
 class Predictor:
     """Turns a batch of uint8 RGB images (N, 3, H, W) into class scores (N, C, H, W).
 

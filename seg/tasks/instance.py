@@ -30,7 +30,7 @@ from torchvision.ops import masks_to_boxes
 
 from seg.engine import dist
 from seg.engine.task import Report
-from seg.inference import Normalize
+from seg.inference import DeviceNormalize
 from seg.visualize import gallery, instance_comparison, save_png
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class InstanceTask:
         self.mean, self.std = list(mean), list(std)
         self.mask_threshold = mask_threshold
         self.picture_score_threshold = picture_score_threshold
-        self.normalizers: dict[tuple, Normalize] = {}
+        self.normalize = DeviceNormalize(self.mean, self.std)
 
     def to(self, device: torch.device) -> "InstanceTask":
         return self  # nothing of its own on the device
@@ -89,13 +89,11 @@ class InstanceTask:
         images, ids, tables = zip(*samples, strict=True)
         return list(images), list(ids), list(tables)
 
-    def normalize(
+    def normalize_each(
         self, images: list[torch.Tensor], device: torch.device, memory_format: torch.memory_format
     ) -> list[torch.Tensor]:
-        key = (device, memory_format)
-        if key not in self.normalizers:
-            self.normalizers[key] = Normalize(self.mean, self.std, device, memory_format)
-        return [self.normalizers[key](image[None])[0] for image in images]
+        """Images of any sizes, each normalized on ``device``."""
+        return [self.normalize(image[None], device, memory_format)[0] for image in images]
 
     def prepare(
         self, batch: tuple, device: torch.device, memory_format: torch.memory_format
@@ -105,7 +103,7 @@ class InstanceTask:
         targets = [
             training_target(i.to(device), t.to(device)) for i, t in zip(ids, tables, strict=True)
         ]
-        return self.normalize(images, device, memory_format), targets
+        return self.normalize_each(images, device, memory_format), targets
 
     def loss(self, model: nn.Module, batch: tuple, autocast: Callable) -> dict[str, torch.Tensor]:
         """Mask R-CNN's five losses (RPN objectness and boxes, classifier, boxes, masks) under
@@ -131,7 +129,7 @@ class InstanceTask:
                 "task's; an instance model runs on each whole image (drop these keys)"
             )
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        return InstancePredict(model, lambda images: self.normalize(images, device, memory_format),
+        return InstancePredict(model, lambda images: self.normalize_each(images, device, memory_format),
                                device, precision)  # fmt: skip
 
     def evaluator(

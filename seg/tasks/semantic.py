@@ -19,7 +19,7 @@ from seg.engine import dist
 from seg.engine.evaluation import evaluate as run_evaluation
 from seg.engine.task import Report
 from seg.inference import (
-    Normalize,
+    DeviceNormalize,
     Predictor,
     explain_out_of_memory,
     memory_advice,
@@ -80,7 +80,7 @@ class SemanticTask:
         self.mean, self.std = list(mean), list(std)
         self.loss_fn = loss
         self.aux_weight = aux_weight
-        self.normalizers: dict[tuple, Normalize] = {}
+        self.normalize = DeviceNormalize(self.mean, self.std)
 
     def to(self, device: torch.device) -> "SemanticTask":
         """The loss's buffers (class weights) on ``device``."""
@@ -90,14 +90,6 @@ class SemanticTask:
 
     def collate(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         return default_collate(samples)
-
-    def normalize(
-        self, images: torch.Tensor, device: torch.device, memory_format: torch.memory_format
-    ) -> torch.Tensor:
-        key = (device, memory_format)
-        if key not in self.normalizers:
-            self.normalizers[key] = Normalize(self.mean, self.std, device, memory_format)
-        return self.normalizers[key](images)
 
     def prepare(
         self, batch: tuple, device: torch.device, memory_format: torch.memory_format

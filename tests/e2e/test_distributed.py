@@ -115,10 +115,13 @@ def test_stopped_and_resumed_under_torchrun_equals_uninterrupted(tmp_path):
         tmp_path / "out", f"hydra.run.dir={stopped}", "trainer.max_iters=2", "scheduler.max_iters=4"
     )
     torchrun(tmp_path / "out", f"resume={stopped / 'checkpoints/last.pt'}", "trainer.max_iters=4")
-    a, b = (
-        weights(tmp_path / "straight/checkpoints/last.pt"),
-        weights(stopped / "checkpoints/last.pt"),
-    )
+    assert_same_weights(tmp_path / "straight", stopped)
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """The two runs' final weights (``checkpoints/last.pt``) are equal, tensor by tensor."""
+    a, b = (weights(run / "checkpoints/last.pt") for run in (run_a, run_b))
+    assert a.keys() == b.keys()
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
 

@@ -5,14 +5,13 @@ evaluates with COCOeval, and 2 processes score exactly what one does."""
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from seg import export, predict
 from seg.checkpoint import load_checkpoint
 from seg.data.synthetic import SyntheticScenes
 from tests.conftest import run_evaluation, run_training
-from tests.e2e.test_distributed import torchrun, weights
+from tests.e2e.test_distributed import assert_same_weights, torchrun
 from tests.e2e.test_distributed_eval import torchrun as torchrun_script
 from tests.e2e.test_evaluate_predict_export import run_entry
 
@@ -63,12 +62,7 @@ def test_an_instance_run_stopped_and_resumed_equals_the_uninterrupted_one(tmp_pa
     run_training(stopped, *common, "trainer.max_iters=2")
     run_training(stopped, *common, f"resume={stopped / 'checkpoints/last.pt'}",
                  "trainer.max_iters=4")  # fmt: skip
-    a, b = (
-        weights(tmp_path / "straight/checkpoints/last.pt"),
-        weights(stopped / "checkpoints/last.pt"),
-    )
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), key
+    assert_same_weights(tmp_path / "straight", stopped)
 
 
 def test_two_processes_resume_exactly_with_each_ranks_own_random_state(tmp_path):
@@ -80,12 +74,7 @@ def test_two_processes_resume_exactly_with_each_ranks_own_random_state(tmp_path)
     assert len(state["rng"]) == 2  # one per rank
     torchrun(tmp_path / "out", f"resume={stopped / 'checkpoints/last.pt'}", *common,
              "trainer.max_iters=4")  # fmt: skip
-    a, b = (
-        weights(tmp_path / "straight/checkpoints/last.pt"),
-        weights(stopped / "checkpoints/last.pt"),
-    )
-    for key, value in a.items():
-        assert torch.equal(value, b[key]), key
+    assert_same_weights(tmp_path / "straight", stopped)
 
 
 def test_two_processes_score_exactly_what_one_does(instance_run, tmp_path):
