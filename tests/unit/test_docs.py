@@ -226,12 +226,26 @@ def figures() -> list[tuple[str, str, str]]:
     fcn_ceiling = [t / run["ceilings"]["bf16_gemm_gflops"] for t, run in
                    zip(train("fcn", "achieved_gflops"), models, strict=True)]  # fmt: skip
 
-    readme, results, performance, datasets = (
+    readme, results, performance, datasets, instance = (
         "README.md",
         "docs/results.md",
         "docs/performance.md",
         "docs/datasets.md",
+        "docs/instance.md",
     )
+    detector = jsonl("instance_default/metrics.jsonl")
+    detector_steps, detector_validation, _ = time_line("instance_default")
+    detector_wall = wall_seconds("instance_default")
+    detector_bf16 = read_json("instance_default/evaluation.json")
+    detector_fp32 = read_json("instance_default/evaluation_fp32.json")
+
+    def ap(value: float) -> str:
+        return f"{value * 100:.2f}%"
+
+    def ap_row(metric: str) -> str:
+        values = [ap(r[metric]) for r in detector]
+        return " | ".join(values[:-1]) + f" | **{values[-1]}**"
+
     return [
         # README: the default run
         (readme, "0.816 in 5 min 14 s", f"{final['mIoU']:.3f} in {mins(wall)}"),
@@ -260,6 +274,58 @@ def figures() -> list[tuple[str, str, str]]:
             "294.0 s went to training steps (about 35 img/s), 7.7 s to validation and 1.5 s to checkpoints",
             f"{steps} s went to training steps (about {images:.0f} img/s), {validation} s to validation and "
             f"{checkpoints} s to checkpoints",
+        ),
+        # Results and Instance segmentation: the synthetic instance default
+        (
+            results,
+            "| mask AP | 4.88% | 14.02% | 25.24% | **31.27%** | 11 min 18 s |",
+            f"| mask AP | {ap_row('mask_AP')} | {mins(detector_wall)} |",
+        ),
+        (
+            results,
+            "| box AP | 8.93% | 20.00% | 33.67% | 40.06% |",
+            "| box AP | " + " | ".join(ap(r["box_AP"]) for r in detector) + " |",
+        ),
+        (
+            results,
+            "At iteration 640: mask AP50 62.56%, AP75 26.81%; box AP50 70.61%. 551.0 s went to "
+            "training steps (about 4.6 img/s) and 120.1 s to validation.",
+            f"At iteration {detector[-1]['iteration']}: mask AP50 {ap(detector[-1]['mask_AP50'])}, "
+            f"AP75 {ap(detector[-1]['mask_AP75'])}; box AP50 {ap(detector[-1]['box_AP50'])}. "
+            f"{detector_steps} s went to training steps (about "
+            f"{detector[-1]['iteration'] * 4 / detector_steps:.1f} img/s) and {detector_validation} s "
+            "to validation.",  # data.batch_size 4 (docs/results/instance_default/config.yaml)
+        ),
+        (
+            results,
+            "in fp32 (`trainer.precision=fp32`) mask AP 31.27%, AP50 62.38%, box AP 40.06%",
+            f"in fp32 (`trainer.precision=fp32`) mask AP {ap(detector_fp32['mask_AP'])}, "
+            f"AP50 {ap(detector_fp32['mask_AP50'])}, box AP {ap(detector_fp32['box_AP'])}",
+        ),
+        (
+            results,
+            "gives the last validation's figures again in bf16",
+            "gives the last validation's figures again in bf16"
+            if all(detector_bf16[k] == detector[-1][k] for k in ("mask_AP", "box_AP", "mask_AP50"))
+            else "differs from the last validation in bf16",
+        ),
+        (
+            instance,
+            "mask AP 31.27% (box AP 40.06%) after 640 iterations in 11 min 18 s",
+            f"mask AP {ap(detector[-1]['mask_AP'])} (box AP {ap(detector[-1]['box_AP'])}) after "
+            f"{detector[-1]['iteration']} iterations in {mins(detector_wall)}",
+        ),
+        (
+            results,
+            "14.4 M parameters",
+            "{:.1f} M parameters".format(
+                int(
+                    re.search(
+                        r"([\d,]+) parameters", (RESULTS / "instance_default/train.log").read_text()
+                    )[1].replace(",", "")
+                )
+                / 1e6
+            ),
         ),
         # Results: CamVid
         (
