@@ -71,7 +71,7 @@ def match_image(
                 f"{image}: segment {s['id']} has category_id {s['category_id']}, not in the ground truth's categories"
             )
     ids, counts = np.unique(pred_ids, return_counts=True)
-    pred_area = dict(zip(ids.tolist(), counts.tolist()))
+    pred_area = dict(zip(ids.tolist(), counts.tolist(), strict=True))
     pred_area.pop(VOID, None)
     if set(pred_area) != set(pred):
         raise ValueError(
@@ -79,10 +79,16 @@ def match_image(
             f"segments_info ids {sorted(pred)} differ; each segment must be in both"
         )
     ids, counts = np.unique(gt_ids, return_counts=True)
-    gt_area = {i: gt[i].get("area", c) for i, c in zip(ids.tolist(), counts.tolist()) if i in gt}
+    gt_area = {
+        i: gt[i].get("area", c)
+        for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
+        if i in gt
+    }
     # Every (gt id, pred id) pair that shares pixels, with its intersection.
     pairs, counts = np.unique(gt_ids.astype(np.int64) * 2**24 + pred_ids, return_counts=True)
-    overlap = {(int(p >> 24), int(p & (2**24 - 1))): int(c) for p, c in zip(pairs, counts)}
+    overlap = {
+        (int(p >> 24), int(p & (2**24 - 1))): int(c) for p, c in zip(pairs, counts, strict=True)
+    }
 
     stats = np.zeros((len(categories), 4))
     gt_matched, pred_matched = set(), set()

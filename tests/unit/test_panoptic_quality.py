@@ -187,7 +187,10 @@ def test_coco_perturbed_equals_the_official_code_and_halves_sum(tmp_path, monkey
         ids = panoptic.read_ids(COCO / "panoptic_examples", a)
         segments = [dict(s) for s in a["segments_info"]]
         # shuffle the ids, drop one segment to void, merge the second into the third, shift a stripe
-        new = {s["id"]: int(v) for s, v in zip(segments, rng.permutation(len(segments)) + 1)}
+        new = {
+            s["id"]: int(v)
+            for s, v in zip(segments, rng.permutation(len(segments)) + 1, strict=True)
+        }
         out = np.zeros_like(ids)
         for old, v in new.items():
             out[ids == old] = v
