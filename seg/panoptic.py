@@ -186,10 +186,13 @@ def score_folders(
 
 
 def format_table(result: dict, categories: list[Category]) -> str:
-    """PQ, SQ, RQ in percent: one row per class, then All, Things and Stuff."""
+    """PQ, SQ, RQ in percent: a row per class that counts (COCO lists 133, an image shows few),
+    then All, Things and Stuff."""
     lines = [f"{'class':20s} {'PQ':>6s} {'SQ':>6s} {'RQ':>6s}"]
     for c in categories:
         r = result["per_class"][c.id]
+        if np.isnan(r["pq"]):  # no tp, fp or fn
+            continue
         lines.append(
             f"{c.name[:20]:20s} {100 * r['pq']:6.1f} {100 * r['sq']:6.1f} {100 * r['rq']:6.1f}"
         )
