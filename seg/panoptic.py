@@ -68,7 +68,8 @@ def match_image(
     for s in (*gt_segments, *pred_segments):
         if s["category_id"] not in row:
             raise ValueError(
-                f"{image}: segment {s['id']} has category_id {s['category_id']}, not in the ground truth's categories"
+                f"{image}: segment {s['id']} has category_id {s['category_id']}, which the "
+                "ground truth's categories do not list"
             )
     ids, counts = np.unique(pred_ids, return_counts=True)
     pred_area = dict(zip(ids.tolist(), counts.tolist(), strict=True))
@@ -85,7 +86,9 @@ def match_image(
         if i in gt
     }
     # Every (gt id, pred id) pair that shares pixels, with its intersection.
-    pairs, counts = np.unique(gt_ids.astype(np.int64) * 2**24 + pred_ids, return_counts=True)
+    pairs, counts = np.unique(
+        gt_ids.astype(np.int64) * 2**24 + pred_ids.astype(np.int64), return_counts=True
+    )
     overlap = {
         (int(p >> 24), int(p & (2**24 - 1))): int(c) for p, c in zip(pairs, counts, strict=True)
     }
@@ -121,8 +124,8 @@ def match_image(
 def pq_from_stats(stats: np.ndarray, categories: list[Category]) -> dict:
     """Summed statistics -> ``{"All"|"Things"|"Stuff": {"pq", "sq", "rq", "n"}, "per_class":
     {category id: {"pq", "sq", "rq"}}}``, values in [0, 1]. As in the official code a category
-    counts in a mean only with tp + fp + fn > 0 (``n`` says how many did); such a category's own
-    entry is NaN here (the official code writes 0), and a group with none has NaN means."""
+    counts in a mean only with tp + fp + fn > 0 (``n`` says how many did); one without any is NaN
+    here (the official code writes 0), and a group with none has NaN means."""
     tp, fp, fn, iou = stats.T
     counted = tp + fp + fn > 0
     with np.errstate(divide="ignore", invalid="ignore"):
