@@ -259,6 +259,7 @@ def test_evaluate_keeps_the_first_examples_and_the_lowest_miou_images_in_order()
     assert len(result.examples) == 2
     for (image, mask, _), index in zip(result.examples, (0, 1), strict=True):
         assert torch.equal(image, images[index]) and torch.equal(mask, masks[index])
+        assert mask.dtype == torch.uint8  # an eighth of int64's bytes to gather to rank 0
     assert result.metrics["IoU"][1] == sum(hits) / (16 * len(hits))
 
 
