@@ -59,8 +59,9 @@ def test_fp16_resumed_from_a_bf16_checkpoint_starts_a_fresh_grad_scaler(tmp_path
     assert state["precision"] == "fp16" and state["scaler"]["scale"] > 0
 
 
-def test_compile_really_compiles_the_training_step(tmp_path, caplog):
+def test_compile_really_compiles_the_training_step(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # inductor sets it once used
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     run_training(tmp_path / "run", *CUDA, "trainer.precision=bf16", "trainer.compile=true",
@@ -68,6 +69,8 @@ def test_compile_really_compiles_the_training_step(tmp_path, caplog):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert "compiled the training step in" in caplog.text
     assert "torch.compile failed" not in caplog.text
+    # the kernels cached under the output root, for a requeued run to find
+    assert any((tmp_path / "compile_cache").iterdir())
 
 
 def test_deterministic_unet_resumes_bit_for_bit_on_cuda(tmp_path):
