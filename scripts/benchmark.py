@@ -165,6 +165,48 @@ def overheads(img_s: dict) -> dict:
     return result
 
 
+def busy_share(intervals: list[tuple[float, float]]) -> dict:
+    """How busy the device was over ``intervals`` (start, end) of its kernels, in any order:
+    the share of the span from the first start to the last end covered by some kernel, and the
+    longest gap between kernels (same units as the intervals)."""
+    busy, longest_gap, reach = 0.0, 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            longest_gap = max(longest_gap, start - reach) if reach is not None else 0.0
+            busy += end - start
+            reach = end
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    span = reach - min(start for start, _ in intervals) if intervals else 0.0
+    return {"busy_share": busy / span if span else 0.0, "longest_gap": longest_gap}
+
+
+def profile_fit_steps(trainer, batches, steps: int, trace: Path) -> dict:
+    """``steps`` training steps as ``Trainer.fit`` runs them (the batch ahead copied on a side
+    stream, each step's decision read one step late) under torch's profiler: the trace (open
+    it in Perfetto) and the GPU's busy share and longest idle gap (ms) between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stream = DeviceBatches(batches, trainer.device)
+    for _ in range(3):  # warm-up: the guard's queue full, allocator and autotuning settled
+        trainer.guard.unread.append(trainer.train_step(stream))
+        trainer.guard.read(keep=1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            trainer.guard.unread.append(trainer.train_step(stream))
+            trainer.guard.read(keep=1)
+        torch.cuda.synchronize()
+    trainer.guard.read(keep=0)
+    profiler.export_chrome_trace(str(trace))
+    kernels = [(event.time_range.start, event.time_range.end) for event in profiler.events()
+               if event.device_type == torch.autograd.DeviceType.CUDA]  # fmt: skip
+    shares = busy_share(kernels)  # microseconds
+    return {"gpu_busy_share": shares["busy_share"], "longest_gap_ms": shares["longest_gap"] / 1e3,
+            "trace": str(trace)}  # fmt: skip
+
+
 def compose_train(*overrides: str):
     with initialize_config_module(config_module="seg.configs", version_base="1.3"):
         return compose("train", overrides=list(overrides))
@@ -289,6 +331,12 @@ def bench_model(name: str, args, device, sync, ceilings: dict) -> dict:
         result["compile"] = bench_compile(
             copy.deepcopy(template), inputs, masks.long(), trainer, args, sync
         )
+
+    if args.trace is not None and device.type == "cuda":
+        pinned = itertools.repeat((images.pin_memory(), masks.pin_memory()))
+        result["profile"] = profile_fit_steps(trainer, pinned, 10, args.trace / f"{name}.json")
+        print(f"{name}: GPU busy {100 * result['profile']['gpu_busy_share']:.1f}% of 10 steps, "
+              f"longest gap {result['profile']['longest_gap_ms']:.2f} ms", flush=True)  # fmt: skip
 
     # evaluation: whole-image inference + metric accumulation, as validation runs it
     predictor = Predictor(trainer.model, trainer.device, trainer.task.mean, trainer.task.std,
@@ -773,6 +821,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--trace", type=Path, metavar="DIR",
+                        help="CUDA: profile 10 Trainer steps, write <model>.json traces here")  # fmt: skip
     parser.add_argument("--only", choices=["data"], help="run this section alone")
     parser.add_argument("--default-run", action="store_true", help="time `python train.py` too")
     parser.add_argument("--scaling", type=int, metavar="N",
@@ -812,6 +862,8 @@ def main() -> None:
               f"bf16 {report['ceilings']['bf16_gemm_gflops']:.0f} GFLOP/s", flush=True)  # fmt: skip
     # The Cityscapes-sized PNGs and the caches that the data and end-to-end figures read
     args.work_dir = Path(tempfile.mkdtemp(prefix="seg-benchmark-"))
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
     try:
         report["train"] = {}
         for name in args.models:

@@ -17,7 +17,7 @@ spec.loader.exec_module(benchmark)
 @pytest.fixture
 def tiny(monkeypatch, tmp_path) -> Namespace:
     monkeypatch.setattr(benchmark, "CITYSCAPES_SIZE", (64, 128))  # instead of 1024x2048 PNGs
-    return Namespace(size=[32, 64], batch=2, reps=1, warmup=1, eval_batches=1, compile=False,
+    return Namespace(size=[32, 64], batch=2, reps=1, warmup=1, eval_batches=1, compile=False, trace=None,
                      data_images=2, data_batches=1, data_rounds=1, work_dir=tmp_path)  # fmt: skip
 
 

@@ -45,3 +45,10 @@ def test_the_ceiling_is_the_best_over_sizes_and_repeats(monkeypatch):
     best = benchmark.gemm_ceiling(torch.float32, torch.device("cpu"), lambda: None, sizes, repeats)
     assert len(readings) == 2 * len(sizes) * repeats
     assert best == pytest.approx(2 * 64**3 / 0.5 / 1e9)
+
+
+def test_the_busy_share_merges_overlapping_kernels_and_finds_the_longest_gap():
+    # kernels (start, end): two overlapping on two streams, then a 3-unit gap, then a 1-unit one
+    kernels = [(10.0, 12.0), (0.0, 4.0), (2.0, 6.0), (9.0, 10.0)]
+    assert benchmark.busy_share(kernels) == {"busy_share": 9 / 12, "longest_gap": 3.0}
+    assert benchmark.busy_share([]) == {"busy_share": 0.0, "longest_gap": 0.0}
