@@ -1,5 +1,7 @@
-# CUDA runtime image with PyTorch; seg and its other dependencies are installed on top.
-FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+# CUDA image with PyTorch; seg and its other dependencies are installed on top. The -devel
+# image, not -runtime: Triton compiles torch.compile's kernels with a C compiler, which the
+# runtime image lacks (trainer.compile=auto would then run eagerly, with one log line).
+FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel
 
 WORKDIR /workspace/seg
 COPY pyproject.toml README.md ./

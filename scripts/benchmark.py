@@ -124,11 +124,87 @@ class PeakMemory:
             self.mib = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def gemm_ceiling(dtype: torch.dtype, device: torch.device, sync, n: int = 2048) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = median_seconds(lambda: a @ b, reps=5, warmup=2, sync=sync)
-    return 2 * n**3 / seconds / 1e9
+def gemm_ceiling(
+    dtype: torch.dtype, device: torch.device, sync, sizes=(1024, 2048, 4096), repeats: int = 5
+) -> float:
+    """The machine's GEMM speed in GFLOP/s: the best over square sizes and repeats. One size's
+    median underestimates it where that size falls badly on the cores or tiles (a Zen 4 read
+    207 GFLOP/s in bf16 at 2048 while a U-Net step achieved 291)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):  # warm-up: kernel choice, caches
+            a @ b
+        sync()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            sync()
+            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def ceiling_share(achieved_gflops: float, ceiling_gflops: float) -> dict:
+    """The share of the GEMM ceiling a step achieves, at most 1: above it, the probe
+    underestimated the ceiling (``probe_underestimated``), not the step beat the hardware."""
+    share = achieved_gflops / ceiling_gflops
+    return {"ceiling_share": min(share, 1.0), "probe_underestimated": share > 1}
+
+
+def overheads(img_s: dict) -> dict:
+    """The Trainer's overhead against the plain loop with its settings, like with like:
+    ``trainer_overhead`` eager against eager (``seg_eager`` where the Trainer compiles, else
+    ``seg``), and where it compiles ``trainer_overhead_compiled``, compiled against compiled."""
+    eager = img_s.get("seg_eager", img_s["seg"])
+    result = {"trainer_overhead": img_s["plain_same_settings"] / eager - 1}
+    if "plain_same_settings_compiled" in img_s:
+        result["trainer_overhead_compiled"] = (
+            img_s["plain_same_settings_compiled"] / img_s["seg"] - 1
+        )
+    return result
+
+
+def busy_share(intervals: list[tuple[float, float]]) -> dict:
+    """How busy the device was over ``intervals`` (start, end) of its kernels, in any order:
+    the share of the span from the first start to the last end covered by some kernel, and the
+    longest gap between kernels (same units as the intervals)."""
+    busy, longest_gap, reach = 0.0, 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            longest_gap = max(longest_gap, start - reach) if reach is not None else 0.0
+            busy += end - start
+            reach = end
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    span = reach - min(start for start, _ in intervals) if intervals else 0.0
+    return {"busy_share": busy / span if span else 0.0, "longest_gap": longest_gap}
+
+
+def profile_fit_steps(trainer, batches, steps: int, trace: Path) -> dict:
+    """``steps`` training steps as ``Trainer.fit`` runs them (the batch ahead copied on a side
+    stream, each step's decision read one step late) under torch's profiler: the trace (open
+    it in Perfetto) and the GPU's busy share and longest idle gap (ms) between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stream = DeviceBatches(batches, trainer.device)
+    for _ in range(3):  # warm-up: the guard's queue full, allocator and autotuning settled
+        trainer.guard.unread.append(trainer.train_step(stream))
+        trainer.guard.read(keep=1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            trainer.guard.unread.append(trainer.train_step(stream))
+            trainer.guard.read(keep=1)
+        torch.cuda.synchronize()
+    trainer.guard.read(keep=0)
+    profiler.export_chrome_trace(str(trace))
+    kernels = [(event.time_range.start, event.time_range.end) for event in profiler.events()
+               if event.device_type == torch.autograd.DeviceType.CUDA]  # fmt: skip
+    shares = busy_share(kernels)  # microseconds
+    return {"gpu_busy_share": shares["busy_share"], "longest_gap_ms": shares["longest_gap"] / 1e3,
+            "trace": str(trace)}  # fmt: skip
 
 
 def compose_train(*overrides: str):
@@ -161,10 +237,10 @@ def plain_step(model, optimizer, images, masks, autocast_dtype):
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_config(name: str, device):
+def train_config(name: str, device, *overrides: str):
     """train.py's config for model ``name`` with Cityscapes-sized heads and SGD."""
     return compose_train(f"model={name}", f"data.num_classes={NUM_CLASSES}", "data=cityscapes",
-                         "optimizer=sgd", f"trainer.device={device}")  # fmt: skip
+                         "optimizer=sgd", f"trainer.device={device}", *overrides)  # fmt: skip
 
 
 def make_trainer(cfg, model: torch.nn.Module, sync_bn: bool | str = "auto"):
@@ -190,7 +266,7 @@ def random_batch(batch: int, height: int, width: int, seed: int):
     return images, masks
 
 
-def bench_model(name: str, args, device, sync) -> dict:
+def bench_model(name: str, args, device, sync, ceilings: dict) -> dict:
     cfg = train_config(name, device)
     torch.manual_seed(0)
     template = instantiate(cfg.model)
@@ -201,29 +277,40 @@ def bench_model(name: str, args, device, sync) -> dict:
     flops_per_image = 3 * forward_flops(template, inputs)
     result = {"flops_per_image": flops_per_image}
 
-    # (a) seg's Trainer step, with the settings precision=auto / channels_last=auto choose
+    # (a) seg's Trainer step, with the settings precision=auto / channels_last=auto /
+    # compile=auto choose (compile is on on CUDA)
     trainer = make_trainer(cfg, copy.deepcopy(template))
     batches = itertools.repeat((images, masks))  # the same batch forever, already in memory
     steps = {"seg": lambda: trainer.train_step(batches)}
-    result |= {"precision": trainer.precision, "channels_last": trainer.channels_last}
+    compiled = trainer.compiled is not None
+    result |= {"precision": trainer.precision, "channels_last": trainer.channels_last,
+               "compiled": compiled}  # fmt: skip
+    if compiled:  # the eager Trainer too, for the eager plain loops to compare with
+        eager_cfg = train_config(name, device, "trainer.compile=false")
+        eager_trainer = make_trainer(eager_cfg, copy.deepcopy(template))
+        steps["seg_eager"] = lambda: eager_trainer.train_step(batches)
 
-    # (b) plain fp32, contiguous; (c) plain with seg's precision and layout. Both use the same
-    # optimizer (SGD, momentum, weight decay) as (a), so that (a)/(c) is the Trainer's own cost.
+    # (b) plain fp32, contiguous; (c) plain with seg's precision and layout, compiled too where
+    # seg's step is. All use the same optimizer (SGD, momentum, weight decay) as (a), so that
+    # (a)/(c) is the Trainer's own cost.
     dtype = (
         None
         if trainer.precision == "fp32"
         else {"bf16": torch.bfloat16, "fp16": torch.float16}[trainer.precision]
     )
     variants = {
-        "plain_fp32": (None, torch.contiguous_format),
-        "plain_same_settings": (dtype, trainer.memory_format),
+        "plain_fp32": (None, torch.contiguous_format, False),
+        "plain_same_settings": (dtype, trainer.memory_format, False),
     }
-    for key, (autocast_dtype, memory_format) in variants.items():
+    if compiled:
+        variants["plain_same_settings_compiled"] = (dtype, trainer.memory_format, True)
+    for key, (autocast_dtype, memory_format, compile_it) in variants.items():
         model = copy.deepcopy(template).to(device, memory_format=memory_format)
         optimizer = build_optimizer(cfg.optimizer, model)
+        forward = torch.compile(model) if compile_it else model
         x = inputs.to(device, memory_format=memory_format)
         y = masks.to(device).long()
-        steps[key] = lambda m=model, o=optimizer, d=autocast_dtype, x=x, y=y: plain_step(
+        steps[key] = lambda m=forward, o=optimizer, d=autocast_dtype, x=x, y=y: plain_step(
             m, o, x, y, d
         )
     timings = interleaved_medians(steps, args.reps, args.warmup, sync, device)
@@ -231,8 +318,11 @@ def bench_model(name: str, args, device, sync) -> dict:
         result[f"{key}_img_s"] = args.batch / timings[key]
         result[f"{key}_peak_mib"] = timings[f"{key}_peak_mib"]
     result["speedup_vs_plain_fp32"] = result["seg_img_s"] / result["plain_fp32_img_s"]
-    result["trainer_overhead"] = result["plain_same_settings_img_s"] / result["seg_img_s"] - 1
+    result |= overheads({key: result[f"{key}_img_s"] for key in steps})
     result["achieved_gflops"] = flops_per_image * result["seg_img_s"] / 1e9
+    # fp16 against the bf16 probe: the same tensor-core and AVX-512 rates where both exist
+    ceiling = ceilings[f"{'fp32' if dtype is None else 'bf16'}_gemm_gflops"]
+    result |= ceiling_share(result["achieved_gflops"], ceiling)
 
     # (d) end to end: the real input path feeding the same Trainer, without and with the cache
     result |= bench_e2e(cfg, trainer, batches, args, device, sync)
@@ -241,6 +331,12 @@ def bench_model(name: str, args, device, sync) -> dict:
         result["compile"] = bench_compile(
             copy.deepcopy(template), inputs, masks.long(), trainer, args, sync
         )
+
+    if args.trace is not None and device.type == "cuda":
+        pinned = itertools.repeat((images.pin_memory(), masks.pin_memory()))
+        result["profile"] = profile_fit_steps(trainer, pinned, 10, args.trace / f"{name}.json")
+        print(f"{name}: GPU busy {100 * result['profile']['gpu_busy_share']:.1f}% of 10 steps, "
+              f"longest gap {result['profile']['longest_gap_ms']:.2f} ms", flush=True)  # fmt: skip
 
     # evaluation: whole-image inference + metric accumulation, as validation runs it
     predictor = Predictor(trainer.model, trainer.device, trainer.task.mean, trainer.task.std,
@@ -725,6 +821,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--trace", type=Path, metavar="DIR",
+                        help="CUDA: profile 10 Trainer steps, write <model>.json traces here")  # fmt: skip
     parser.add_argument("--only", choices=["data"], help="run this section alone")
     parser.add_argument("--default-run", action="store_true", help="time `python train.py` too")
     parser.add_argument("--scaling", type=int, metavar="N",
@@ -764,18 +862,35 @@ def main() -> None:
               f"bf16 {report['ceilings']['bf16_gemm_gflops']:.0f} GFLOP/s", flush=True)  # fmt: skip
     # The Cityscapes-sized PNGs and the caches that the data and end-to-end figures read
     args.work_dir = Path(tempfile.mkdtemp(prefix="seg-benchmark-"))
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
     try:
         report["train"] = {}
         for name in args.models:
-            result = bench_model(name, args, device, sync)
+            result = bench_model(name, args, device, sync, report["ceilings"])
             report["train"][name] = result
             report.setdefault("eval", {})[name] = {"img_s": result.pop("eval_img_s")}
             print(
                 f"{name:>14}: seg {result['seg_img_s']:.2f} img/s ({result['precision']}"
                 f"{', channels_last' if result['channels_last'] else ''}), plain fp32 "
                 f"{result['plain_fp32_img_s']:.2f}, plain same settings {result['plain_same_settings_img_s']:.2f}"
-                f" -> x{result['speedup_vs_plain_fp32']:.2f}, overhead {100 * result['trainer_overhead']:+.1f}%, "
-                f"{result['achieved_gflops']:.0f} GFLOP/s, peak {result['seg_peak_mib']:.0f} MiB; "
+                f" -> x{result['speedup_vs_plain_fp32']:.2f}, overhead {100 * result['trainer_overhead']:+.1f}% "
+                "(eager vs eager)"
+                + (
+                    f", compiled {result['seg_img_s']:.2f} img/s vs plain compiled "
+                    f"{result['plain_same_settings_compiled_img_s']:.2f}, overhead "
+                    f"{100 * result['trainer_overhead_compiled']:+.1f}%"
+                    if result["compiled"]
+                    else ""
+                )
+                + f", {result['achieved_gflops']:.0f} GFLOP/s ({100 * result['ceiling_share']:.0f}% of "
+                "the GEMM ceiling"
+                + (
+                    ", capped: the probe underestimated it"
+                    if result["probe_underestimated"]
+                    else ""
+                )
+                + f"), peak {result['seg_peak_mib']:.0f} MiB; "
                 f"end to end ({result['e2e_workers']} workers) {result['e2e_img_s']:.2f} img/s, "
                 f"cached {result['e2e_cached_img_s']:.2f}, step alone beside them "
                 f"{result['e2e_step_only_img_s']:.2f}: data_bound {result['data_bound']:.2f}, cached "

@@ -3,6 +3,11 @@
 # versions first, then every gpu-marked test (tests/e2e/test_cuda.py: each precision trained
 # and resumed, compile, deterministic resume, a checkpoint from more GPUs, DDP over NCCL),
 # about 5 minutes on one H100/H200. Output also goes to $OUT/gpu_check.log when $OUT is set.
+# `bash scripts/gpu_check.sh bench` runs the speed figures instead (issue 25; several minutes,
+# compile included): the Trainer step against the plain loop, eager and compiled, for U-Net-R34
+# and DeepLabV3+ at 512x1024, the share of the bf16 ceiling, end to end, and a profiler trace
+# of 10 steps as fit runs them ($OUT/traces/<model>.json, the GPU's busy share and longest gap),
+# all in $OUT/bench.json.
 #
 # The device machine has torch but not seg's other dependencies and no network: from the
 # repository root, fetch them as wheels once (git-ignored through .git/info/exclude) with
@@ -30,5 +35,11 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN",
 print("device", torch.cuda.get_device_name(0), "bf16 native",
       torch.cuda.is_bf16_supported(including_emulation=False))
 EOF
-  OMP_NUM_THREADS=4 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/e2e/test_cuda.py
+  if [ "${1:-}" = bench ]; then
+    out="${OUT:-/tmp}"
+    python3 scripts/benchmark.py --device cuda --models unet deeplabv3plus --size 512 1024 \
+      --batch 8 --skip-data --trace "$out/traces" --json "$out/bench.json"
+  else
+    OMP_NUM_THREADS=4 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/e2e/test_cuda.py
+  fi
 } 2>&1 | tee "$log"

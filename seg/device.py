@@ -9,6 +9,9 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -151,6 +154,23 @@ class CompiledForward(nn.Module):
                 raise
             self.failure, self.eager = error, True
             return self.model(*args, **kwargs)
+
+
+@contextmanager
+def compile_cache(directory: Path) -> Iterator[None]:
+    """torch.compile's cache (inductor's and Triton's kernels) in ``directory`` while the block
+    runs, unless ``TORCHINDUCTOR_CACHE_DIR`` is set: a requeued or restarted run then finds its
+    kernels instead of compiling cold (inductor's default, /tmp/torchinductor_<user>, is often
+    wiped between cluster jobs). Unset again after it: a sweep's next job, or a test's, sets
+    its own."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory.absolute())
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
 def c_compiler() -> str | None:

@@ -23,13 +23,22 @@ class ConfusionMatrix:
         # Ignored pixels go to an extra bin instead of being removed by boolean indexing,
         # which would need a host sync for the output size and is about 5x slower.
         bins = torch.where(valid, targets * n + predictions, n * n)
-        counts = torch.bincount(bins.flatten(), minlength=n * n + 1)
-        self.matrix += counts[: n * n].view(n, n)
+        self.matrix += bin_counts(bins, n * n + 1)[: n * n].view(n, n)
 
     def compute(self) -> dict:
         """Per-class IoU, Dice and accuracy (NaN for a class absent from both target and
         prediction), their NaN-ignoring means mIoU, mDice, mAcc, and pixel accuracy aAcc."""
         return metrics_from_confusion(self.matrix)
+
+
+def bin_counts(bins: torch.Tensor, size: int) -> torch.Tensor:
+    """``torch.bincount(bins.flatten(), minlength=size)`` for ``bins`` known to lie in
+    [0, size): the same int64 counts, in a fixed-size output. On CUDA bincount reads the bins'
+    minimum and maximum on the host to size its output, a sync per call (several per
+    validation batch)."""
+    bins = bins.flatten()
+    ones = torch.ones((), dtype=torch.int64, device=bins.device).expand(bins.numel())
+    return torch.zeros(size, dtype=torch.int64, device=bins.device).index_add_(0, bins, ones)
 
 
 def per_image_counts(
@@ -44,7 +53,7 @@ def per_image_counts(
 
     def count(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         bins = torch.where(where, values + offsets, batch * n)  # excluded pixels: an extra bin
-        return torch.bincount(bins.flatten(), minlength=batch * n + 1)[: batch * n].view(batch, n)
+        return bin_counts(bins, batch * n + 1)[: batch * n].view(batch, n)
 
     hits = count(targets, valid & (predictions == targets))
     return torch.stack([hits, count(targets, valid), count(predictions, valid)], dim=1)

@@ -24,7 +24,7 @@ from seg.config import (
     run_command,
 )
 from seg.data import loader
-from seg.device import CUBLAS_DETERMINISTIC, resolve_device
+from seg.device import CUBLAS_DETERMINISTIC, compile_cache, resolve_device
 from seg.doctor import quick_check
 from seg.engine import dist
 from seg.engine.guard import StopTraining
@@ -118,7 +118,8 @@ def run(
         logging.getLogger().setLevel(logging.WARNING)
     run_log = RunLog()
     try:
-        return start(cfg, run_dir, overrides, explicit_run_dir, run_log, device)
+        with compile_cache(Path(cfg.output_root) / "compile_cache"):  # kept across restarts
+            return start(cfg, run_dir, overrides, explicit_run_dir, run_log, device)
     finally:
         run_log.close()
         # Hydra creates its run directory up front (on every rank): gone again if unused.

@@ -169,6 +169,16 @@ def gather(value: Any) -> list[Any]:
     return values
 
 
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's ``value``, in rank order, on rank 0 alone (None on the others): what only
+    rank 0 uses (validation pictures) is not sent to every rank."""
+    if not torch_dist.is_initialized():
+        return [value]
+    values = [None] * world_size() if is_main() else None
+    torch_dist.gather_object(value, values, dst=0)
+    return values
+
+
 def shard(indices: Sequence[int]) -> Sequence[int]:
     """This rank's share of ``indices`` (every ``world_size``-th): each index on exactly one
     rank, no padding, so an evaluation counts every sample once."""

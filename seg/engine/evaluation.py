@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from seg.engine import dist
+from seg.engine.prefetch import tensors
 from seg.engine.task import Evaluator
 
 
@@ -33,7 +34,10 @@ def evaluate(
     """``evaluator.result()`` after ``predict(batch, names)`` and ``evaluator.process`` on every
     batch of ``loader``; None as soon as ``stop()`` is true on any rank (a stop signal).
 
-    ``model`` is in eval mode meanwhile (``predict`` runs it). Under torchrun each rank passes
+    ``model`` is in eval mode meanwhile (``predict`` runs it), and cuDNN's autotuning
+    (``cudnn.benchmark``) is off from the first batch whose images differ in size from the
+    first batch's (whole images of varying sizes: it would tune again at every new shape);
+    both are restored at the end. Under torchrun each rank passes
     its share of the split (``loader.val_loader`` shards it) and the evaluator combines the
     ranks' results. A stop on any rank stops them all at the same batch. ``progress`` is
     called with each batch's number of samples (e.g. a bar's ``update``).
@@ -45,6 +49,7 @@ def evaluate(
     steps = max(dist.gather(len(loader)))
     batches = iter(loader)
     seen = 0
+    autotuning, first_sizes = torch.backends.cudnn.benchmark, None
     try:
         for _ in range(steps):
             batch = next(batches, None)
@@ -52,6 +57,10 @@ def evaluate(
                 return None
             if batch is None:
                 continue  # this rank's share is done: it only joins the stop decisions
+            sizes = [tensor.shape[1:] for tensor in tensors(batch)]  # not the sample count
+            first_sizes = first_sizes or sizes
+            if sizes != first_sizes:
+                torch.backends.cudnn.benchmark = False
             names = [sample_name(loader.dataset, seen + i) for i in range(batch_size(batch))]
             seen += len(names)
             evaluator.process(batch, predict(batch, names), names)
@@ -59,6 +68,7 @@ def evaluate(
                 progress(len(names))
     finally:
         model.train(was_training)
+        torch.backends.cudnn.benchmark = autotuning
     return evaluator.result()
 
 

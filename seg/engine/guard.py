@@ -1,7 +1,8 @@
 """The decisions every step carries across ranks: whether its loss and gradients were finite
 (the non-finite guard) and whether a stop signal reached any rank. Made on the device, the same
-on every rank; the host reads each step's decision one step late, so it never waits for the
-step it just queued."""
+on every rank, and copied to pinned host memory behind an event; the host reads each step's
+decision one step late, waiting for that step's event alone: it runs at most one step ahead
+of the device and never waits for the step it just queued."""
 
 import logging
 import signal
@@ -37,6 +38,10 @@ class StepResult(NamedTuple):
     decision: torch.Tensor
     applied: torch.Tensor  # whether the optimizer stepped (nothing non-finite), on the device
     iteration: int
+    # ``decision`` on the host (pinned), complete once ``copied`` has happened (None on the CPU:
+    # the copy was synchronous).
+    host_decision: torch.Tensor
+    copied: torch.cuda.Event | None
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -82,18 +87,29 @@ class StepGuard:
         decision = torch.stack([loss.isfinite().logical_not().float(),
                                 grad_norm.isfinite().logical_not().float(), signal_number])  # fmt: skip
         decision = dist.any_rank(decision)
-        return StepResult(loss, decision, decision[:2].sum() == 0, iteration)
+        # A non-blocking copy to pinned memory and an event: reading ``decision`` itself
+        # (.tolist()) would wait for everything queued, the next step included.
+        cuda = decision.device.type == "cuda"
+        host = torch.empty(decision.shape, dtype=decision.dtype, pin_memory=cuda)
+        host.copy_(decision, non_blocking=cuda)
+        copied = torch.cuda.Event() if cuda else None
+        if copied is not None:
+            copied.record()
+        return StepResult(loss, decision, decision[:2].sum() == 0, iteration, host, copied)
 
     def read(self, keep: int) -> None:
         """Act on the decisions of the unread steps but the newest ``keep``: the host waits for
-        a step only once the next one is queued, so the device never idles for it."""
+        a step's decision (its event) only once the next step is queued, so the device never
+        idles for it."""
         while len(self.unread) > keep:
             self.check(self.unread.pop(0))
 
     def check(self, step: StepResult) -> None:
         """Count a skipped step; stop after ``nonfinite_patience`` unhealthy steps in a row;
         note a stop signal that reached any rank (all ranks read the same, at the same step)."""
-        nonfinite_loss, nonfinite_grads, stop = step.decision.tolist()  # the host sync
+        if step.copied is not None:
+            step.copied.synchronize()  # this step's decision only, not what was queued after it
+        nonfinite_loss, nonfinite_grads, stop = step.host_decision.tolist()
         if stop and self.agreed_stop is None:
             self.agreed_stop = int(stop)
             if self.stop_signal is None:

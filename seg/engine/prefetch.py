@@ -1,7 +1,6 @@
 """Batches moved to the device one ahead of the step that uses them."""
 
 from collections.abc import Iterator
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -34,8 +33,10 @@ def tensors(batch: Any) -> Iterator[torch.Tensor]:
 
 class DeviceBatches:
     """The batches of ``batches`` on ``device``, one batch ahead: while the model computes on
-    batch k, batch k+1 is already being copied, on a side CUDA stream from pinned memory. On
-    the CPU the same lines run without a stream (the copy is a no-op).
+    batch k, batch k+1 is already being copied, on a side CUDA stream from pinned memory. Step
+    k waits for batch k's copy alone (an event recorded after it), not for batch k+1's, which
+    is queued by then. On the CPU the same lines run without a stream or event (the copy is a
+    no-op).
 
     An error fetching the batch ahead is raised when that batch is asked for, not earlier, so
     a failing batch still fails the step it belongs to.
@@ -45,27 +46,33 @@ class DeviceBatches:
         self.batches = batches
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ahead: Any = None
+        # (batch or the error fetching it, the event its copy completes, or None on the CPU)
+        self.ahead: tuple[Any, torch.cuda.Event | None] | None = None
 
     def __iter__(self) -> "DeviceBatches":
         return self
 
     def __next__(self) -> Any:
-        batch = self.ahead if self.ahead is not None else self.fetch()
+        batch, copied = self.ahead if self.ahead is not None else self.fetch()
         self.ahead = self.fetch()  # the next copy starts before this step computes
         if isinstance(batch, Exception):
             raise batch
-        if self.stream is not None:
+        if copied is not None:
             current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self.stream)  # the copy must be done before the step reads it
+            current.wait_event(copied)  # this batch's copy must be done before the step reads it
             for tensor in tensors(batch):
                 tensor.record_stream(current)  # its memory is in use on this stream now
         return batch
 
-    def fetch(self) -> Any:
+    def fetch(self) -> tuple[Any, torch.cuda.Event | None]:
         try:
             batch = next(self.batches)
         except Exception as error:  # StopIteration included: raised in its turn
-            return error
-        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            return to_device(batch, self.device)
+            return error, None
+        if self.stream is None:
+            return to_device(batch, self.device), None
+        with torch.cuda.stream(self.stream):
+            batch = to_device(batch, self.device)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return batch, copied

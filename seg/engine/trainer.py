@@ -6,6 +6,7 @@ non-finite guard, ``engine.guard``), the best score (``engine.validation``) and 
 writes (``engine.recorder``) are parts it calls.
 """
 
+import copy
 import logging
 import signal
 import time
@@ -16,7 +17,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from seg.checkpoint import (
@@ -64,16 +64,52 @@ OOM_HELP = (
 )
 
 
-def averaged_model(model: nn.Module, decay: float | None) -> AveragedModel | None:
-    """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics
-    included), or None when ``decay`` is null. Its step counter stays on the CPU, so the
-    per-step update costs no device sync."""
+class WeightAverage:
+    """An exponential moving average of a model's weights and buffers (BatchNorm statistics
+    included), in ``module``: floating tensors move ``1 - decay`` of the way to the model's
+    after each update (the first update copies them), integer buffers (BatchNorm's
+    ``num_batches_tracked``) are copied. The floating values equal torch's ``AveragedModel``
+    with ``get_ema_multi_avg_fn(decay)`` and ``use_buffers=True``, whose state dict this one's
+    is; but the update count is a Python int and each update is a few foreach kernels, where
+    ``AveragedModel`` copies its CPU count to the device per dtype group (blocking) and
+    averages each integer buffer in kernels of its own."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model)
+        self.decay = decay
+        self.n_averaged = 0  # updates so far
+        # Positions in [*parameters, *buffers] by (device, dtype): one foreach call per group
+        # (a mixed list falls back to a kernel per tensor).
+        self.groups: dict[tuple, list[int]] = {}
+        for at, tensor in enumerate(self.tensors(self.module)):
+            self.groups.setdefault((tensor.device, tensor.dtype), []).append(at)
+
+    @staticmethod
+    def tensors(model: nn.Module) -> list[torch.Tensor]:
+        return [tensor.detach() for tensor in (*model.parameters(), *model.buffers())]
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        """Average ``model`` (the same architecture, on the same device) in."""
+        averaged, current = self.tensors(self.module), self.tensors(model)
+        for (_, dtype), positions in self.groups.items():
+            ours = [averaged[at] for at in positions]
+            theirs = [current[at] for at in positions]
+            if self.n_averaged == 0 or not dtype.is_floating_point:
+                torch._foreach_copy_(ours, theirs)
+            else:
+                torch._foreach_lerp_(ours, theirs, 1 - self.decay)
+        self.n_averaged += 1
+
+
+def averaged_model(model: nn.Module, decay: float | None) -> WeightAverage | None:
+    """The moving average of ``model``'s weights with ``decay``, or None when it is null."""
     if decay is None:
         return None
     if not 0 < decay < 1:
         raise ValueError(f"trainer.ema_decay={decay!r}; give a number between 0 and 1 "
                          "(e.g. 0.999), or null for no averaging")  # fmt: skip
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return WeightAverage(model, decay)
 
 
 class Trainer:
@@ -437,7 +473,7 @@ class Trainer:
         ema = {}
         if self.ema is not None:
             ema = {"ema": unwrapped_state_dict(self.ema.module),
-                   "ema_updates": int(self.ema.n_averaged)}  # fmt: skip
+                   "ema_updates": self.ema.n_averaged}  # fmt: skip
         return training_state(
             model=unwrapped_state_dict(self.model),
             optimizer=self.optimizer.state_dict(),
@@ -485,7 +521,7 @@ class Trainer:
         if self.ema is not None:
             # A checkpoint without an average (EMA newly switched on) starts one from its weights.
             self.ema.module.load_state_dict(validated_weights(state))
-            self.ema.n_averaged.fill_(state.get("ema_updates", 0))
+            self.ema.n_averaged = state.get("ema_updates", 0)
         rng, own = rank_rng_state(state["rng"], dist.rank(), dist.world_size())
         if not own and dist.world_size() > 1:
             log.warning(

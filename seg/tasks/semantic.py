@@ -237,11 +237,11 @@ class Evaluation:
 
 
 class Sample(NamedTuple):
-    """One image's results, as the ranks exchange them."""
+    """One image's results, as the ranks exchange them (its picture goes to rank 0 apart)."""
 
     name: str
     counts: torch.Tensor  # (3, C): true positives, target and predicted pixels
-    picture: Example | None  # for the examples and worst candidates only
+    origin: tuple[int, int]  # (rank, position in the rank's share): where its picture is
     worst_miou: float | None  # its mIoU, where it is among its rank's num_worst lowest
 
 
@@ -314,15 +314,20 @@ class SemanticEvaluator:
         rows = torch.cat(self.image_counts).cpu() if self.image_counts else empty
         samples = [
             # clone: a row (a view) would carry the whole matrix along to the other ranks
-            Sample(name, row.clone(), self.pictures.get(at), worst_miou.get(at))
+            Sample(name, row.clone(), (dist.rank(), at), worst_miou.get(at))
             for at, (name, row) in enumerate(zip(self.names, rows, strict=True))
         ]
         samples = dist.unshard(dist.gather(samples))
         names = [sample.name for sample in samples]
+        # Pictures are for rank 0 to show: the other ranks' results have none.
+        shares = dist.gather_to_main(self.pictures)
+        pictures = [] if shares is None else [shares[r].get(at) for r, at in
+                                              (s.origin for s in samples)]  # fmt: skip
         # lowest mIoU first; ties: the earlier image first
         ranked = sorted(
             (s.worst_miou, at) for at, s in enumerate(samples) if s.worst_miou is not None
         )
+        worst = ranked[: self.num_worst] if pictures else []  # pictures: rank 0's
         if dist.is_main():
             warn_nonfinite(nonfinite, len(samples))
         return Evaluation(
@@ -330,17 +335,19 @@ class SemanticEvaluator:
             confusion=self.confusion.matrix.cpu(),
             image_counts=torch.stack([sample.counts for sample in samples]) if samples else empty,
             image_names=names,
-            examples=[sample.picture for sample in samples[: self.num_examples]],
-            worst=[(miou, names[at], samples[at].picture) for miou, at in ranked[: self.num_worst]],
+            examples=pictures[: self.num_examples],
+            worst=[(miou, names[at], pictures[at]) for miou, at in worst],
         )
 
 
 def example(
     images: torch.Tensor, masks: torch.Tensor, predictions: torch.Tensor, i: int
 ) -> Example:
-    """Image ``i`` of a batch for pictures, copied to the CPU: a view would keep (and carry
-    along to the other ranks) the whole batch."""
-    return tuple(batch[i].to("cpu", copy=True) for batch in (images, masks, predictions))
+    """Image ``i`` of a batch for pictures, copied to the CPU (a view would keep, and carry
+    along to rank 0, the whole batch), in uint8: classes as the palette colours them
+    (``colorize`` clamps to [0, 255]), an eighth of int64's bytes to gather."""
+    labels = (batch[i].clamp(0, 255).to("cpu", torch.uint8) for batch in (masks, predictions))
+    return (images[i].to("cpu", copy=True), *labels)
 
 
 def figures(

@@ -4,6 +4,7 @@ compile really compiling, deterministic mode resuming bit for bit, a checkpoint 
 more GPUs visible, DDP over a one-process NCCL group. ``scripts/gpu_check.sh`` runs them on a
 lent GPU machine and prints the versions."""
 
+import itertools
 import logging
 import socket
 
@@ -14,6 +15,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from seg.checkpoint import load_checkpoint, save_checkpoint
+from seg.engine.prefetch import DeviceBatches
+from seg.engine.trainer import averaged_model
+from seg.metrics import ConfusionMatrix, per_image_counts
 from seg.restore import model_from
 from tests.conftest import run_evaluation, run_training
 
@@ -59,8 +63,9 @@ def test_fp16_resumed_from_a_bf16_checkpoint_starts_a_fresh_grad_scaler(tmp_path
     assert state["precision"] == "fp16" and state["scaler"]["scale"] > 0
 
 
-def test_compile_really_compiles_the_training_step(tmp_path, caplog):
+def test_compile_really_compiles_the_training_step(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # inductor sets it once used
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     run_training(tmp_path / "run", *CUDA, "trainer.precision=bf16", "trainer.compile=true",
@@ -68,6 +73,8 @@ def test_compile_really_compiles_the_training_step(tmp_path, caplog):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert "compiled the training step in" in caplog.text
     assert "torch.compile failed" not in caplog.text
+    # the kernels cached under the output root, for a requeued run to find
+    assert any((tmp_path / "compile_cache").iterdir())
 
 
 def test_deterministic_unet_resumes_bit_for_bit_on_cuda(tmp_path):
@@ -127,3 +134,91 @@ def test_ddp_over_a_one_process_nccl_group(tmp_path):
 def test_a_second_gpu_becomes_the_current_device(tmp_path):
     run_training(tmp_path / "run", "trainer.device=cuda:1", "trainer.max_iters=1")
     assert torch.cuda.current_device() == 1  # no context and pin thread left on GPU 0
+
+
+def pinned_batches():
+    """The trainer tests' batches, pinned as the DataLoader pins them for a GPU."""
+    from tests.unit.test_trainer import batches
+
+    for images, masks in batches():
+        yield images.pin_memory(), masks.pin_memory()
+
+
+def test_a_fused_adamw_step_makes_no_blocking_sync_and_decides_one_step_late(tmp_path):
+    # What fit does per step: the batch ahead copied on the side stream (an event per batch),
+    # the step, its decision queued, the previous step's decision read (its event waited for;
+    # set_sync_debug_mode does not see event waits, a profiler trace does: gpu_check.sh).
+    from tests.unit.test_trainer import PoisonedLoss, make_trainer
+
+    trainer = make_trainer(tmp_path, PoisonedLoss(poisoned_calls={4}), optimizer="fused_adamw",
+                           device="cuda", compile=False)  # fmt: skip
+    stream = DeviceBatches(pinned_batches(), trainer.device)
+    steps = []
+    for number in range(1, 7):
+        if number == 3:  # after the warm-up (optimizer state, allocator)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            step = trainer.train_step(stream)
+            trainer.guard.unread.append(step)
+            trainer.guard.read(keep=1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        steps.append(trainer.guard.skipped_steps)
+        assert step.host_decision.is_pinned() and step.copied is not None
+    assert steps == [0, 0, 0, 0, 1, 1]  # step 4's non-finite loss, counted while step 5 ran
+
+
+def test_device_batches_arrive_whole_on_the_gpu():
+    from tests.unit.test_trainer import batches
+
+    expected = list(itertools.islice(batches(), 4))
+    stream = DeviceBatches(pinned_batches(), torch.device("cuda"))
+    for images, masks in expected:
+        got = next(stream)
+        torch.cuda.current_stream().synchronize()
+        assert got[0].is_cuda and torch.equal(got[0].cpu(), images)
+        assert torch.equal(got[1].cpu(), masks)
+
+
+def test_the_confusion_matrix_counts_on_the_gpu_without_a_sync():
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 19, (2, 64, 128), generator=generator).cuda()
+    targets[:, :8] = 255
+    predictions = torch.randint(0, 19, (2, 64, 128), generator=generator).cuda()
+    matrix = ConfusionMatrix(19, 255, "cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        matrix.update(predictions, targets)
+        counts = per_image_counts(predictions, targets, 19, 255)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference = ConfusionMatrix(19, 255)
+    reference.update(predictions.cpu(), targets.cpu())
+    assert torch.equal(matrix.matrix.cpu(), reference.matrix)
+    assert torch.equal(counts.sum(0).cpu(), per_image_counts(
+        predictions.cpu(), targets.cpu(), 19, 255).sum(0))  # fmt: skip
+
+
+def test_the_average_on_the_gpu_equals_torchs_without_a_sync():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).cuda()
+    ours = averaged_model(model, 0.9)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for number in range(4):
+        model.train()(torch.randn(2, 3, 6, 6, device="cuda"))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        if number:  # AveragedModel copies its CPU count to the GPU at each update
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            ours.update_parameters(model)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        theirs.update_parameters(model)
+    for (key, value), expected in zip(ours.module.state_dict().items(),
+                                      theirs.module.state_dict().values(), strict=True):  # fmt: skip
+        if value.is_floating_point():
+            assert torch.equal(value, expected), key

@@ -113,8 +113,11 @@ def stop() -> bool:  # rank 1, at its second check: its share is done
 
 
 stopped = evaluate(predictor, loader, 2, 255, stop=stop)
-whole = evaluate(predictor, loader, 2, 255, stop=lambda: False)
+whole = evaluate(predictor, loader, 2, 255, num_examples=2, num_worst=3, stop=lambda: False)
 print(f"rank {dist.rank()}: stopped {stopped is None}, {len(whole.image_names)} images")
+dtypes = {str(picture.dtype) for example in whole.examples for picture in example}
+print(f"rank {dist.rank()}: counts {tuple(whole.image_counts.shape)}, "
+      f"{len(whole.examples)} examples, {len(whole.worst)} worst, {sorted(dtypes)}")
 dist.shutdown()
 """
 
@@ -125,3 +128,7 @@ def test_a_stop_on_one_rank_stops_both_at_the_same_batch(tmp_path):
     output = torchrun(script)
     for rank in (0, 1):
         assert f"rank {rank}: stopped True, 7 images" in output, output[-3000:]
+    # Metrics and per-image counts on every rank (best.pt, early stopping); the pictures, in
+    # uint8, on rank 0 alone (which shows them).
+    assert "rank 0: counts (7, 3, 2), 2 examples, 3 worst, ['torch.uint8']" in output
+    assert "rank 1: counts (7, 3, 2), 0 examples, 0 worst, []" in output, output[-3000:]

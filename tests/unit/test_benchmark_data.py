@@ -17,12 +17,15 @@ spec.loader.exec_module(benchmark)
 @pytest.fixture
 def tiny(monkeypatch, tmp_path) -> Namespace:
     monkeypatch.setattr(benchmark, "CITYSCAPES_SIZE", (64, 128))  # instead of 1024x2048 PNGs
-    return Namespace(size=[32, 64], batch=2, reps=1, warmup=1, eval_batches=1, compile=False,
+    return Namespace(size=[32, 64], batch=2, reps=1, warmup=1, eval_batches=1, compile=False, trace=None,
                      data_images=2, data_batches=1, data_rounds=1, work_dir=tmp_path)  # fmt: skip
 
 
 def test_each_model_gets_end_to_end_figures_with_and_without_the_cache(tiny):
-    result = benchmark.bench_model("unet", tiny, torch.device("cpu"), lambda: None)
+    ceilings = {"fp32_gemm_gflops": 1e-3, "bf16_gemm_gflops": 1e-3}  # a probe far too low
+    result = benchmark.bench_model("unet", tiny, torch.device("cpu"), lambda: None, ceilings)
+    assert result["ceiling_share"] == 1 and result["probe_underestimated"]
+    assert not result["compiled"] and "trainer_overhead_compiled" not in result  # eager: one
     assert result["e2e_workers"] == benchmark.loader_workers() >= 1
     for suffix in ("", "_cached"):
         assert result[f"e2e{suffix}_img_s"] > 0

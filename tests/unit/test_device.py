@@ -1,12 +1,14 @@
 """Where a run computes: precision on GPUs that only emulate bf16, the compile preflight, each
 rank's GPU under torchrun and SLURM, the device of a resumed run."""
 
+import os
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from seg import device as device_module
-from seg.device import resolve_compile, resolve_precision
+from seg.device import compile_cache, resolve_compile, resolve_precision
 from seg.engine import dist
 from seg.train import same_device
 
@@ -88,3 +90,15 @@ def test_a_resumed_run_on_another_kind_of_device_than_its_group_is_refused(monke
 def test_without_torchrun_a_resumed_run_takes_its_resumed_config_device():
     cfg = OmegaConf.create({"trainer": {"device": "cpu"}})
     assert same_device(cfg, CUDA) == torch.device("cpu")  # no process group to agree with
+
+
+def test_compile_caches_under_the_output_root_unless_the_user_chose_a_place(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with compile_cache(tmp_path / "compile_cache"):
+        # where inductor (and Triton, below it) reads its cache: found again after a restart
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile_cache")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # a sweep's next job sets its own
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/scratch/mine")
+    with compile_cache(tmp_path / "compile_cache"):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/scratch/mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/scratch/mine"

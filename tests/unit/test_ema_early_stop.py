@@ -8,8 +8,9 @@ import logging
 import pytest
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from seg.checkpoint import load_checkpoint
+from seg.checkpoint import load_checkpoint, unwrapped_state_dict
 from seg.engine.trainer import averaged_model
 from seg.inference import Predictor
 from seg.tasks.semantic import evaluate
@@ -69,6 +70,64 @@ def test_ema_resumes_exactly(tmp_path):
     steps(resumed, 3, iter(stream[3:]))
     assert int(resumed.ema.n_averaged) == 6
     for key, value in straight.ema.module.state_dict().items():
+        assert torch.equal(resumed.ema.module.state_dict()[key], value), key
+
+
+def batchnorm_net():
+    """A float32 convolution with BatchNorm, and a float64 layer: two dtype groups."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2).double())
+
+
+def train_a_little(model, generator):
+    """New weights and BatchNorm statistics, as a training step gives."""
+    model[:2].train()(torch.randn(2, 3, 6, 6, generator=generator))  # BatchNorm's statistics
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+
+def torchs_average(model, decay):
+    """What the Trainer used before its own average: torch's EMA with the buffers."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def test_the_average_equals_torchs_averaged_model_bit_for_bit():
+    torch.manual_seed(0)
+    model, generator = batchnorm_net(), torch.Generator().manual_seed(1)
+    ours, theirs = averaged_model(model, 0.9), torchs_average(model, 0.9)
+    for _ in range(5):
+        train_a_little(model, generator)
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+    assert ours.n_averaged == int(theirs.n_averaged) == 5
+    assert type(ours.n_averaged) is int  # no tensor: nothing to copy to the device per step
+    for (key, value), expected in zip(ours.module.state_dict().items(),
+                                      theirs.module.state_dict().values(), strict=True):  # fmt: skip
+        if value.is_floating_point():  # float32 and float64 groups alike
+            assert torch.equal(value, expected), key
+        else:  # num_batches_tracked: the model's count, not an average truncated to an integer
+            assert key.endswith("num_batches_tracked")
+            assert value == model.state_dict()[key] == 5 != expected
+
+
+def test_a_checkpoint_with_torchs_average_resumes_it(tmp_path):
+    # A checkpoint of the Trainer before its own average: "ema" the AveragedModel's module,
+    # "ema_updates" its count. It loads, and the average goes on as torch's would have.
+    torch.manual_seed(0)
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), ema_decay=0.8)
+    old = torchs_average(trainer.model, 0.8)
+    stream = batches()
+    for _ in range(3):
+        trainer.train_step(stream)
+        old.update_parameters(trainer.model)
+    state = trainer.state_dict() | {"ema": unwrapped_state_dict(old.module),
+                                    "ema_updates": int(old.n_averaged)}  # fmt: skip
+    resumed = make_trainer(tmp_path, nn.CrossEntropyLoss(), ema_decay=0.8)
+    resumed.load_state_dict(state)
+    assert resumed.ema.n_averaged == 3
+    resumed.train_step(stream)
+    old.update_parameters(resumed.model)
+    for key, value in old.module.state_dict().items():
         assert torch.equal(resumed.ema.module.state_dict()[key], value), key
 
 

@@ -259,6 +259,7 @@ def test_evaluate_keeps_the_first_examples_and_the_lowest_miou_images_in_order()
     assert len(result.examples) == 2
     for (image, mask, _), index in zip(result.examples, (0, 1), strict=True):
         assert torch.equal(image, images[index]) and torch.equal(mask, masks[index])
+        assert mask.dtype == torch.uint8  # an eighth of int64's bytes to gather to rank 0
     assert result.metrics["IoU"][1] == sum(hits) / (16 * len(hits))
 
 
@@ -285,3 +286,31 @@ def test_non_finite_class_scores_are_reported_once_at_the_end_of_an_evaluation(c
         scores, DataLoader(TensorDataset(images[:1], torch.ones(1, 4, 4)), batch_size=1), 2, 255
     )
     assert "non-finite" not in caplog.text  # counted afresh for each evaluation
+
+
+class RecordsAutotuning(nn.Module):
+    """Class scores from the first channel; notes cuDNN's autotuning flag at each batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.autotuning = []
+
+    def forward(self, images):
+        self.autotuning.append(torch.backends.cudnn.benchmark)
+        return torch.stack([1 - images[:, 0], images[:, 0]], 1)
+
+
+@pytest.mark.parametrize("autotuning", [True, False])
+def test_autotuning_stops_at_the_first_batch_of_another_image_size_and_comes_back(autotuning):
+    # whole images of varying sizes (VOC, ADE20K): cuDNN would tune again at every new shape
+    sizes = [(4, 6), (4, 6), (5, 6), (4, 6)]
+    samples = [(pixels(3, *size), torch.ones(size, dtype=torch.uint8)) for size in sizes]
+    model = RecordsAutotuning()
+    torch.backends.cudnn.benchmark = autotuning  # as the run configured it
+    try:
+        scores = Predictor(model, torch.device("cpu"), (0, 0, 0), (1, 1, 1))
+        evaluate(scores, DataLoader(samples, batch_size=1), 2, 255)
+        assert model.autotuning == [autotuning, autotuning, False, False]
+        assert torch.backends.cudnn.benchmark == autotuning  # restored
+    finally:
+        torch.backends.cudnn.benchmark = False

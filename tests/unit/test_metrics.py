@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from seg.metrics import ConfusionMatrix, format_table, named, per_image_counts
+from seg.metrics import ConfusionMatrix, bin_counts, format_table, named, per_image_counts
 
 IGNORE = 255
 
@@ -84,3 +84,29 @@ def test_uint8_targets_count_as_their_int64_selves():
         per_image_counts(predictions, targets, 19, 255),
         per_image_counts(predictions, targets.to(torch.uint8), 19, 255),
     )
+
+
+def bincount_reference(predictions, targets, num_classes):
+    """The matrix as torch.bincount computed it before (one host sync per call on CUDA)."""
+    n = num_classes
+    bins = torch.where(targets != IGNORE, targets.long() * n + predictions.long(), n * n)
+    return torch.bincount(bins.flatten(), minlength=n * n + 1)[: n * n].view(n, n)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 19])
+def test_fixed_size_counts_equal_bincount_with_ignored_pixels(num_classes):
+    generator = torch.Generator().manual_seed(num_classes)
+    targets = torch.randint(0, num_classes, (3, 17, 23), generator=generator, dtype=torch.uint8)
+    targets[:, :4] = IGNORE  # ignored rows, whatever is predicted there
+    predictions = torch.randint(0, num_classes, (3, 17, 23), generator=generator)
+    matrix = ConfusionMatrix(num_classes, IGNORE)
+    for _ in range(2):  # accumulates
+        matrix.update(predictions, targets)
+    expected = 2 * bincount_reference(predictions, targets, num_classes)
+    assert matrix.matrix.dtype == torch.int64 and torch.equal(matrix.matrix, expected)
+    bins = torch.randint(0, 7, (5, 9), generator=generator)
+    assert torch.equal(bin_counts(bins, 10), torch.bincount(bins.flatten(), minlength=10))
+    # per image: hits, target and predicted pixels, each as bincount per image counts them
+    for image, counts in enumerate(per_image_counts(predictions, targets, num_classes, IGNORE)):
+        one = bincount_reference(predictions[image], targets[image], num_classes)
+        assert torch.equal(counts, torch.stack([one.diag(), one.sum(1), one.sum(0)]))

@@ -19,7 +19,7 @@ from seg.checkpoint import load_checkpoint
 from seg.data.base import DataError
 from seg.device import resolve_compile
 from seg.engine import recorder as recorder_module
-from seg.engine.guard import EXIT_NONFINITE, StopTraining, skips_on_device
+from seg.engine.guard import EXIT_NONFINITE, StepGuard, StopTraining, skips_on_device
 from seg.engine.recorder import Recorder
 from seg.engine.trackers import TensorBoard
 from seg.engine.trainer import Trainer
@@ -515,3 +515,26 @@ def test_a_validation_error_first_saves_last_pt_with_the_validation_owed(tmp_pat
     resumed = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=4)
     resumed.load_state_dict(state)
     assert resumed.fit(Loader(), val_batches())["mIoU"] == resumed.best.value  # validated first
+
+
+def guard_steps(device="cpu"):
+    """A guard and three decisions made on ``device``: finite, non-finite loss, finite."""
+    guard = StepGuard(nonfinite_patience=5, scaling=False, last_checkpoint="last.pt")
+    norm = torch.ones((), device=device)
+    losses = [1.0, float("nan"), 2.0]
+    return guard, [guard.decide(torch.tensor(v, device=device), norm, i + 1)
+                   for i, v in enumerate(losses)]  # fmt: skip
+
+
+def test_the_guard_acts_on_a_decision_one_step_late():
+    guard, (first, nonfinite, third) = guard_steps()
+    assert torch.equal(nonfinite.host_decision, nonfinite.decision.cpu())
+    assert nonfinite.host_decision.tolist() == [1.0, 0.0, 0.0] and nonfinite.copied is None
+    guard.unread += [first, nonfinite]
+    guard.read(keep=1)  # the newest (non-finite) step is left unread while the next one runs
+    assert guard.skipped_steps == 0 and guard.unread == [nonfinite]
+    guard.unread.append(third)
+    guard.read(keep=1)
+    assert guard.skipped_steps == 1 and guard.unread == [third]
+    guard.read(keep=0)  # a checkpoint or log line: all of them now
+    assert guard.skipped_steps == 1 and guard.unread == []
