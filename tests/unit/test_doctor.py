@@ -89,3 +89,29 @@ def test_the_command_line_exit_code_and_json(folder_root, tmp_path):
     broken = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert broken.returncode == 1
     assert json.loads(out.read_text())["errors"][0]["file"].endswith("img1.png")
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [("split=[]", r"split=\[\] names no split"), ("max_files=0", "max_files=0 checks no file"),
+     ("max_files=-2", "max_files=-2 checks no file")],
+)  # fmt: skip
+def test_arguments_that_select_nothing_are_refused(folder_root, argument, message):
+    from seg.doctor import run
+
+    cfg = compose_config("data=folder", f"data.root={folder_root}", argument,
+                         config_name="check_data")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+
+
+def test_an_unwritable_report_fails_before_the_scan(folder_root, tmp_path, monkeypatch):
+    import seg.doctor
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the report's folder should be
+    cfg = compose_config("data=folder", f"data.root={folder_root}", f"out={blocker}/r.json",
+                         config_name="check_data")  # fmt: skip
+    monkeypatch.setattr(seg.doctor, "check_splits", lambda *args: pytest.fail("scanned"))
+    with pytest.raises(OSError):
+        seg.doctor.run(cfg)
