@@ -204,9 +204,11 @@ VALUE_RULES = {
     "data.val_batch_size": (int, 1, True, False),
     "data.num_workers": (int, 0, True, False),
     "data.max_val_samples": (int, 1, True, True),
-    "optimizer.lr": (float, 0, False, False),
-    "optimizer.weight_decay": (float, 0, True, False),
-    "optimizer.encoder_lr_mult": (float, 0, True, False),
+    # Exclusive maxima far beyond any useful value: an infinite or absurd rate makes the weights
+    # non-finite at the first update while the loss still looked finite.
+    "optimizer.lr": (float, 0, False, False, 100),
+    "optimizer.weight_decay": (float, 0, True, False, 100),
+    "optimizer.encoder_lr_mult": (float, 0, True, False, 1000),
 }
 # Keys with a fixed set of values (YAML's true/false are Python's True/False), checked with
 # the rules above: ``trainer.precision=fp64`` fails naming the options before data or model

@@ -243,3 +243,14 @@ def test_group_options_are_checked():
         check_values(compose_config("optimizer.encoder_lr_mult=-0.5"))
     with pytest.raises(ValueError, match=r"optimizer.norm_bias_decay='no' is not allowed"):
         check_values(compose_config("optimizer.norm_bias_decay=no"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optimizer.encoder_lr_mult=inf", "optimizer.encoder_lr_mult=1e30", "optimizer.lr=inf",
+     "optimizer.lr=nan", "optimizer.weight_decay=1e30"],
+)  # fmt: skip
+def test_non_finite_and_absurd_rates_are_refused(override):
+    # An infinite encoder LR made the weights NaN at the first update while the loss was finite.
+    with pytest.raises(ValueError, match=rf"{override.split('=')[0]}=.* is not allowed: .* and <"):
+        check_values(compose_config(override))
