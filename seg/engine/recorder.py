@@ -187,6 +187,15 @@ class Recorder:
         if not path.exists():
             return
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["iteration"] <= iteration]
+        whole = lines
+        if lines and not lines[-1].endswith("\n"):
+            # A kill while the line was written: it belongs to no checkpoint (they follow it).
+            log.warning("Dropping the torn last line of %s (the run was stopped while writing "
+                        "it): %r", path, lines[-1][:80])  # fmt: skip
+            whole = lines[:-1]
+        try:
+            kept = [line for line in whole if json.loads(line)["iteration"] <= iteration]
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"{path} is damaged ({error!r}): remove its broken lines") from None
         if len(kept) != len(lines):
             path.write_text("".join(kept))

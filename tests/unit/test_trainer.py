@@ -515,3 +515,16 @@ def test_a_validation_error_first_saves_last_pt_with_the_validation_owed(tmp_pat
     resumed = make_trainer(tmp_path, nn.CrossEntropyLoss(), max_iters=4)
     resumed.load_state_dict(state)
     assert resumed.fit(Loader(), val_batches())["mIoU"] == resumed.best.value  # validated first
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    recorder = Recorder(tmp_path, ["a"], [[0, 0, 0]], trackers=[])
+    lines = ['{"iteration": 2, "mIoU": 0.5}\n', '{"iteration": 4, "mIoU": 0.6}\n']
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"iteration": 6, "mIo')
+    with caplog.at_level(logging.WARNING):
+        recorder.truncate_metrics(4)  # a kill while the line for iteration 6 was written
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines)
+    assert "torn last line" in caplog.text
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 2\n' + lines[1])
+    with pytest.raises(ValueError, match=r"metrics\.jsonl is damaged"):
+        recorder.truncate_metrics(4)
