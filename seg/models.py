@@ -16,6 +16,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from safetensors import SafetensorError
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -329,10 +330,12 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
             # nothing is downloaded. huggingface_hub print()s where it loads from: silenced.
             with redirect_stdout(io.StringIO()):
                 net = smp.from_pretrained(str(location), encoder_weights=None)
-        except (KeyError, ValueError, OSError) as error:
+        except (KeyError, ValueError, OSError, AttributeError, SafetensorError) as error:
+            # AttributeError: config.json names a class smp lacks; SafetensorError: the weights
+            # file is corrupted or truncated.
             raise ValueError(
-                f"init_from={path}: not a directory smp's save_pretrained wrote, or an "
-                f"incomplete one ({type(error).__name__}: {error})"
+                f"init_from={path}: not a directory smp's save_pretrained wrote, or a corrupted, "
+                f"truncated or incomplete one ({type(error).__name__}: {error})"
             ) from error
         return {f"net.{key}": value for key, value in net.state_dict().items()}
     if not location.is_file():

@@ -1,6 +1,7 @@
 """Fine-tuning: init_from loads the weights that fit and says which; parameter groups give the
 encoder its own LR and spare normalization layers and biases the weight decay."""
 
+import json
 import logging
 import re
 
@@ -93,6 +94,20 @@ def test_init_from_refuses_another_encoder(source):
     _, path = source
     with pytest.raises(ValueError, match=rf"init_from={path} does not fit .*\(net\.encoder\.\*\)"):
         init_from(tiny_unet(3, encoder_name="mobilenet_v2"), str(path))
+
+
+def test_a_damaged_smp_directory_is_refused_in_one_line(tmp_path):
+    directory = tmp_path / "smp"
+    tiny_unet(6).net.save_pretrained(directory)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"init_from=.*smp: .*truncated.*SafetensorError"):
+        init_from(tiny_unet(), str(directory))
+    tiny_unet(6).net.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {"_model_class": "Nope"}))
+    with pytest.raises(ValueError, match=r"init_from=.*AttributeError.*Nope"):
+        init_from(tiny_unet(), str(directory))
 
 
 def test_init_from_refuses_what_is_not_a_checkpoint(tmp_path):
