@@ -33,7 +33,8 @@ class StopTraining(Exception):
 class StepResult(NamedTuple):
     loss: torch.Tensor  # mean loss of the step's batches, on the device
     # On the device, the same on every rank: [non-finite loss, non-finite gradients, the number
-    # of a stop signal that reached any rank (0: none)]. The host reads it one step late.
+    # of a stop signal that reached any rank (0: none), non-finite weights after the step (the
+    # Trainer's)]. The host reads it one step late.
     decision: torch.Tensor
     applied: torch.Tensor  # whether the optimizer stepped (nothing non-finite), on the device
     iteration: int
@@ -93,7 +94,14 @@ class StepGuard:
     def check(self, step: StepResult) -> None:
         """Count a skipped step; stop after ``nonfinite_patience`` unhealthy steps in a row;
         note a stop signal that reached any rank (all ranks read the same, at the same step)."""
-        nonfinite_loss, nonfinite_grads, stop = step.decision.tolist()  # the host sync
+        nonfinite_loss, nonfinite_grads, stop, nonfinite_weights = step.decision.tolist()  # sync
+        if nonfinite_weights:  # every later step and validation would be NaN: stop now
+            raise StopTraining(
+                f"Stopped at iteration {step.iteration}: its update made the weights non-finite "
+                "though the loss and gradients were finite: too large a learning rate "
+                f"(optimizer.lr, optimizer.encoder_lr_mult). {self.last_checkpoint} is intact.",
+                EXIT_NONFINITE,
+            )
         if stop and self.agreed_stop is None:
             self.agreed_stop = int(stop)
             if self.stop_signal is None:

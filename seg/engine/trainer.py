@@ -379,6 +379,12 @@ class Trainer:
             del self.optimizer.found_inf
         elif step.applied.item():  # any other optimizer: a host sync decides
             self.optimizer.step()
+        # An update that made the weights non-finite though loss and gradients were finite (an
+        # absurd LR): read with the decision, at no sync of its own, before any validation.
+        # DDP keeps the weights equal on every rank: no collective.
+        weights_norm = nn.utils.get_total_norm(list(self.model.parameters()))
+        weights_nonfinite = weights_norm.isfinite().logical_not().float()
+        step = step._replace(decision=torch.cat([step.decision, weights_nonfinite[None]]))
         self.scaler.update()  # under fp16, an overflow lowers the scale for the next step
         self.scheduler.step()  # the schedule follows the iteration, applied or skipped
         if self.ema is not None:

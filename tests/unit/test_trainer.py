@@ -155,6 +155,16 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, 
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "fused_adamw"])
+def test_weights_made_non_finite_by_an_update_stop_before_any_validation(tmp_path, optimizer):
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), optimizer=optimizer, val_every=1)
+    trainer.optimizer.param_groups[0]["lr"] = 1e38  # the loss and gradients stay finite
+    trainer.scheduler.base_lrs = [1e38]
+    with pytest.raises(StopTraining, match="iteration 1: its update made the weights non-finite"):
+        trainer.fit(Loader(itertools.islice(batches(), 10)), Loader(itertools.islice(batches(), 1)))
+    assert not (tmp_path / "metrics.jsonl").exists()  # no NaN model validated, or became best
+
+
 def test_out_of_memory_says_which_knobs_to_turn(tmp_path):
     class Hungry(nn.Conv2d):
         def forward(self, images):
