@@ -270,6 +270,8 @@ class Trainer:
             # The error that stopped the step matters more: it propagates, this is logged.
             log.error("Could not save %s before stopping: %s", path, save_error)
             return
+        if not self.recorder.write:
+            return  # rank 0 writes, and says so: another rank saved nothing (rank 0 may be dead)
         owed = " with the validation owed (it runs first on resume)" * self.pending_validation
         log.warning(
             "%s failed; saved %s at iteration %d%s. Once the error below is fixed, continue "

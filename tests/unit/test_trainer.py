@@ -349,6 +349,17 @@ def test_an_error_before_the_optimizer_step_first_saves_the_last_completed_itera
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 3
 
 
+def test_only_the_rank_that_writes_says_it_saved(tmp_path, caplog):
+    # Under torchrun rank 0 alone writes: another rank's error (rank 0 died) saved nothing.
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), model=Segmenter(FailsOnCall(3, None),
+                           stride=1))  # fmt: skip
+    trainer.recorder.write = False
+    with pytest.raises(DataError), caplog.at_level(logging.WARNING):
+        fit_with(trainer, failing_batches(2, DataError("img3.png: truncated")))
+    assert "saved" not in caplog.text
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
 def test_an_error_in_the_optimizer_step_saves_nothing(tmp_path):
     trainer = make_trainer(tmp_path, nn.CrossEntropyLoss())
     steps = []
