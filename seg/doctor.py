@@ -210,12 +210,18 @@ def quick_check(dataset: SegmentationDataset, samples: int = 8) -> None:
         set(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(int).tolist())
     )
     failures = [(r.file, m) for r in (inspect(dataset, i) for i in indices) for m in r.errors]
-    if failures:
-        listed = "\n".join(f"  {file}: {message}" for file, message in failures)
-        raise DataError(
-            f"data check: {len(failures)} problems in {len(indices)} sampled files:\n{listed}\n"
-            "python scripts/check_data.py data=<name> data.root=<dir> checks every file."
-        )
+    if not failures:
+        return
+    listed = "\n".join(f"  {file}: {message}" for file, message in failures)
+    found = (f"data check: {len(failures)} problems in {len(indices)} sampled files:\n{listed}\n"
+             "python scripts/check_data.py data=<name> data.root=<dir> checks every file.")  # fmt: skip
+    # Within data.skip_bad_samples the run skips such files as it meets them: report, go on.
+    bad_share = len({file for file, _ in failures}) / len(indices)
+    if bad_share <= dataset.skip_bad_samples:
+        log.warning("%s\nTraining skips them (data.skip_bad_samples=%s)", found,
+                    dataset.skip_bad_samples)  # fmt: skip
+        return
+    raise DataError(found)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The dataset doctor finds what would break or skew training, and says how to fix it."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -70,6 +71,17 @@ def test_quick_check_stops_with_the_doctors_message(folder_root):
         DataError, match=r"data check: 1 problems in 3 sampled files:\n.*img2.png.*\[9\]"
     ):
         quick_check(dataset)
+
+
+def test_quick_check_reports_and_goes_on_within_skip_bad_samples(folder_root, caplog):
+    (folder_root / "images" / "train" / "img2.png").write_bytes(b"")  # a zero-byte image
+    within = FolderDataset(str(folder_root), "train", num_classes=2, skip_bad_samples=0.5)
+    with caplog.at_level(logging.WARNING):
+        quick_check(within)  # 1 of 3 files: training skips it
+    assert "img2.png" in caplog.text and "data.skip_bad_samples=0.5" in caplog.text
+    beyond = FolderDataset(str(folder_root), "train", num_classes=2, skip_bad_samples=0.2)
+    with pytest.raises(DataError, match=r"1 problems in 3 sampled files"):
+        quick_check(beyond)
 
 
 def test_the_command_line_exit_code_and_json(folder_root, tmp_path):
