@@ -236,7 +236,7 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="check_data")
 def hydra_main(cfg: DictConfig) -> None:
-    report = report_user_errors(lambda: run(cfg))
+    report = report_user_errors(lambda: run(cfg), cfg)
     sys.exit(1 if report["errors"] else 0)
 
 

@@ -41,7 +41,7 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="export")
 def hydra_main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
-    report = report_user_errors(lambda: run(cfg, overrides))
+    report = report_user_errors(lambda: run(cfg, overrides), cfg)
     if not report["verification"]["passed"]:
         sys.exit(EXIT_MISMATCH)
 

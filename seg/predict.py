@@ -50,7 +50,7 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="predict")
 def hydra_main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
-    report_user_errors(lambda: run(cfg, overrides))
+    report_user_errors(lambda: run(cfg, overrides), cfg)
 
 
 def find_inputs(pattern: str) -> tuple[list[Path], Path]:

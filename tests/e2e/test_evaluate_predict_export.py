@@ -338,6 +338,30 @@ def test_a_user_error_ends_the_command_with_one_line(own_run, script, arguments,
     assert "Traceback" not in output and "Error executing job" not in output
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["train.py", "data=folder", "output_root={tmp}/outputs"], "Required but not set: data.root."),
+        (["evaluate.py"], "Required but not set: checkpoint."),
+        (["predict.py", "checkpoint=x.pt"], "Required but not set: input."),
+        (["scripts/export.py"], "Required but not set: checkpoint."),
+    ],
+)  # fmt: skip
+def test_an_unset_required_key_is_named_in_one_line(tmp_path, arguments, message):
+    # (was OmegaConf's MissingMandatoryValue in a 30-line traceback, for data=folder naming
+    # data.dataset.root, the key that copies data.root)
+    result = subprocess.run(
+        [sys.executable, *(argument.format(tmp=tmp_path) for argument in arguments)],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert message in output
+    assert "Traceback" not in output and "Error executing job" not in output
+    assert not (tmp_path / "outputs").exists()  # train.py's run directory is gone again
+
+
 def test_data_overrides_reach_the_keys_that_copied_them(folder_root, tmp_path):
     # The checkpoint stores its config resolved (data.dataset.root is a path, not ${data.root}):
     # evaluate's data.root=... must still move the dataset, and data.cache_dir=... turn on the
