@@ -1,6 +1,7 @@
 """The Trainer's guards: non-finite steps, out-of-memory and BatchNorm errors with their fixes,
 signals and errors that leave a resumable checkpoint, and what it logs."""
 
+import contextlib
 import io
 import itertools
 import json
@@ -163,6 +164,38 @@ def test_weights_made_non_finite_by_an_update_stop_before_any_validation(tmp_pat
     with pytest.raises(StopTraining, match="iteration 1: its update made the weights non-finite"):
         trainer.fit(Loader(itertools.islice(batches(), 10)), Loader(itertools.islice(batches(), 1)))
     assert not (tmp_path / "metrics.jsonl").exists()  # no NaN model validated, or became best
+
+
+class BrokenStore:
+    """A tracker whose store turns read-only mid-run: it fails from its second write on, and
+    when it closes."""
+
+    def __init__(self):
+        self.writes = 0
+
+    @contextlib.contextmanager
+    def session(self, run_dir, iteration, params):
+        yield
+        raise OSError("attempt to write a readonly database")
+
+    def scalars(self, values, step):
+        self.writes += 1
+        if self.writes > 1:
+            raise OSError("attempt to write a readonly database\n(240 more lines)")
+
+    def images(self, pictures, step):
+        pass
+
+
+def test_a_tracker_failing_mid_run_is_reported_once_and_loses_no_steps(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), log_every=1, ckpt_every=2)
+    store = BrokenStore()
+    trainer.recorder.trackers = [store]
+    with caplog.at_level(logging.ERROR):
+        fit_with(trainer, batches())
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 6
+    assert caplog.text.count("Tracker BrokenStore failed") == 1 and store.writes == 2
+    assert "240 more lines" not in caplog.text
 
 
 def test_out_of_memory_says_which_knobs_to_turn(tmp_path):
