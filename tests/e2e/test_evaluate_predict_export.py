@@ -288,6 +288,7 @@ def test_predict_skips_a_zero_byte_image_and_lists_it_at_the_end(checkpoint, tmp
     assert counts == {"written": 1, "skipped": 1}
     report = caplog.records[-1].getMessage()
     assert report.startswith("Skipped 1 unreadable files:") and str(images / "empty.png") in report
+    assert caplog.text.count("empty.png") == 1  # there only (it was also told when met)
 
 
 def test_predict_explains_running_out_of_memory_and_slide_avoids_it(
