@@ -276,7 +276,8 @@ def compare_miou(
         result = evaluate(candidate, predict, data_loader, task.evaluator(cpu), cpu)
         results[f"mIoU_{name}"] = result.metrics["mIoU"]
     log.info(
-        "%s mIoU: PyTorch %.6f, exported %.6f",
+        "%s mIoU in fp32 on the CPU: PyTorch %.6f, exported %.6f (evaluate.py's may differ a "
+        "little: it runs at the checkpoint's precision, e.g. bf16, on its device)",
         split,
         results["mIoU_pytorch"],
         results["mIoU_exported"],

@@ -114,16 +114,19 @@ def test_predict_refuses_unknown_formats_and_empty_inputs(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])
-def test_export_matches_pytorch(checkpoint, tmp_path, format):
+def test_export_matches_pytorch(checkpoint, tmp_path, format, caplog):
     output = tmp_path / f"model.{format}"
-    report = run_entry(
-        export, "export", f"checkpoint={checkpoint}", f"format={format}", f"output={output}",
-        "verify_split=val",
-    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="seg.export"):
+        report = run_entry(
+            export, "export", f"checkpoint={checkpoint}", f"format={format}", f"output={output}",
+            "verify_split=val",
+        )  # fmt: skip
     verification = report["verification"]
     assert verification["passed"] and verification["max_abs_diff"] < 1e-3
     assert len(verification["inputs"]) == 3  # traced size, off-stride size, another batch size
     assert verification["mIoU_exported"] == pytest.approx(verification["mIoU_pytorch"], abs=1e-3)
+    # says why it may differ from evaluate.py's mIoU
+    assert "val mIoU in fp32 on the CPU" in caplog.text and "precision, e.g. bf16" in caplog.text
     sidecar = json.loads(output.with_suffix(".json").read_text())
     # the JSON names every file the export wrote (ONNX: one file, weights embedded)
     assert sorted(sidecar["files"]) == sorted(path.name for path in tmp_path.iterdir())
