@@ -76,6 +76,13 @@ def hydra_main(cfg: DictConfig) -> RunResult:
         # A signal is the user's own decision (it ends a whole sweep): a warning, not an error.
         log.log(logging.WARNING if signal else logging.ERROR, "%s", stop)
         sys.exit(stop.exit_code)
+    except RuntimeError as error:
+        if not dist.lost_peer(error):
+            raise
+        # One line, not a collective's and Hydra's tracebacks around the failing rank's message.
+        log.error("Rank %s stops: another process of this torchrun job failed; its error above "
+                  "says why", os.environ.get("RANK", "?"))  # fmt: skip
+        sys.exit(1)
 
 
 def find_resume_checkpoint(
