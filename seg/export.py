@@ -131,6 +131,7 @@ def export_model(
         torch.onnx.export(
             model, (sample,), str(path), dynamo=True, input_names=["images"],
             output_names=["logits"], dynamic_shapes=shapes, external_data=external,
+            verbose=False,  # its progress lines ("[torch.onnx] Run decompositions...")
         )  # fmt: skip
         if external:
             return [path, weights]

@@ -114,7 +114,7 @@ def test_predict_refuses_unknown_formats_and_empty_inputs(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])
-def test_export_matches_pytorch(checkpoint, tmp_path, format, caplog):
+def test_export_matches_pytorch(checkpoint, tmp_path, format, caplog, capfd):
     output = tmp_path / f"model.{format}"
     with caplog.at_level(logging.INFO, logger="seg.export"):
         report = run_entry(
@@ -127,6 +127,7 @@ def test_export_matches_pytorch(checkpoint, tmp_path, format, caplog):
     assert verification["mIoU_exported"] == pytest.approx(verification["mIoU_pytorch"], abs=1e-3)
     # says why it may differ from evaluate.py's mIoU
     assert "val mIoU in fp32 on the CPU" in caplog.text and "precision, e.g. bf16" in caplog.text
+    assert "[torch.onnx]" not in capfd.readouterr().out  # no exporter internals
     sidecar = json.loads(output.with_suffix(".json").read_text())
     # the JSON names every file the export wrote (ONNX: one file, weights embedded)
     assert sorted(sidecar["files"]) == sorted(path.name for path in tmp_path.iterdir())
