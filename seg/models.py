@@ -302,13 +302,18 @@ def init_from(model: Segmenter, path: str) -> None:
         )
     model.load_state_dict({key: weights[key] for key in fitting}, strict=False)
     every = list(model.state_dict()) + unexpected
+    # Encoder weights the model lacks: a deeper encoder of the same family (resnet34 into
+    # resnet18) fits in part, and only a partial copy of it loads.
+    other_encoder = any(key.startswith(encoder) for key in unexpected)
     # Tensors of the model that the file lacks train from scratch: worth a warning, unlike a
     # head of another shape, which is what fine-tuning to other classes means.
     log.log(
-        logging.WARNING if missing else logging.INFO,
-        "init_from=%s:\n  loaded %d tensors: %s\n  re-initialised %d of another shape: %s"
+        logging.WARNING if missing or other_encoder else logging.INFO,
+        "init_from=%s:%s\n  loaded %d tensors: %s\n  re-initialised %d of another shape: %s"
         "\n  re-initialised %d absent from the file: %s\n  ignored %d the model lacks: %s",
         path,
+        " its encoder has weights the model lacks: another encoder than model.encoder_name? "
+        "Only a partial copy of it is loaded" * other_encoder,
         len(fitting), _grouped(fitting, every),
         len(reshaped), _grouped(reshaped, every),
         len(missing), _grouped(missing, every),

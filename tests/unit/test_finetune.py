@@ -110,6 +110,13 @@ def test_a_damaged_smp_directory_is_refused_in_one_line(tmp_path):
         init_from(tiny_unet(), str(directory))
 
 
+def test_a_deeper_encoder_of_the_same_family_is_warned_as_another_encoder(tmp_path, caplog):
+    tiny_unet(3, "resnet34").net.save_pretrained(tmp_path / "r34")
+    with caplog.at_level(logging.WARNING):
+        init_from(tiny_unet(3, "resnet18"), str(tmp_path / "r34"))
+    assert "another encoder than model.encoder_name" in caplog.text
+
+
 def test_init_from_refuses_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"init_from=.*nope\.pt: no such file"):
         init_from(tiny_unet(), str(tmp_path / "nope.pt"))
