@@ -4,7 +4,7 @@ the run that the same command started.
 A run directory belongs to the run that wrote its ``run.json`` (created exclusively, so two
 jobs can never both claim one). A run's identity is ``run_name`` when set, else its
 command-line overrides minus the ones that do not change what is trained (``resume``,
-``trainer.max_iters``, ``output_root``, ``hydra.*``).
+``trainer.max_iters``, ``trainer.early_stop_patience``, ``output_root``, ``hydra.*``).
 """
 
 import json
@@ -21,8 +21,10 @@ from seg.config import override_keys
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-# Overrides that continue a run rather than define it: a re-submitted job may change them.
-NOT_IDENTITY = ("resume", "trainer.max_iters", "output_root", "run_name")
+# Overrides that continue a run rather than define it: a re-submitted job may change them (the
+# early-stop message says to resume with a larger patience).
+NOT_IDENTITY = ("resume", "trainer.max_iters", "trainer.early_stop_patience", "output_root",
+                "run_name")  # fmt: skip
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 

@@ -44,6 +44,7 @@ def test_identity_ignores_what_only_continues_a_run():
             *reversed(base),
             "resume=auto",
             "trainer.max_iters=9",
+            "trainer.early_stop_patience=8",  # what the early-stop message says to resume with
             "output_root=/x",
             "hydra.verbose=true",
             "tracker=mlflow",
