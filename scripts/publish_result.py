@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import cpu_name
@@ -34,16 +35,40 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, {gpu}"
 
 
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise SystemExit(f"{path} is damaged (truncated?): {error}") from None
+
+
+def refuse_unfinished(run_dir: Path) -> None:
+    """Evidence is a run that reached its end: ``trainer.max_iters``, or its early stop."""
+    max_iters = yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_iters"]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    reached = json.loads(lines[-1])["iteration"] if lines else 0
+    if reached < max_iters and "Early stop at iteration" not in (run_dir / "train.log").read_text():
+        raise SystemExit(
+            f"{run_dir} stopped at iteration {reached} of trainer.max_iters={max_iters}: it is not "
+            f"finished. Continue it with python train.py resume={run_dir}/checkpoints/last.pt, "
+            "then publish it"
+        )
+
+
 def publish(run_dir: Path, name: str, evaluation: Path | None, root: Path) -> Path:
     """Write ``root/<name>/`` from ``run_dir``; returns that directory."""
     missing = [f for f in (*RUN_FILES, "run.json") if not (run_dir / f).is_file()]
     if missing:
         raise SystemExit(f"{run_dir} is not a finished run directory: {', '.join(missing)} missing")
+    run = read_json(run_dir / "run.json")
+    refuse_unfinished(run_dir)
     target = root / name
-    target.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # an earlier run's files (its evaluation.json) must not stay beside these
+        print(f"Replacing {target}", file=sys.stderr)
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
     for file in RUN_FILES:
         shutil.copyfile(run_dir / file, target / file)
-    run = json.loads((run_dir / "run.json").read_text())
     command = shlex.join(["python", Path(run["command"][0]).name, *run["command"][1:]])
     lines = [
         f"# {name}",

@@ -243,13 +243,17 @@ def exported_model(path: Path) -> str | None:
 
 
 def newest_loadable_checkpoint(root: Path, resumable: bool = True) -> tuple[Path, dict] | None:
-    """The most recently written ``checkpoints/*.pt`` under ``root`` that loads, with its state;
-    with ``resumable`` only one that can continue a run (not a weights-only ``best.pt``).
+    """The ``checkpoints/*.pt`` under ``root`` with the latest iteration (then the most recently
+    written) that loads, with its state; with ``resumable`` only one that can continue a run
+    (not a weights-only ``best.pt``).
 
-    Unreadable newer ones are reported and skipped, so a damaged file never blocks a resume.
+    The iteration inside each file decides, not its time, which a copy (``cp -r``) or ``touch``
+    changes. Unreadable later ones are reported and skipped, so a damaged file never blocks a
+    resume.
     """
-    candidates = sorted(root.glob("**/checkpoints/*.pt"), key=lambda p: p.stat().st_mtime)
-    for path in reversed(candidates):
+    candidates = {path: recorded_iteration(path) for path in root.glob("**/checkpoints/*.pt")}
+    order = sorted(candidates, key=lambda p: (candidates[p], p.stat().st_mtime), reverse=True)
+    for path in order:
         try:
             state = load_checkpoint(path)
         except ValueError as error:
@@ -259,8 +263,24 @@ def newest_loadable_checkpoint(root: Path, resumable: bool = True) -> tuple[Path
             log.warning("Skipping checkpoint %s: it holds the weights alone "
                         "(trainer.best_checkpoint=weights) and cannot continue a run", path)  # fmt: skip
             continue
+        earlier = order[order.index(path) + 1 :]
+        newer = [p.name for p in earlier if p.stat().st_mtime > path.stat().st_mtime]
+        if newer:
+            log.warning("Taking %s (iteration %d) over %s, written later but at earlier "
+                        "iterations (file times changed by a copy?)",
+                        path, candidates[path], ", ".join(newer))  # fmt: skip
         return path, state
     return None
+
+
+def recorded_iteration(path: Path) -> int:
+    """The iteration ``path`` holds, read without loading its tensors (mapped, not read); -1
+    when it cannot be read (its full load then says why)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+        return -1
+    return state.get("iteration", -1) if isinstance(state, dict) else -1
 
 
 def can_resume(state: dict) -> bool:

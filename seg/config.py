@@ -171,16 +171,42 @@ def run_command(
     hydra_main()
 
 
-def report_user_errors(job: Callable[[], Any]) -> Any:
+def report_user_errors(job: Callable[[], Any], cfg: DictConfig | None = None) -> Any:
     """Run an entry point's job; a user error ends the command with its message alone (exit 1)
     instead of Hydra's "Error executing job" and a traceback around it. The traceback is logged
-    at DEBUG level (``hydra.verbose=true`` shows it)."""
+    at DEBUG level (``hydra.verbose=true`` shows it). ``cfg``: the job's config, whose required
+    keys (``???``) are checked first."""
     try:
+        if cfg is not None:
+            check_required(cfg)
         return job()
     except USER_ERRORS as error:
         log.debug("Traceback of the error below", exc_info=True)
         log.error("%s", error)
         sys.exit(EXIT_USER_ERROR)
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Refuse a config whose required keys (``???``: ``data.root`` of ``data=folder``,
+    ``checkpoint`` of evaluate.py) are not set, naming them, instead of OmegaConf's error deep in
+    the job (through an interpolation it names another key)."""
+    # Not OmegaConf.missing_keys: it resolves interpolations, and fails at one to a missing key.
+    missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    if missing:
+        raise ValueError(
+            f"Required but not set: {', '.join(missing)}. Give "
+            f"{'each' if len(missing) > 1 else 'it'} on the command line, e.g. {missing[0]}=..."
+        )
+
+
+def _missing_keys(node: Any, prefix: str = "") -> Iterable[str]:
+    """The dotted keys whose value is ``???`` in a container from ``OmegaConf.to_container``."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in items:
+        if value == "???":
+            yield f"{prefix}{key}"
+        elif isinstance(value, dict | list):
+            yield from _missing_keys(value, f"{prefix}{key}.")
 
 
 # Values checked before any work, so that a wrong one fails naming its key instead of deep in
@@ -204,9 +230,11 @@ VALUE_RULES = {
     "data.val_batch_size": (int, 1, True, False),
     "data.num_workers": (int, 0, True, False),
     "data.max_val_samples": (int, 1, True, True),
-    "optimizer.lr": (float, 0, False, False),
-    "optimizer.weight_decay": (float, 0, True, False),
-    "optimizer.encoder_lr_mult": (float, 0, True, False),
+    # Exclusive maxima far beyond any useful value: an infinite or absurd rate makes the weights
+    # non-finite at the first update while the loss still looked finite.
+    "optimizer.lr": (float, 0, False, False, 100),
+    "optimizer.weight_decay": (float, 0, True, False, 100),
+    "optimizer.encoder_lr_mult": (float, 0, True, False, 1000),
 }
 # Keys with a fixed set of values (YAML's true/false are Python's True/False), checked with
 # the rules above: ``trainer.precision=fp64`` fails naming the options before data or model
@@ -227,7 +255,8 @@ ABSENT = object()  # OmegaConf.select's default: tells a missing key from a null
 def check_values(cfg: DictConfig, rules: dict = VALUE_RULES, choices: dict = CHOICES) -> None:
     """Refuse a wrong type, range or option before any work, naming the key, the value and
     what is allowed (``trainer.max_iters=abc``, ``data.batch_size=0``, ``optimizer.lr=-1``,
-    ``trainer.precision=fp64``)."""
+    ``trainer.precision=fp64``) and an unset required key."""
+    check_required(cfg)
     for key, options in choices.items():
         value = OmegaConf.select(cfg, key, default=ABSENT, throw_on_missing=False)
         # ``1 in (True,)`` holds in Python: compare types too, so 1 is not taken for true.

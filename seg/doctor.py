@@ -7,6 +7,7 @@ skew it, with a diagnosis and the fix; training runs the same checks on a sample
 import hashlib
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from seg.config import build, run_command
+from seg.config import build, report_user_errors, run_command
 from seg.data.base import DataError, SegmentationDataset
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes
 
@@ -209,12 +210,18 @@ def quick_check(dataset: SegmentationDataset, samples: int = 8) -> None:
         set(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(int).tolist())
     )
     failures = [(r.file, m) for r in (inspect(dataset, i) for i in indices) for m in r.errors]
-    if failures:
-        listed = "\n".join(f"  {file}: {message}" for file, message in failures)
-        raise DataError(
-            f"data check: {len(failures)} problems in {len(indices)} sampled files:\n{listed}\n"
-            "python scripts/check_data.py data=<name> data.root=<dir> checks every file."
-        )
+    if not failures:
+        return
+    listed = "\n".join(f"  {file}: {message}" for file, message in failures)
+    found = (f"data check: {len(failures)} problems in {len(indices)} sampled files:\n{listed}\n"
+             "python scripts/check_data.py data=<name> data.root=<dir> checks every file.")  # fmt: skip
+    # Within data.skip_bad_samples the run skips such files as it meets them: report, go on.
+    bad_share = len({file for file, _ in failures}) / len(indices)
+    if bad_share <= dataset.skip_bad_samples:
+        log.warning("%s\nTraining skips them (data.skip_bad_samples=%s)", found,
+                    dataset.skip_bad_samples)  # fmt: skip
+        return
+    raise DataError(found)
 
 
 def main() -> None:
@@ -229,16 +236,26 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="check_data")
 def hydra_main(cfg: DictConfig) -> None:
-    report = run(cfg)
+    report = report_user_errors(lambda: run(cfg), cfg)
     sys.exit(1 if report["errors"] else 0)
 
 
 def run(cfg: DictConfig) -> dict:
     splits = [cfg.split] if isinstance(cfg.split, str) else list(cfg.split)
+    # A check of nothing would report "0 errors": refuse the arguments that select nothing.
+    if not splits or not all(splits):
+        raise ValueError(f"split={cfg.split} names no split: give split=train, split=val or "
+                         "split=train,val")  # fmt: skip
+    if cfg.max_files is not None and (isinstance(cfg.max_files, bool) or cfg.max_files < 1):
+        raise ValueError(f"max_files={cfg.max_files} checks no file: give a number >= 1, or "
+                         "null for all files")  # fmt: skip
+    if cfg.out:  # before the scan, which may take long: a report that cannot be written fails now
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(Path(cfg.out).parent, os.W_OK):
+            raise PermissionError(f"out={cfg.out}: cannot write in {Path(cfg.out).parent}")
     report = check_splits(cfg.data, splits, cfg.max_files)
     print(format_report(report))
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
         log.info("Report written to %s", cfg.out)
     return report

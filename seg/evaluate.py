@@ -34,7 +34,7 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="evaluate")
 def hydra_main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
-    report_user_errors(lambda: run(cfg, overrides))
+    report_user_errors(lambda: run(cfg, overrides), cfg)
 
 
 def report_name(predictor, max_samples: int | None) -> str:

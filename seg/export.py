@@ -41,7 +41,7 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="export")
 def hydra_main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
-    report = report_user_errors(lambda: run(cfg, overrides))
+    report = report_user_errors(lambda: run(cfg, overrides), cfg)
     if not report["verification"]["passed"]:
         sys.exit(EXIT_MISMATCH)
 
@@ -131,6 +131,7 @@ def export_model(
         torch.onnx.export(
             model, (sample,), str(path), dynamo=True, input_names=["images"],
             output_names=["logits"], dynamic_shapes=shapes, external_data=external,
+            verbose=False,  # its progress lines ("[torch.onnx] Run decompositions...")
         )  # fmt: skip
         if external:
             return [path, weights]
@@ -276,7 +277,8 @@ def compare_miou(
         result = evaluate(candidate, predict, data_loader, task.evaluator(cpu), cpu)
         results[f"mIoU_{name}"] = result.metrics["mIoU"]
     log.info(
-        "%s mIoU: PyTorch %.6f, exported %.6f",
+        "%s mIoU in fp32 on the CPU: PyTorch %.6f, exported %.6f (evaluate.py's may differ a "
+        "little: it runs at the checkpoint's precision, e.g. bf16, on its device)",
         split,
         results["mIoU_pytorch"],
         results["mIoU_exported"],

@@ -16,6 +16,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from safetensors import SafetensorError
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -301,13 +302,18 @@ def init_from(model: Segmenter, path: str) -> None:
         )
     model.load_state_dict({key: weights[key] for key in fitting}, strict=False)
     every = list(model.state_dict()) + unexpected
+    # Encoder weights the model lacks: a deeper encoder of the same family (resnet34 into
+    # resnet18) fits in part, and only a partial copy of it loads.
+    other_encoder = any(key.startswith(encoder) for key in unexpected)
     # Tensors of the model that the file lacks train from scratch: worth a warning, unlike a
     # head of another shape, which is what fine-tuning to other classes means.
     log.log(
-        logging.WARNING if missing else logging.INFO,
-        "init_from=%s:\n  loaded %d tensors: %s\n  re-initialised %d of another shape: %s"
+        logging.WARNING if missing or other_encoder else logging.INFO,
+        "init_from=%s:%s\n  loaded %d tensors: %s\n  re-initialised %d of another shape: %s"
         "\n  re-initialised %d absent from the file: %s\n  ignored %d the model lacks: %s",
         path,
+        " its encoder has weights the model lacks: another encoder than model.encoder_name? "
+        "Only a partial copy of it is loaded" * other_encoder,
         len(fitting), _grouped(fitting, every),
         len(reshaped), _grouped(reshaped, every),
         len(missing), _grouped(missing, every),
@@ -329,10 +335,12 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
             # nothing is downloaded. huggingface_hub print()s where it loads from: silenced.
             with redirect_stdout(io.StringIO()):
                 net = smp.from_pretrained(str(location), encoder_weights=None)
-        except (KeyError, ValueError, OSError) as error:
+        except (KeyError, ValueError, OSError, AttributeError, SafetensorError) as error:
+            # AttributeError: config.json names a class smp lacks; SafetensorError: the weights
+            # file is corrupted or truncated.
             raise ValueError(
-                f"init_from={path}: not a directory smp's save_pretrained wrote, or an "
-                f"incomplete one ({type(error).__name__}: {error})"
+                f"init_from={path}: not a directory smp's save_pretrained wrote, or a corrupted, "
+                f"truncated or incomplete one ({type(error).__name__}: {error})"
             ) from error
         return {f"net.{key}": value for key, value in net.state_dict().items()}
     if not location.is_file():

@@ -50,7 +50,7 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://seg.configs", config_name="predict")
 def hydra_main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
-    report_user_errors(lambda: run(cfg, overrides))
+    report_user_errors(lambda: run(cfg, overrides), cfg)
 
 
 def find_inputs(pattern: str) -> tuple[list[Path], Path]:
@@ -229,8 +229,7 @@ def predict_share(
         for batch in same_size_batches(loader, cfg.batch_size):
             index, _, error = batch[0]
             if error is not None:
-                skipped.append((index, error))
-                log.warning("Skipped: %s", error)
+                skipped.append((index, error))  # listed once, at the end
             else:
                 images = torch.stack([item[1] for item in batch])  # (N, 3, H, W) uint8
                 names = [str(files[item[0]]) for item in batch]

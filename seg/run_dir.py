@@ -4,7 +4,7 @@ the run that the same command started.
 A run directory belongs to the run that wrote its ``run.json`` (created exclusively, so two
 jobs can never both claim one). A run's identity is ``run_name`` when set, else its
 command-line overrides minus the ones that do not change what is trained (``resume``,
-``trainer.max_iters``, ``output_root``, ``hydra.*``).
+``trainer.max_iters``, ``trainer.early_stop_patience``, ``output_root``, ``hydra.*``).
 """
 
 import json
@@ -21,8 +21,10 @@ from seg.config import override_keys
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-# Overrides that continue a run rather than define it: a re-submitted job may change them.
-NOT_IDENTITY = ("resume", "trainer.max_iters", "output_root", "run_name")
+# Overrides that continue a run rather than define it: a re-submitted job may change them (the
+# early-stop message says to resume with a larger patience).
+NOT_IDENTITY = ("resume", "trainer.max_iters", "trainer.early_stop_patience", "output_root",
+                "run_name")  # fmt: skip
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
@@ -121,6 +123,14 @@ def claim(run_dir: Path, identity: str, explicit: bool) -> Path:
 
 def refuse_taken(run_dir: Path) -> None:
     """A new run never goes into a directory the user named that holds another run."""
+    if holds_run(run_dir) and not any(run_dir.glob("checkpoints/*.pt")):
+        # Killed before its first save: resume=auto found nothing, and resume=<last.pt> would
+        # name a file that does not exist.
+        raise FileExistsError(
+            f"hydra.run.dir={run_dir} holds a run that stopped before its first checkpoint: "
+            f"there is nothing in it to continue. Delete {run_dir} to start again there, or "
+            "choose a new hydra.run.dir"
+        )
     if holds_run(run_dir):
         raise FileExistsError(
             f"hydra.run.dir={run_dir} already holds a run: a new run would overwrite its "
@@ -130,15 +140,20 @@ def refuse_taken(run_dir: Path) -> None:
 
 
 def remove_if_empty(directory: Path, root: Path) -> None:
-    """Remove ``directory`` and its empty parents below ``root`` (what Hydra created for a run
-    that failed to start or continued elsewhere); never anything that holds a file."""
+    """Remove ``directory`` (what Hydra created up front for a run that failed to start or
+    continued elsewhere, wherever ``hydra.run.dir`` put it) and its empty parents up to ``root``
+    (``output_root``), that one included; never the current directory or one that holds a
+    file."""
     root = root.resolve()
     directory = directory.resolve()
-    while directory != root and root in directory.parents:
+    here = Path.cwd().resolve()
+    while directory != here and directory not in here.parents:
         try:
             directory.rmdir()
         except OSError:
             return  # not empty (or not ours to remove)
+        if directory == root or root not in directory.parents:
+            return
         directory = directory.parent
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -174,6 +175,23 @@ def describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+class SweepJobFailed(CompactHydraException):
+    """A job's user error as the sweep ends with it: Hydra's grid sweeper raises the first
+    failed job's error once all ran, and prints a ``CompactHydraException`` as its message
+    alone. The message ends with the summary, read when printed: then every job has ended."""
+
+    def __init__(self, sweep_dir: Path, num: int, error: str):
+        super().__init__(error)
+        self.sweep_dir, self.num, self.error = sweep_dir, num, error
+
+    def __str__(self) -> str:
+        rows = summarize(self.sweep_dir)
+        return (
+            f"Job #{self.num} failed: {self.error}\nSweep of {len(rows)} run(s), best val "
+            f"{score_name(rows)} first ({self.sweep_dir / SUMMARY}):\n{format_summary(rows)}"
+        )
+
+
 class SweepSummary(Callback):
     """Hydra callback (``hydra.callbacks`` in configs/train.yaml): records each job of a sweep
     when it ends, rewrites the summary, and prints it when the sweep ends."""
@@ -201,6 +219,9 @@ class SweepSummary(Callback):
                 exc_info=None if isinstance(result, EXPECTED_FAILURES) else result,
             )  # fmt: skip
         record_job(sweep_dir, job)
+        if isinstance(result, EXPECTED_FAILURES):
+            # The sweep would end in this error's traceback, without on_multirun_end's summary.
+            job_return._return_value = SweepJobFailed(sweep_dir, num, job.error)
         # After every job: a sweep that ends early still has the summary of the jobs that ended.
         write_summary(sweep_dir)
 

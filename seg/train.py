@@ -76,6 +76,13 @@ def hydra_main(cfg: DictConfig) -> RunResult:
         # A signal is the user's own decision (it ends a whole sweep): a warning, not an error.
         log.log(logging.WARNING if signal else logging.ERROR, "%s", stop)
         sys.exit(stop.exit_code)
+    except RuntimeError as error:
+        if not dist.lost_peer(error):
+            raise
+        # One line, not a collective's and Hydra's tracebacks around the failing rank's message.
+        log.error("Rank %s stops: another process of this torchrun job failed; its error above "
+                  "says why", os.environ.get("RANK", "?"))  # fmt: skip
+        sys.exit(1)
 
 
 def find_resume_checkpoint(
@@ -168,6 +175,7 @@ def start(
                 checkpoint["iteration"], cfg.trainer.max_iters,
             )  # fmt: skip
     check_data_config(cfg.data)
+    warn_slow_average(cfg.trainer.ema_decay, cfg.trainer.max_iters)
     if cfg.trainer.deterministic:  # before the first cuBLAS handle exists: read when created
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     random.seed(cfg.seed)
@@ -223,6 +231,21 @@ def start(
         params=flat_values(cfg),
     )
     return RunResult(train(cfg, recorder, checkpoint, model, train_set, val_set, device), run_dir)
+
+
+def warn_slow_average(ema_decay: float | None, max_iters: int) -> None:
+    """Warn when ``trainer.ema_decay`` averages over more iterations than the run has: every
+    validation, ``best.pt`` and export would use weights that barely moved from the start."""
+    if ema_decay is None or max_iters >= 1 / (1 - ema_decay):
+        return
+    log.warning(
+        "trainer.ema_decay=%s averages over about %d iterations, more than trainer.max_iters=%d: "
+        "the averaged weights that validation, best.pt and exports use would still be %.0f%% "
+        "those of the first step. Lower trainer.ema_decay well below %.3g (1 - 1/max_iters), or "
+        "set it to null",
+        ema_decay, round(1 / (1 - ema_decay)), max_iters, 100 * ema_decay**max_iters,
+        1 - 1 / max_iters,
+    )  # fmt: skip
 
 
 def same_device(cfg: DictConfig, device: torch.device) -> torch.device:

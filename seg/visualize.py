@@ -141,7 +141,8 @@ def confusion_figure(confusion: torch.Tensor, class_names: Sequence[str]) -> np.
     rows = matrix / matrix.sum(1, keepdim=True).clamp_min(1)
     size = max(4.0, 0.45 * len(class_names) + 2)
     figure, axes = plt.subplots(figsize=(size + 1, size), dpi=100)
-    image = axes.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
+    # in percent, as the cells' numbers (a 0-1 bar beside them read as another unit)
+    image = axes.imshow(100 * rows.numpy(), cmap="Blues", vmin=0, vmax=100)
     ticks = range(len(class_names))
     axes.set_xticks(ticks, class_names, rotation=90, fontsize=8)
     axes.set_yticks(ticks, class_names, fontsize=8)
@@ -155,7 +156,7 @@ def confusion_figure(confusion: torch.Tensor, class_names: Sequence[str]) -> np.
                 axes.text(
                     j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=7, color=color
                 )
-    figure.colorbar(image, ax=axes, fraction=0.046)
+    figure.colorbar(image, ax=axes, fraction=0.046, label="%")
     axes.set_title("confusion (% of each ground-truth class)")
     figure.tight_layout()
     return _figure_to_array(figure)

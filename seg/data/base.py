@@ -228,7 +228,12 @@ class SegmentationDataset(Dataset):
         passed, so the cached pair is what decoding gives, bit for bit."""
         entry = self.cache.entry(self.source_files(index)) if self.cache is not None else None
         if entry is not None and (cached := self.cache.read(entry, self.mask_dtype)) is not None:
-            return cached
+            try:  # the checks the files get (an entry edited, or damaged with a valid header)
+                self.check_labels(cached[1], index)
+                return cached
+            except DataError as error:
+                log.warning("Decoding again: the cached entry %s fails the label check (%s)",
+                            entry, error)  # fmt: skip
         image, mask = self.load(index)
         if image.shape[:2] != mask.shape:
             raise DataError(

@@ -131,6 +131,16 @@ def decided_by_main(decide: Callable[[], Any]) -> Any:
     return value
 
 
+# What a collective raises on one process when another process of the job has died (gloo).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another process of the job ended:
+    that process's own error is the one to read."""
+    return launched_by_torchrun() and any(text in str(error) for text in PEER_LOST)
+
+
 def shutdown() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

@@ -34,13 +34,14 @@ class StopTraining(Exception):
 class StepResult(NamedTuple):
     loss: torch.Tensor  # mean loss of the step's batches, on the device
     # On the device, the same on every rank: [non-finite loss, non-finite gradients, the number
-    # of a stop signal that reached any rank (0: none)]. The host reads it one step late.
+    # of a stop signal that reached any rank (0: none), non-finite weights after the step (the
+    # Trainer's)]. The host reads it one step late.
     decision: torch.Tensor
     applied: torch.Tensor  # whether the optimizer stepped (nothing non-finite), on the device
     iteration: int
     # ``decision`` on the host (pinned), complete once ``copied`` has happened (None on the CPU:
-    # the copy was synchronous).
-    host_decision: torch.Tensor
+    # the copy was synchronous); None until ``queue_read``.
+    host_decision: torch.Tensor | None
     copied: torch.cuda.Event | None
 
 
@@ -87,6 +88,13 @@ class StepGuard:
         decision = torch.stack([loss.isfinite().logical_not().float(),
                                 grad_norm.isfinite().logical_not().float(), signal_number])  # fmt: skip
         decision = dist.any_rank(decision)
+        return StepResult(loss, decision, decision[:2].sum() == 0, iteration, None, None)
+
+    def queue_read(self, step: StepResult, weights_norm: torch.Tensor) -> StepResult:
+        """The step's decision plus whether its update left the weights non-finite (an absurd
+        LR with finite loss and gradients; DDP keeps weights equal on every rank, so no
+        collective), queued for the host to read later."""
+        decision = torch.cat([step.decision, weights_norm.isfinite().logical_not().float()[None]])
         # A non-blocking copy to pinned memory and an event: reading ``decision`` itself
         # (.tolist()) would wait for everything queued, the next step included.
         cuda = decision.device.type == "cuda"
@@ -95,7 +103,7 @@ class StepGuard:
         copied = torch.cuda.Event() if cuda else None
         if copied is not None:
             copied.record()
-        return StepResult(loss, decision, decision[:2].sum() == 0, iteration, host, copied)
+        return step._replace(decision=decision, host_decision=host, copied=copied)
 
     def read(self, keep: int) -> None:
         """Act on the decisions of the unread steps but the newest ``keep``: the host waits for
@@ -109,7 +117,14 @@ class StepGuard:
         note a stop signal that reached any rank (all ranks read the same, at the same step)."""
         if step.copied is not None:
             step.copied.synchronize()  # this step's decision only, not what was queued after it
-        nonfinite_loss, nonfinite_grads, stop = step.host_decision.tolist()
+        nonfinite_loss, nonfinite_grads, stop, nonfinite_weights = step.host_decision.tolist()
+        if nonfinite_weights:  # every later step and validation would be NaN: stop now
+            raise StopTraining(
+                f"Stopped at iteration {step.iteration}: its update made the weights non-finite "
+                "though the loss and gradients were finite: too large a learning rate "
+                f"(optimizer.lr, optimizer.encoder_lr_mult). {self.last_checkpoint} is intact.",
+                EXIT_NONFINITE,
+            )
         if stop and self.agreed_stop is None:
             self.agreed_stop = int(stop)
             if self.stop_signal is None:

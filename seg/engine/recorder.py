@@ -81,8 +81,8 @@ class Recorder:
             return
         self.truncate_metrics(iteration)
         with ExitStack() as trackers:
-            for tracker in self.trackers:
-                trackers.enter_context(tracker.session(self.run_dir, iteration, self.params))
+            for tracker in list(self.trackers):
+                trackers.enter_context(self.tracker_session(tracker, iteration))
             with (
                 logging_redirect_tqdm(),
                 tqdm(total=max_iters, initial=iteration, disable=None, unit="it") as self.bar,
@@ -123,8 +123,7 @@ class Recorder:
             images_per_s = self.steps * self.images_per_step / (time.perf_counter() - self.clock)
             values = {"train/loss": loss, "train/lr": lr, "train/img_per_s": images_per_s,
                       "train/skipped_steps": skipped_steps}  # fmt: skip
-            for tracker in self.trackers:
-                tracker.scalars(values, iteration)
+            self.to_trackers(lambda tracker: tracker.scalars(values, iteration))
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
             # Also under a progress bar (printed above it): train.log keeps the history.
             log.info(
@@ -132,6 +131,47 @@ class Recorder:
                 iteration, max_iters, loss, lr, images_per_s,
             )  # fmt: skip
         self.restart_clock()
+
+    def to_trackers(self, call: Callable[[Tracker], None]) -> None:
+        """``call`` on every tracker still working; one that fails is switched off."""
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as error:  # any library's (SQLAlchemy, HTTP): the run goes on
+                self.tracker_failed(tracker, error)
+
+    def tracker_failed(self, tracker: Tracker, error: Exception) -> None:
+        """Report a tracker's failure once and switch it off: a tracker never costs steps."""
+        if tracker not in self.trackers:
+            return  # switched off already (its session's end fails like its writes did)
+        self.trackers.remove(tracker)
+        log.error(
+            "Tracker %s failed (%s: %s); training goes on without it: metrics.jsonl, train.log "
+            "and the checkpoints keep everything", type(tracker).__name__, type(error).__name__,
+            (str(error).strip().splitlines() or [""])[0],
+        )  # fmt: skip
+
+    @contextmanager
+    def tracker_session(self, tracker: Tracker, iteration: int) -> Iterator[None]:
+        """``tracker``'s session; one failing to open or close is reported and switched off,
+        while an error of the training inside it propagates unchanged."""
+        opened, training_error = False, None
+        try:
+            with tracker.session(self.run_dir, iteration, self.params):
+                opened = True
+                try:
+                    yield
+                except BaseException as error:
+                    training_error = error
+                    raise
+        except Exception as error:
+            if error is training_error:
+                raise
+            self.tracker_failed(tracker, error)
+            if training_error is not None:
+                raise training_error from None
+            if not opened:
+                yield
 
     def restart_clock(self) -> None:
         """Start a new averaging window (img/s counts training time only)."""
@@ -145,9 +185,8 @@ class Recorder:
         if not self.write:
             return
         tagged = {f"val/{name}": array for name, array in report.pictures.items()}
-        for tracker in self.trackers:
-            tracker.scalars(report.scalars, iteration)
-            tracker.images(tagged, iteration)
+        self.to_trackers(lambda tracker: tracker.scalars(report.scalars, iteration))
+        self.to_trackers(lambda tracker: tracker.images(tagged, iteration))
         for name, array in report.pictures.items():
             if not name.startswith("example"):
                 save_png(array, self.run_dir / "figures" / f"val_{name}.png")
@@ -187,6 +226,15 @@ class Recorder:
         if not path.exists():
             return
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["iteration"] <= iteration]
+        whole = lines
+        if lines and not lines[-1].endswith("\n"):
+            # A kill while the line was written: it belongs to no checkpoint (they follow it).
+            log.warning("Dropping the torn last line of %s (the run was stopped while writing "
+                        "it): %r", path, lines[-1][:80])  # fmt: skip
+            whole = lines[:-1]
+        try:
+            kept = [line for line in whole if json.loads(line)["iteration"] <= iteration]
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"{path} is damaged ({error!r}): remove its broken lines") from None
         if len(kept) != len(lines):
             path.write_text("".join(kept))

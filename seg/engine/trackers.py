@@ -120,6 +120,9 @@ class MLflow:
         if self.tracking_uri.startswith("sqlite:///"):
             # SQLite creates the database file but not its folder.
             database = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            if not database.parent.is_dir():  # said aloud: sqlite://// + a typo makes a root folder
+                log.warning("tracker.mlflow.tracking_uri=%s: creating the folder %s for it",
+                            self.tracking_uri, database.parent)  # fmt: skip
             database.parent.mkdir(parents=True, exist_ok=True)
         try:
             client = MlflowClient(self.tracking_uri)

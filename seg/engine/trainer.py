@@ -306,6 +306,8 @@ class Trainer:
             # The error that stopped the step matters more: it propagates, this is logged.
             log.error("Could not save %s before stopping: %s", path, save_error)
             return
+        if not self.recorder.write:
+            return  # rank 0 writes, and says so: another rank saved nothing (rank 0 may be dead)
         owed = " with the validation owed (it runs first on resume)" * self.pending_validation
         log.warning(
             "%s failed; saved %s at iteration %d%s. Once the error below is fixed, continue "
@@ -415,6 +417,9 @@ class Trainer:
             del self.optimizer.found_inf
         elif step.applied.item():  # any other optimizer: a host sync decides
             self.optimizer.step()
+        # An update that made the weights non-finite though loss and gradients were finite (an
+        # absurd LR): read with the decision, at no sync of its own, before any validation.
+        step = self.guard.queue_read(step, nn.utils.get_total_norm(list(self.model.parameters())))
         self.scaler.update()  # under fp16, an overflow lowers the scale for the next step
         self.scheduler.step()  # the schedule follows the iteration, applied or skipped
         if self.ema is not None:

@@ -175,6 +175,10 @@ def test_an_error_on_one_rank_ends_the_job_with_its_message(tmp_path):
     )  # fmt: skip
     assert "injected failure on rank 1" in output
     assert time.monotonic() - started < 120  # the other rank did not wait for its timeout
+    # rank 0's lines are short: no collective's traceback, and only rank 1's "Error executing"
+    assert "Connection closed by peer" not in output, output[-4000:]
+    assert output.count("Error executing job") <= 1, output[-4000:]
+    assert output.count("failed; saved") <= 1, output[-4000:]  # only rank 0 writes
 
 
 def test_sync_bn_keeps_timm_activations_so_validation_equals_evaluate(tmp_path):

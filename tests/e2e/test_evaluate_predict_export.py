@@ -114,16 +114,20 @@ def test_predict_refuses_unknown_formats_and_empty_inputs(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])
-def test_export_matches_pytorch(checkpoint, tmp_path, format):
+def test_export_matches_pytorch(checkpoint, tmp_path, format, caplog, capfd):
     output = tmp_path / f"model.{format}"
-    report = run_entry(
-        export, "export", f"checkpoint={checkpoint}", f"format={format}", f"output={output}",
-        "verify_split=val",
-    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="seg.export"):
+        report = run_entry(
+            export, "export", f"checkpoint={checkpoint}", f"format={format}", f"output={output}",
+            "verify_split=val",
+        )  # fmt: skip
     verification = report["verification"]
     assert verification["passed"] and verification["max_abs_diff"] < 1e-3
     assert len(verification["inputs"]) == 3  # traced size, off-stride size, another batch size
     assert verification["mIoU_exported"] == pytest.approx(verification["mIoU_pytorch"], abs=1e-3)
+    # says why it may differ from evaluate.py's mIoU
+    assert "val mIoU in fp32 on the CPU" in caplog.text and "precision, e.g. bf16" in caplog.text
+    assert "[torch.onnx]" not in capfd.readouterr().out  # no exporter internals
     sidecar = json.loads(output.with_suffix(".json").read_text())
     # the JSON names every file the export wrote (ONNX: one file, weights embedded)
     assert sorted(sidecar["files"]) == sorted(path.name for path in tmp_path.iterdir())
@@ -288,6 +292,7 @@ def test_predict_skips_a_zero_byte_image_and_lists_it_at_the_end(checkpoint, tmp
     assert counts == {"written": 1, "skipped": 1}
     report = caplog.records[-1].getMessage()
     assert report.startswith("Skipped 1 unreadable files:") and str(images / "empty.png") in report
+    assert caplog.text.count("empty.png") == 1  # there only (it was also told when met)
 
 
 def test_predict_explains_running_out_of_memory_and_slide_avoids_it(
@@ -336,6 +341,30 @@ def test_a_user_error_ends_the_command_with_one_line(own_run, script, arguments,
     assert result.returncode == 1, output[-3000:]
     assert message in output
     assert "Traceback" not in output and "Error executing job" not in output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["train.py", "data=folder", "output_root={tmp}/outputs"], "Required but not set: data.root."),
+        (["evaluate.py"], "Required but not set: checkpoint."),
+        (["predict.py", "checkpoint=x.pt"], "Required but not set: input."),
+        (["scripts/export.py"], "Required but not set: checkpoint."),
+    ],
+)  # fmt: skip
+def test_an_unset_required_key_is_named_in_one_line(tmp_path, arguments, message):
+    # (was OmegaConf's MissingMandatoryValue in a 30-line traceback, for data=folder naming
+    # data.dataset.root, the key that copies data.root)
+    result = subprocess.run(
+        [sys.executable, *(argument.format(tmp=tmp_path) for argument in arguments)],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert message in output
+    assert "Traceback" not in output and "Error executing job" not in output
+    assert not (tmp_path / "outputs").exists()  # train.py's run directory is gone again
 
 
 def test_data_overrides_reach_the_keys_that_copied_them(folder_root, tmp_path):

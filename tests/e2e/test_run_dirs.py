@@ -44,6 +44,7 @@ def test_identity_ignores_what_only_continues_a_run():
             *reversed(base),
             "resume=auto",
             "trainer.max_iters=9",
+            "trainer.early_stop_patience=8",  # what the early-stop message says to resume with
             "output_root=/x",
             "hydra.verbose=true",
             "tracker=mlflow",
@@ -60,7 +61,7 @@ def test_a_directory_is_claimed_once(tmp_path):
     # another job started in the same second gets its own directory
     assert claim(run_dir, "y", explicit=False) == tmp_path / "10-31-07_1"
     assert json.loads((tmp_path / "10-31-07_1" / "run.json").read_text())["identity"] == "y"
-    with pytest.raises(FileExistsError, match=r"hydra.run.dir=.*resume="):
+    with pytest.raises(FileExistsError, match=r"hydra.run.dir=.*first checkpoint"):
         claim(run_dir, "z", explicit=True)
 
 
@@ -211,3 +212,24 @@ def test_a_resumed_run_keeps_its_precision_unless_the_command_changes_it(tmp_pat
     )
     assert "trainer.precision bf16 -> fp32" in caplog.text
     assert "precision: fp32" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_what_to_do(tmp_path):
+    run_dir = tmp_path / "run"
+    claim(run_dir, "x", explicit=True)  # all that a run killed (-9) during start-up leaves
+    with pytest.raises(FileExistsError, match="stopped before its first checkpoint") as refused:
+        train_in(run_dir, tmp_path, "resume=auto")
+    assert "last.pt" not in str(refused.value)  # no file that does not exist
+
+
+def test_a_failed_start_removes_the_named_directory_hydra_made(tmp_path):
+    run_dir = tmp_path / "elsewhere" / "run"  # outside output_root
+    run_dir.mkdir(parents=True)  # as Hydra makes it before the job starts
+    with pytest.raises(ValueError, match=r"optimizer\.lr"):
+        train_in(run_dir, tmp_path / "outputs", "optimizer.lr=-1")
+    assert not run_dir.exists()
+    default = tmp_path / "outputs" / "2026-12-05" / "06-00-00"
+    default.mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"optimizer\.lr"):
+        train_in(default, tmp_path / "outputs", "optimizer.lr=-1", explicit=False)
+    assert not (tmp_path / "outputs").exists()  # no empty outputs/ either

@@ -74,6 +74,9 @@ def test_the_summary_lists_each_run_best_first_and_the_failed_job(grid):
     assert lines[2]["overrides"].split()[0] == "optimizer.lr=-1" and lines[2]["run_dir"] == ""
     assert "optimizer.lr=-1 is not allowed" in lines[2]["error"]
     assert "Job #2 (optimizer.lr=-1" in result.output  # said when the job failed, too
+    # and the command ends with it and the summary table, not a traceback
+    assert "Traceback" not in result.output
+    assert "Sweep of 3 run(s), best val mIoU first" in result.output.split("Job #2 failed:")[1]
 
 
 def test_resume_auto_in_a_sweep_continues_the_jobs_own_run(grid):

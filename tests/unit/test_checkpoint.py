@@ -200,3 +200,13 @@ def test_rng_state_holds_only_this_process_generators():
     expected = torch.rand(3)
     set_rng_state(state, torch.device("cpu"))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_resume_takes_the_latest_iteration_whatever_the_file_times(tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    save_checkpoint({"model": {}, "iteration": 4}, checkpoints / "last.pt")
+    save_checkpoint({"model": {}, "iteration": 2}, checkpoints / "best.pt")
+    os.utime(checkpoints / "last.pt", (1000, 1000))  # as after `cp -r` or `touch best.pt`
+    path, state = newest_loadable_checkpoint(tmp_path)
+    assert path.name == "last.pt" and state["iteration"] == 4
+    assert "over best.pt" in caplog.text

@@ -141,6 +141,19 @@ def test_torn_files_are_ignored_and_rewritten(cityscapes_root, tmp_path, monkeyp
     assert np.load(image_file, mmap_mode="r").shape == (32, 64, 3)  # rewritten whole
 
 
+def test_a_cached_mask_with_values_beyond_the_classes_is_decoded_again(
+    cityscapes_root, tmp_path, monkeypatch
+):
+    dataset = cityscapes(cityscapes_root, tmp_path / "cache")
+    expected = samples(dataset, seeds=False)
+    mask_file = Path(f"{dataset.cache.entry(dataset.source_files(0))}.mask.npy")
+    np.save(mask_file, np.full_like(np.load(mask_file), 200))  # a valid header, bad class ids
+    reads = count_file_reads(monkeypatch)
+    assert_same(samples(dataset, seeds=False), expected)  # not served: an IndexError in the loss
+    assert len(reads) == 2  # sample 0 decoded again, and its entry rewritten
+    assert np.array_equal(np.load(mask_file), expected[0][1].numpy())
+
+
 def test_workers_writing_the_same_entries_at_once_leave_whole_files(cityscapes_root, tmp_path):
     dataset = cityscapes(cityscapes_root, tmp_path / "cache", train_transform(**TRAIN))
     twice = Subset(dataset, [0, 1, 0, 1, 0, 1])  # both workers decode both samples

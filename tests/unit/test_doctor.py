@@ -1,6 +1,7 @@
 """The dataset doctor finds what would break or skew training, and says how to fix it."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -72,6 +73,17 @@ def test_quick_check_stops_with_the_doctors_message(folder_root):
         quick_check(dataset)
 
 
+def test_quick_check_reports_and_goes_on_within_skip_bad_samples(folder_root, caplog):
+    (folder_root / "images" / "train" / "img2.png").write_bytes(b"")  # a zero-byte image
+    within = FolderDataset(str(folder_root), "train", num_classes=2, skip_bad_samples=0.5)
+    with caplog.at_level(logging.WARNING):
+        quick_check(within)  # 1 of 3 files: training skips it
+    assert "img2.png" in caplog.text and "data.skip_bad_samples=0.5" in caplog.text
+    beyond = FolderDataset(str(folder_root), "train", num_classes=2, skip_bad_samples=0.2)
+    with pytest.raises(DataError, match=r"1 problems in 3 sampled files"):
+        quick_check(beyond)
+
+
 def test_the_command_line_exit_code_and_json(folder_root, tmp_path):
     import subprocess
     import sys
@@ -89,3 +101,29 @@ def test_the_command_line_exit_code_and_json(folder_root, tmp_path):
     broken = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert broken.returncode == 1
     assert json.loads(out.read_text())["errors"][0]["file"].endswith("img1.png")
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [("split=[]", r"split=\[\] names no split"), ("max_files=0", "max_files=0 checks no file"),
+     ("max_files=-2", "max_files=-2 checks no file")],
+)  # fmt: skip
+def test_arguments_that_select_nothing_are_refused(folder_root, argument, message):
+    from seg.doctor import run
+
+    cfg = compose_config("data=folder", f"data.root={folder_root}", argument,
+                         config_name="check_data")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+
+
+def test_an_unwritable_report_fails_before_the_scan(folder_root, tmp_path, monkeypatch):
+    import seg.doctor
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the report's folder should be
+    cfg = compose_config("data=folder", f"data.root={folder_root}", f"out={blocker}/r.json",
+                         config_name="check_data")  # fmt: skip
+    monkeypatch.setattr(seg.doctor, "check_splits", lambda *args: pytest.fail("scanned"))
+    with pytest.raises(OSError):
+        seg.doctor.run(cfg)

@@ -197,3 +197,13 @@ def test_evaluate_reports_the_val_miou_of_the_averaged_weights(tmp_path):
     plain.parent.mkdir(parents=True)
     torch.save(state, plain)
     assert run_evaluation(f"checkpoint={plain}", *common)["mIoU"] != pytest.approx(logged)
+
+
+@pytest.mark.parametrize(("decay", "warned"), [(0.9999999999, True), (0.99, True), (0.9, False)])
+def test_an_average_that_cannot_warm_up_within_the_run_is_warned(caplog, decay, warned):
+    from seg.train import warn_slow_average
+
+    with caplog.at_level(logging.WARNING, logger="seg.train"):
+        warn_slow_average(decay, max_iters=20)
+    assert ("averages over about" in caplog.text) == warned
+    warn_slow_average(None, max_iters=20)  # no average: nothing to warn about

@@ -1,6 +1,7 @@
 """Fine-tuning: init_from loads the weights that fit and says which; parameter groups give the
 encoder its own LR and spare normalization layers and biases the weight decay."""
 
+import json
 import logging
 import re
 
@@ -93,6 +94,27 @@ def test_init_from_refuses_another_encoder(source):
     _, path = source
     with pytest.raises(ValueError, match=rf"init_from={path} does not fit .*\(net\.encoder\.\*\)"):
         init_from(tiny_unet(3, encoder_name="mobilenet_v2"), str(path))
+
+
+def test_a_damaged_smp_directory_is_refused_in_one_line(tmp_path):
+    directory = tmp_path / "smp"
+    tiny_unet(6).net.save_pretrained(directory)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"init_from=.*smp: .*truncated.*SafetensorError"):
+        init_from(tiny_unet(), str(directory))
+    tiny_unet(6).net.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {"_model_class": "Nope"}))
+    with pytest.raises(ValueError, match=r"init_from=.*AttributeError.*Nope"):
+        init_from(tiny_unet(), str(directory))
+
+
+def test_a_deeper_encoder_of_the_same_family_is_warned_as_another_encoder(tmp_path, caplog):
+    tiny_unet(3, "resnet34").net.save_pretrained(tmp_path / "r34")
+    with caplog.at_level(logging.WARNING):
+        init_from(tiny_unet(3, "resnet18"), str(tmp_path / "r34"))
+    assert "another encoder than model.encoder_name" in caplog.text
 
 
 def test_init_from_refuses_what_is_not_a_checkpoint(tmp_path):
@@ -243,3 +265,14 @@ def test_group_options_are_checked():
         check_values(compose_config("optimizer.encoder_lr_mult=-0.5"))
     with pytest.raises(ValueError, match=r"optimizer.norm_bias_decay='no' is not allowed"):
         check_values(compose_config("optimizer.norm_bias_decay=no"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optimizer.encoder_lr_mult=inf", "optimizer.encoder_lr_mult=1e30", "optimizer.lr=inf",
+     "optimizer.lr=nan", "optimizer.weight_decay=1e30"],
+)  # fmt: skip
+def test_non_finite_and_absurd_rates_are_refused(override):
+    # An infinite encoder LR made the weights NaN at the first update while the loss was finite.
+    with pytest.raises(ValueError, match=rf"{override.split('=')[0]}=.* is not allowed: .* and <"):
+        check_values(compose_config(override))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
@@ -100,10 +101,10 @@ def test_the_callback_records_completed_and_failed_jobs(tmp_path, caplog):
     callback.on_job_end(
         job_config(tmp_path, 0), ended(JobStatus.COMPLETED, RunResult(0.1, run_dir), "a=1")
     )
-    callback.on_job_end(
-        job_config(tmp_path, 1), ended(JobStatus.FAILED, ValueError("a=2 is wrong"), "a=2")
-    )
-    callback.on_job_end(job_config(tmp_path, 2), ended(JobStatus.FAILED, KeyError("x"), "a=3"))
+    user_error = ended(JobStatus.FAILED, ValueError("a=2 is wrong"), "a=2")
+    callback.on_job_end(job_config(tmp_path, 1), user_error)
+    bug = ended(JobStatus.FAILED, KeyError("x"), "a=3")
+    callback.on_job_end(job_config(tmp_path, 2), bug)
     with caplog.at_level(logging.INFO):
         callback.on_multirun_end(job_config(tmp_path, 0))
 
@@ -119,6 +120,18 @@ def test_the_callback_records_completed_and_failed_jobs(tmp_path, caplog):
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.exc_info is not None for r in failures] == [False, True]
     assert "Sweep of 3 run(s)" in caplog.text
+    # What the grid sweeper raises at its end: a user error is told with the summary of every
+    # job (read then), without traceback (a CompactHydraException); a bug keeps its own.
+    with pytest.raises(CompactHydraException) as raised:
+        _ = user_error.return_value  # as the sweeper reads it
+    message = str(raised.value).splitlines()
+    assert message[:2] == [
+        "Job #1 failed: a=2 is wrong",
+        f"Sweep of 3 run(s), best val mIoU first ({tmp_path / 'sweep' / 'summary.csv'}):",
+    ]
+    assert len(message) == 2 + 1 + 3 and "failed: KeyError: 'x'" in message[-1]
+    with pytest.raises(KeyError):
+        _ = bug.return_value
 
 
 def test_the_callback_leaves_a_single_run_alone(tmp_path):

@@ -3,6 +3,7 @@ tiny run, the same MLflow run after a resume and an evaluation, and the error wh
 missing."""
 
 import json
+import logging
 import math
 import sys
 
@@ -171,3 +172,15 @@ def test_a_store_mlflow_cannot_open_fails_before_the_run_takes_its_directory(tmp
     with pytest.raises(ValueError, match=r"tracker.mlflow.tracking_uri=foo://x: MLflow cannot"):
         run_training(tmp_path / "run", "tracker=mlflow", "tracker.mlflow.tracking_uri=foo://x")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_store_folder_that_does_not_exist_is_created_aloud(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(
+        mlflow_tracking,
+        "MlflowClient",
+        lambda uri: type("Client", (), {"search_experiments": lambda self, max_results: []})(),
+    )  # no migrations
+    with caplog.at_level(logging.WARNING):
+        MLflow(f"sqlite:///{tmp_path}/nonexistent/mlflow.db")
+    assert f"creating the folder {tmp_path}/nonexistent" in caplog.text
+    assert (tmp_path / "nonexistent").is_dir()

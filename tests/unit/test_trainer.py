@@ -1,6 +1,7 @@
 """The Trainer's guards: non-finite steps, out-of-memory and BatchNorm errors with their fixes,
 signals and errors that leave a resumable checkpoint, and what it logs."""
 
+import contextlib
 import io
 import itertools
 import json
@@ -153,6 +154,48 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, 
     assert stop.value.exit_code == EXIT_NONFINITE
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "fused_adamw"])
+def test_weights_made_non_finite_by_an_update_stop_before_any_validation(tmp_path, optimizer):
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), optimizer=optimizer, val_every=1)
+    trainer.optimizer.param_groups[0]["lr"] = 1e38  # the loss and gradients stay finite
+    trainer.scheduler.base_lrs = [1e38]
+    with pytest.raises(StopTraining, match="iteration 1: its update made the weights non-finite"):
+        trainer.fit(Loader(itertools.islice(batches(), 10)), Loader(itertools.islice(batches(), 1)))
+    assert not (tmp_path / "metrics.jsonl").exists()  # no NaN model validated, or became best
+
+
+class BrokenStore:
+    """A tracker whose store turns read-only mid-run: it fails from its second write on, and
+    when it closes."""
+
+    def __init__(self):
+        self.writes = 0
+
+    @contextlib.contextmanager
+    def session(self, run_dir, iteration, params):
+        yield
+        raise OSError("attempt to write a readonly database")
+
+    def scalars(self, values, step):
+        self.writes += 1
+        if self.writes > 1:
+            raise OSError("attempt to write a readonly database\n(240 more lines)")
+
+    def images(self, pictures, step):
+        pass
+
+
+def test_a_tracker_failing_mid_run_is_reported_once_and_loses_no_steps(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), log_every=1, ckpt_every=2)
+    store = BrokenStore()
+    trainer.recorder.trackers = [store]
+    with caplog.at_level(logging.ERROR):
+        fit_with(trainer, batches())
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 6
+    assert caplog.text.count("Tracker BrokenStore failed") == 1 and store.writes == 2
+    assert "240 more lines" not in caplog.text
 
 
 def test_out_of_memory_says_which_knobs_to_turn(tmp_path):
@@ -339,6 +382,17 @@ def test_an_error_before_the_optimizer_step_first_saves_the_last_completed_itera
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 3
 
 
+def test_only_the_rank_that_writes_says_it_saved(tmp_path, caplog):
+    # Under torchrun rank 0 alone writes: another rank's error (rank 0 died) saved nothing.
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), model=Segmenter(FailsOnCall(3, None),
+                           stride=1))  # fmt: skip
+    trainer.recorder.write = False
+    with pytest.raises(DataError), caplog.at_level(logging.WARNING):
+        fit_with(trainer, failing_batches(2, DataError("img3.png: truncated")))
+    assert "saved" not in caplog.text
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
 def test_an_error_in_the_optimizer_step_saves_nothing(tmp_path):
     trainer = make_trainer(tmp_path, nn.CrossEntropyLoss())
     steps = []
@@ -522,14 +576,14 @@ def guard_steps(device="cpu"):
     guard = StepGuard(nonfinite_patience=5, scaling=False, last_checkpoint="last.pt")
     norm = torch.ones((), device=device)
     losses = [1.0, float("nan"), 2.0]
-    return guard, [guard.decide(torch.tensor(v, device=device), norm, i + 1)
+    return guard, [guard.queue_read(guard.decide(torch.tensor(v, device=device), norm, i + 1), norm)
                    for i, v in enumerate(losses)]  # fmt: skip
 
 
 def test_the_guard_acts_on_a_decision_one_step_late():
     guard, (first, nonfinite, third) = guard_steps()
     assert torch.equal(nonfinite.host_decision, nonfinite.decision.cpu())
-    assert nonfinite.host_decision.tolist() == [1.0, 0.0, 0.0] and nonfinite.copied is None
+    assert nonfinite.host_decision.tolist() == [1.0, 0.0, 0.0, 0.0] and nonfinite.copied is None
     guard.unread += [first, nonfinite]
     guard.read(keep=1)  # the newest (non-finite) step is left unread while the next one runs
     assert guard.skipped_steps == 0 and guard.unread == [nonfinite]
@@ -538,3 +592,16 @@ def test_the_guard_acts_on_a_decision_one_step_late():
     assert guard.skipped_steps == 1 and guard.unread == [third]
     guard.read(keep=0)  # a checkpoint or log line: all of them now
     assert guard.skipped_steps == 1 and guard.unread == []
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    recorder = Recorder(tmp_path, ["a"], [[0, 0, 0]], trackers=[])
+    lines = ['{"iteration": 2, "mIoU": 0.5}\n', '{"iteration": 4, "mIoU": 0.6}\n']
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"iteration": 6, "mIo')
+    with caplog.at_level(logging.WARNING):
+        recorder.truncate_metrics(4)  # a kill while the line for iteration 6 was written
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines)
+    assert "torn last line" in caplog.text
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 2\n' + lines[1])
+    with pytest.raises(ValueError, match=r"metrics\.jsonl is damaged"):
+        recorder.truncate_metrics(4)

@@ -8,11 +8,13 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
+import seg.visualize
 from seg.visualize import (
     MAX_PANEL_SIDE,
     add_png,
     colorize,
     comparison,
+    confusion_figure,
     gallery,
     overlay,
     panel_size,
@@ -144,3 +146,13 @@ def test_gallery_of_bounded_rows_is_bounded():
     picture = gallery(rows)
     assert picture.shape == (512 + 256, 3 * 1024, 3)
     assert (picture[512:, 3 * 512 :] == 0).all()  # the narrower row padded with black
+
+
+def test_the_confusion_colour_bar_is_in_percent_as_the_cells(monkeypatch):
+    figures = []
+    monkeypatch.setattr(seg.visualize, "_figure_to_array", figures.append)
+    confusion_figure(torch.tensor([[3, 1], [0, 4]]), ["a", "b"])
+    (figure,) = figures
+    matrix, bar = figure.axes
+    assert [text.get_text() for text in matrix.texts] == ["75", "25", "0", "100"]
+    assert bar.get_ylim() == (0, 100) and bar.get_ylabel() == "%"
