@@ -99,20 +99,16 @@ class CocoInstances(InstanceDataset):
         labels = {category: label for label, category in enumerate(self.category_ids) if label}
         images = {image["id"]: image for image in coco.get("images", [])}
         per_image: dict = {image_id: [] for image_id in images}
+        problems = []  # every bad annotation, so that one pass over the file finds them all
         for annotation in coco.get("annotations", []):
-            where = f"{self.annotations}: annotation id {annotation.get('id')}"
-            if annotation.get("image_id") not in images:
-                raise DataError(
-                    f"{where} is for image_id {annotation.get('image_id')}, which is not in "
-                    '"images"; add the image or remove the annotation'
-                )
-            if annotation.get("category_id") not in labels:
-                raise DataError(
-                    f"{where} has category_id {annotation.get('category_id')}, not one of the "
-                    f"categories {sorted(labels)}; fix the id or add the category"
-                )
-            check_segmentation(annotation.get("segmentation"), where)
-            per_image[annotation["image_id"]].append(annotation)
+            problem = annotation_problem(annotation, images, labels)
+            if problem:
+                problems.append(f"annotation id {annotation.get('id')} {problem}")
+            else:
+                per_image[annotation["image_id"]].append(annotation)
+        if problems:
+            listed = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+            raise DataError(f"{self.annotations}: {len(problems)} bad annotations:\n  {listed}")
         image_dir = Path(root) / split
         # (image path, height, width, annotations) in the JSON's image order
         self.samples = [(image_dir / images[i]["file_name"], images[i]["height"],
@@ -160,22 +156,27 @@ class CocoInstances(InstanceDataset):
         return image, ids
 
 
-def check_segmentation(segmentation, where: str) -> None:
-    """A DataError for a missing, empty or degenerate (fewer than 3 points) segmentation."""
+def annotation_problem(annotation: dict, images: dict, labels: dict) -> str | None:
+    """What is wrong with one annotation (to follow "annotation id N"), or None: an image or a
+    category not listed, a missing, empty or degenerate (under 3 points) segmentation."""
+    if annotation.get("image_id") not in images:
+        return (f"is for image_id {annotation.get('image_id')}, which is not in \"images\"; add "
+                "the image or remove the annotation")  # fmt: skip
+    if annotation.get("category_id") not in labels:
+        return (f"has category_id {annotation.get('category_id')}, not one of the categories "
+                f"{sorted(labels)}; fix the id or add the category")  # fmt: skip
+    segmentation = annotation.get("segmentation")
     if isinstance(segmentation, dict):
         if "counts" not in segmentation or "size" not in segmentation:
-            raise DataError(f"{where}: an RLE segmentation needs 'counts' and 'size'")
-        return
+            return "has an RLE segmentation without 'counts' and 'size'"
+        return None
     if not isinstance(segmentation, list) or not segmentation:
-        raise DataError(
-            f"{where}: empty segmentation ({segmentation!r}); give polygons or RLE, or remove it"
-        )
+        return f"has an empty segmentation ({segmentation!r}); give polygons or RLE, or remove it"
     for polygon in segmentation:
         if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
-            raise DataError(
-                f"{where}: degenerate polygon {str(polygon)[:60]} (a polygon is x, y pairs of at "
-                "least 3 points); fix or remove it"
-            )
+            return (f"has a degenerate polygon {str(polygon)[:60]} (a polygon is x, y pairs of "
+                    "at least 3 points); fix or remove it")  # fmt: skip
+    return None
 
 
 def decode(segmentation, height: int, width: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 
 from seg.data.base import DataError
 from seg.data.coco import CocoInstances
+from seg.doctor import check_splits
 from seg.tasks.instance import CocoEvaluator, training_target
 from tests.conftest import compose_config, write_png
 
@@ -105,9 +106,12 @@ def test_coco_config_takes_classes_and_ids_from_the_json(tmp_path):
         (lambda c: c["annotations"][1].update(category_id=5), r"annotation id 2 has category_id 5"),
         (
             lambda c: c["annotations"][0].update(segmentation=[]),
-            r"annotation id 1: empty segmentation",
+            r"annotation id 1 has an empty segmentation",
         ),
-        (lambda c: c["annotations"][0].update(segmentation=[[1, 2, 3, 4]]), r"degenerate polygon"),
+        (
+            lambda c: c["annotations"][0].update(segmentation=[[1, 2, 3, 4]]),
+            r"annotation id 1 has a degenerate polygon",
+        ),
         (lambda c: c["images"][1].update(file_name="gone.png"), r"1 images it lists are missing"),
     ],
 )
@@ -164,3 +168,39 @@ def test_real_coco_rle_and_crowds_score_ap_1_against_themselves(tmp_path):
         evaluator.process(([image], [id_map], [table]), [detections], [str(index)])
     metrics = evaluator.result().metrics
     assert metrics["mask_AP"] == pytest.approx(1.0) and metrics["box_AP"] == pytest.approx(1.0)
+
+
+def _doctor(root, *overrides):
+    cfg = compose_config("task=instance", "data=coco_instances", f"data.root={root}",
+                         "data.train_split=train", "data.num_workers=0", *overrides)  # fmt: skip
+    return check_splits(cfg.data, ["train"])
+
+
+def test_the_doctor_reports_instance_pixels_empty_images_and_degenerate_shapes(tmp_path):
+    def collinear(coco):  # 3 points on one line: a valid polygon that covers no pixel
+        coco["annotations"].append({"id": 4, "image_id": 12, "category_id": 7, "iscrowd": 0,
+                                    "segmentation": [[1.0, 1.0, 5.0, 5.0, 9.0, 9.0]]})  # fmt: skip
+
+    write_coco(tmp_path, edit=collinear)
+    report = _doctor(tmp_path)
+    assert report["errors"] == []
+    pixels = report["class_pixels"]["train"]
+    assert pixels["dog"] == 64 and pixels["cat"] > 80  # the crowd's 100 pixels are not "cat"
+    warnings = {w["file"].split("/")[-1]: w["message"] for w in report["warnings"]}
+    assert "cover no pixels" in warnings["b.png"]  # the collinear polygon
+    write_coco(tmp_path)
+    assert "no instances annotated" in _doctor(tmp_path)["warnings"][0]["message"]
+
+
+def test_the_doctor_lists_every_bad_annotation_and_crowded_images(tmp_path):
+    def broken(coco):
+        coco["annotations"][0]["image_id"] = 99
+        coco["annotations"][1]["category_id"] = 5
+
+    write_coco(tmp_path, edit=broken)
+    (error,) = _doctor(tmp_path)["errors"]
+    assert "2 bad annotations" in error["message"] and "image_id 99" in error["message"]
+    assert "category_id 5" in error["message"] and "instances_train.json" in error["message"]
+    write_coco(tmp_path)
+    (error,) = _doctor(tmp_path, "data.max_instances=2")["errors"]
+    assert error["file"].endswith("a.png") and "data.max_instances=2" in error["message"]
