@@ -114,6 +114,8 @@ class CocoInstances(InstanceDataset):
         self.samples = [(image_dir / images[i]["file_name"], images[i]["height"],
                          images[i]["width"], per_image[i]) for i in images]  # fmt: skip
         self.labels = labels
+        for index, (*_, annotations) in enumerate(self.samples):  # before any training step
+            self.check_instances(len(annotations), index)
         missing = [str(path) for path, *_ in self.samples if not path.is_file()]
         if missing:
             raise DataError(
@@ -139,7 +141,6 @@ class CocoInstances(InstanceDataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         path, height, width, annotations = self.samples[index]
-        self.check_instances(len(annotations), index)
         image = read_image(path)
         if image.shape[:2] != (height, width):
             raise DataError(

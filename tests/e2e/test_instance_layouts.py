@@ -3,9 +3,11 @@
 
 import json
 
+import pytest
 import yaml
 
 from seg.checkpoint import load_checkpoint
+from seg.data.base import DataError
 from tests.conftest import run_evaluation, run_training
 from tests.unit.test_instance_data import write_coco
 
@@ -25,3 +27,13 @@ def test_a_tiny_run_on_coco_keeps_the_category_ids(tmp_path):
     assert state["class_names"] == ["background", "cat", "dog"]
     result = run_evaluation(f"checkpoint={run_dir / 'checkpoints/last.pt'}", "split=val2017")
     assert result["mask_AP"] == lines[-1]["mask_AP"]
+
+
+def test_bad_coco_data_stops_the_run_before_anything_is_written(tmp_path):
+    for split in ("train2017", "val2017"):
+        write_coco(tmp_path / "coco", split)
+    run_dir = tmp_path / "runs" / "run"
+    with pytest.raises(DataError, match=r"a\.png: 3 instances, more than data.max_instances=2"):
+        run_training(run_dir, "task=instance", "data=coco_instances",
+                     f"data.root={tmp_path / 'coco'}", "data.max_instances=2")  # fmt: skip
+    assert not run_dir.exists()
