@@ -72,8 +72,8 @@ class CocoInstances(InstanceDataset):
 
     Instances are painted into one ID map, crowds first, then the others from the largest to the
     smallest, so that an overlapped small object keeps its visible pixels. Images without
-    annotations are kept (no instances). Bad annotations fail when the dataset is built, each a
-    DataError naming the JSON file and the annotation.
+    annotations are kept (no instances). Bad annotations fail when the dataset is built, all in
+    one DataError naming the JSON file and each annotation's id.
     """
 
     def __init__(
@@ -170,6 +170,10 @@ def annotation_problem(annotation: dict, images: dict, labels: dict) -> str | No
     if isinstance(segmentation, dict):
         if "counts" not in segmentation or "size" not in segmentation:
             return "has an RLE segmentation without 'counts' and 'size'"
+        image = images[annotation["image_id"]]
+        if list(segmentation["size"]) != [image["height"], image["width"]]:
+            return (f"has an RLE of size {segmentation['size']} (height, width) on an image of "
+                    f"{[image['height'], image['width']]}; they must match")  # fmt: skip
         return None
     if not isinstance(segmentation, list) or not segmentation:
         return f"has an empty segmentation ({segmentation!r}); give polygons or RLE, or remove it"

@@ -113,6 +113,10 @@ def test_coco_config_takes_classes_and_ids_from_the_json(tmp_path):
             r"annotation id 1 has a degenerate polygon",
         ),
         (lambda c: c["images"][1].update(file_name="gone.png"), r"1 images it lists are missing"),
+        (
+            lambda c: c["annotations"][1]["segmentation"].update(size=[40, 32]),
+            r"RLE of size \[40, 32\]",
+        ),
     ],
 )
 def test_coco_bad_annotations_name_the_file(tmp_path, edit, message):
