@@ -15,7 +15,16 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from seg.data.coco import categories
+
 log = logging.getLogger(__name__)
+
+# ${coco:<root>,<split>,names|ids|count|palette}: data=coco_instances takes its classes from the
+# annotation file, so the resolved config (and the checkpoint) carries them, ids included.
+# Lists come back as ListConfig, as a list written in YAML would be.
+OmegaConf.register_new_resolver(
+    "coco", lambda *args: OmegaConf.create(value) if isinstance(value := categories(*args), list)
+    else value, replace=True)  # fmt: skip
 
 # What a user can fix (a bad value, a missing or unreadable file, a missing optional package,
 # out of memory with advice): these end a command with their own one-line message. DataError is

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from seg.config import build, report_user_errors, run_command
 from seg.data.base import DataError, SegmentationDataset
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes
+from seg.data.instances import InstanceDataset
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def inspect(dataset: SegmentationDataset, index: int) -> SampleReport:
             f"image is {image.shape[1]}x{image.shape[0]} but mask is {raw.shape[1]}x{raw.shape[0]}"
         )
         return report
+    if isinstance(dataset, InstanceDataset):
+        return inspect_instances(dataset, index, raw, report)
     classes, ignore = dataset.num_classes, dataset.ignore_index
     raw_values = set(np.unique(raw).tolist())
     try:
@@ -86,6 +89,30 @@ def inspect(dataset: SegmentationDataset, index: int) -> SampleReport:
             "after the labelId -> trainId mapping most pixels are ignored, and the stored values "
             f"{sorted(raw_values)[:8]}... are all trainIds: these look like *_labelTrainIds.png "
             "files where *_gtFine_labelIds.png are expected; point data.root at the labelIds"
+        )
+    return report
+
+
+def inspect_instances(
+    dataset: InstanceDataset, index: int, ids: np.ndarray, report: SampleReport
+) -> SampleReport:
+    """An instance sample's checks: the ID map against its [class, iscrowd] table. Its counts
+    are pixels per class, crowd regions counted as ignored (they are not trained on)."""
+    table = np.asarray(dataset.table(index), np.int64).reshape(-1, 2)
+    classes = dataset.num_classes
+    if ids.max(initial=0) > len(table) or ids.min(initial=0) < 0:
+        report.errors.append(f"instance ids up to {ids.max()} but {len(table)} instances listed")
+        return report
+    if not len(table):
+        report.warnings.append("no instances annotated (kept: an image of background only)")
+    # id -> class, the background 0, crowds to the ignored count (last)
+    lookup = np.concatenate([[0], np.where(table[:, 1] == 1, classes, table[:, 0])])
+    report.counts = np.bincount(lookup[ids].ravel(), minlength=classes + 1)
+    hidden = sorted(set(range(1, len(table) + 1)) - set(np.unique(ids).tolist()))
+    if hidden:
+        report.warnings.append(
+            f"instances {hidden[:10]} (table rows from 1) cover no pixels: a degenerate shape, "
+            "or hidden under the instances drawn over it"
         )
     return report
 

@@ -10,6 +10,7 @@ from seg.models import Segmenter
 from seg.optim import build_optimizer
 from seg.restore import follow_links
 from tests.conftest import CONFIG_GROUPS, compose_config, group_options, hydra_context
+from tests.unit.test_instance_data import write_coco
 
 
 def test_every_group_has_its_required_options():
@@ -48,8 +49,13 @@ def _first_factor(cfg) -> float:
     return cfg.scheduler.warmup_ratio if cfg.scheduler.warmup_iters > 0 else 1.0
 
 
-def test_data_configs_build(folder_root, cityscapes_root, camvid_root, voc_root, ade20k_root):
+def test_data_configs_build(
+    folder_root, cityscapes_root, camvid_root, voc_root, ade20k_root, tmp_path
+):
+    for split in ("train2017", "train", "val"):  # the classes come from train2017
+        write_coco(tmp_path / "coco", split)
     roots = {
+        "coco_instances": tmp_path / "coco",
         "folder": folder_root,
         "cityscapes": cityscapes_root,
         "camvid": camvid_root,
