@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-from seg.data.base import DataError, read_file, read_image, read_mask
+from seg.data.base import IMAGE_SUFFIXES, DataError, read_file, read_image, read_mask
 from seg.data.cityscapes import CITYSCAPES_TREE
 from seg.data.folder import list_files
 from seg.data.instances import InstanceDataset
@@ -45,7 +45,9 @@ def read_id_map(path: Path) -> np.ndarray:
     return ids
 
 
-def encode(keys: np.ndarray, classes: np.ndarray, crowd: np.ndarray, dataset, index: int):
+def encode(
+    keys: np.ndarray, classes: np.ndarray, crowd: np.ndarray, dataset: InstanceDataset, index: int
+) -> np.ndarray:
     """The int32 annotation map (module docstring) of per-pixel instance ``keys`` (0: none),
     ``classes`` and ``crowd`` flags. Instances are numbered in key order; a non-crowd key on
     pixels of two classes is a DataError naming it, as are more than ``max_instances``."""
@@ -130,7 +132,7 @@ class InstanceFolder(PixelInstances):
                 f"data.num_classes={num_classes} but {class_dir} does not exist: without class "
                 "masks every instance is class 1 (num_classes=2, the background included)"
             )
-        images = list_files(image_dir, (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+        images = list_files(image_dir, IMAGE_SUFFIXES)
         maps = list_files(instance_dir, (".png", ".tif", ".tiff"))
         classes = list_files(class_dir, (".png",)) if self.with_classes else {}
         lonely = sorted(images.keys() ^ maps.keys()) + sorted(maps.keys() - classes.keys()

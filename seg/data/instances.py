@@ -4,7 +4,9 @@
 
 A subclass lists its samples and fills ``load`` (the image and the ID map) and ``table``. The
 ID map goes through ``data.cache_dir`` like a semantic mask; the table is rebuilt from the
-annotations each time (a few numbers per instance).
+annotations each time (a few numbers per instance). A layout whose table comes from the same
+pixels (``seg.data.instance_layouts``) has ``load`` return one map holding both, and splits it
+in ``instances``.
 """
 
 import numpy as np
