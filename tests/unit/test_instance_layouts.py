@@ -2,6 +2,7 @@
 instance-ID images with and without class masks, Cityscapes instanceIds with crowds, caravan and
 trailer, the cache, and the clear errors. Data is generated here."""
 
+import os
 from pathlib import Path
 
 import cv2
@@ -148,3 +149,17 @@ def test_the_doctor_checks_pixel_layouts(tmp_path):
     assert all("never appears" in w["message"] for w in report["warnings"])  # only the split's
     pixels = report["class_pixels"]["train"]
     assert pixels["person"] == 72 and pixels["car"] == 0
+
+
+NUCLEI = Path(os.environ.get("SEG_SHARED_DATA", "/work/shared/data")) / "nuclei_stardist/mask2d.tif"
+
+
+@pytest.mark.skipif(not NUCLEI.is_file(), reason="needs ../shared/data/nuclei_stardist")
+def test_real_16_bit_nuclei_tiff_reads_at_its_depth(tmp_path):
+    (tmp_path / "instances" / "train").mkdir(parents=True)
+    (tmp_path / "instances" / "train" / "n.tif").write_bytes(NUCLEI.read_bytes())
+    write_png(tmp_path / "images" / "train" / "n.png", np.zeros((512, 512, 3), np.uint8))
+    _, id_map, table = InstanceFolder(str(tmp_path), "train", num_classes=2)[0]
+    areas = torch.bincount(id_map.flatten().long())[1:]
+    assert len(table) == 125 and (table == torch.tensor([1, 0])).all()
+    assert areas.min() == 25 and areas.max() == 751  # the nuclei's sizes, as the issue states
