@@ -98,7 +98,8 @@ def inspect_instances(
 ) -> SampleReport:
     """An instance sample's checks: the ID map against its [class, iscrowd] table. Its counts
     are pixels per class, crowd regions counted as ignored (they are not trained on)."""
-    table = np.asarray(dataset.table(index), np.int64).reshape(-1, 2)
+    ids, table = dataset.instances(ids, index)
+    table = table.numpy()
     classes = dataset.num_classes
     if ids.max(initial=0) > len(table) or ids.min(initial=0) < 0:
         report.errors.append(f"instance ids up to {ids.max()} but {len(table)} instances listed")

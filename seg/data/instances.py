@@ -4,7 +4,9 @@
 
 A subclass lists its samples and fills ``load`` (the image and the ID map) and ``table``. The
 ID map goes through ``data.cache_dir`` like a semantic mask; the table is rebuilt from the
-annotations each time (a few numbers per instance).
+annotations each time (a few numbers per instance). A layout whose table comes from the same
+pixels (``seg.data.instance_layouts``) has ``load`` return one map holding both, and splits it
+in ``instances``.
 """
 
 import numpy as np
@@ -35,6 +37,12 @@ class InstanceDataset(SegmentationDataset):
         """Sample ``index``'s (K, 2) [class, iscrowd] rows, row k for id k + 1 of its map."""
         raise NotImplementedError
 
+    def instances(self, decoded: np.ndarray, index: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The ID map and the table of sample ``index`` from what ``load`` returned (and the
+        cache keeps) beside the image: here the ID map itself, the table from ``table``."""
+        table = torch.from_numpy(np.asarray(self.table(index), np.int64).reshape(-1, 2))
+        return decoded, table
+
     def check_instances(self, count: int, index: int) -> None:
         if count > self.max_instances:
             raise DataError(
@@ -46,8 +54,8 @@ class InstanceDataset(SegmentationDataset):
         pass  # an ID map, checked where it is built (check_instances)
 
     def prepare(self, index: int, seed: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
-        image, ids = self.decoded(index)
-        table = torch.from_numpy(np.asarray(self.table(index), np.int64).reshape(-1, 2))
+        image, decoded = self.decoded(index)
+        ids, table = self.instances(decoded, index)
         if self.transform is None:
             return (*to_tensors(image, ids), table)
         return (*apply(self.transform, image, ids, seed), table)

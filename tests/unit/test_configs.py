@@ -11,6 +11,7 @@ from seg.optim import build_optimizer
 from seg.restore import follow_links
 from tests.conftest import CONFIG_GROUPS, compose_config, group_options, hydra_context
 from tests.unit.test_instance_data import write_coco
+from tests.unit.test_instance_layouts import write_cityscapes_instances, write_instance_folder
 
 
 def test_every_group_has_its_required_options():
@@ -54,8 +55,13 @@ def test_data_configs_build(
 ):
     for split in ("train2017", "train", "val"):  # the classes come from train2017
         write_coco(tmp_path / "coco", split)
+    for split in ("train", "val"):
+        write_instance_folder(tmp_path / "instance_folder", split, classes=False)
+        write_cityscapes_instances(tmp_path / "cityscapes_instances", split)
     roots = {
         "coco_instances": tmp_path / "coco",
+        "instance_folder": tmp_path / "instance_folder",
+        "cityscapes_instances": tmp_path / "cityscapes_instances",
         "folder": folder_root,
         "cityscapes": cityscapes_root,
         "camvid": camvid_root,
