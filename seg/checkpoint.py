@@ -252,7 +252,9 @@ def newest_loadable_checkpoint(root: Path, resumable: bool = True) -> tuple[Path
     resume.
     """
     candidates = {path: recorded_iteration(path) for path in root.glob("**/checkpoints/*.pt")}
-    order = sorted(candidates, key=lambda p: (candidates[p], p.stat().st_mtime), reverse=True)
+    # Unreadable files (-1) first: their full load fails and says why, so the skip is reported.
+    order = sorted(candidates, key=lambda p: (candidates[p] < 0, candidates[p], p.stat().st_mtime),
+                   reverse=True)  # fmt: skip
     for path in order:
         try:
             state = load_checkpoint(path)
