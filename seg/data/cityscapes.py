@@ -43,18 +43,23 @@ class Cityscapes(PairedFiles):
             raise ValueError(f"Cityscapes has {len(LABEL_TO_TRAIN_ID)} classes, got {num_classes}")
         label_map = label_to_train_id_table(ignore_index)
         super().__init__(num_classes, ignore_index, transform, label_map, skip_bad_samples)
-        image_dir = Path(root) / "leftImg8bit" / split
-        label_dir = Path(root) / "gtFine" / split
-        for directory in (image_dir, label_dir):
-            if not directory.is_dir():
-                raise DataError(f"{directory}: not found (data.root={root}).\n{CITYSCAPES_TREE}")
-        self.samples = []
-        for image_path in sorted(image_dir.glob("*/*_leftImg8bit.png")):
-            name = image_path.name.removesuffix("_leftImg8bit.png")
-            label_path = label_dir / image_path.parent.name / f"{name}_gtFine_labelIds.png"
-            if not label_path.is_file():
-                raise DataError(f"{image_path}: no label file {label_path}.\n{CITYSCAPES_TREE}")
-            self.samples.append((image_path, label_path))
-        if not self.samples:
-            raise DataError(f"{image_dir}: no *_leftImg8bit.png images.\n{CITYSCAPES_TREE}")
+        self.samples = cityscapes_pairs(root, split, "labelIds", "label")
         self.use_cache(cache_dir)  # data.cache_dir: decode each sample once
+
+
+def cityscapes_pairs(root: str, split: str, kind: str, noun: str) -> list[tuple[Path, Path]]:
+    """(image, ``*_gtFine_<kind>.png``) pairs of a Cityscapes split, each image's file required."""
+    image_dir, label_dir = Path(root) / "leftImg8bit" / split, Path(root) / "gtFine" / split
+    for directory in (image_dir, label_dir):
+        if not directory.is_dir():
+            raise DataError(f"{directory}: not found (data.root={root}).\n{CITYSCAPES_TREE}")
+    pairs = []
+    for image_path in sorted(image_dir.glob("*/*_leftImg8bit.png")):
+        name = image_path.name.removesuffix("_leftImg8bit.png")
+        label_path = label_dir / image_path.parent.name / f"{name}_gtFine_{kind}.png"
+        if not label_path.is_file():
+            raise DataError(f"{image_path}: no {noun} file {label_path}.\n{CITYSCAPES_TREE}")
+        pairs.append((image_path, label_path))
+    if not pairs:
+        raise DataError(f"{image_dir}: no *_leftImg8bit.png images.\n{CITYSCAPES_TREE}")
+    return pairs

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_file, read_image, read_mask
-from seg.data.cityscapes import CITYSCAPES_TREE
+from seg.data.cityscapes import cityscapes_pairs
 from seg.data.folder import list_files
 from seg.data.instances import InstanceDataset
 
@@ -190,19 +190,7 @@ class CityscapesInstances(PixelInstances):
             raise ValueError(f"Cityscapes instances have {len(THING_LABELS) + 1} classes "
                              f"(8 things and the background), got {num_classes}")  # fmt: skip
         super().__init__(num_classes, max_instances, transform, skip_bad_samples)
-        image_dir, label_dir = Path(root) / "leftImg8bit" / split, Path(root) / "gtFine" / split
-        for directory in (image_dir, label_dir):
-            if not directory.is_dir():
-                raise DataError(f"{directory}: not found (data.root={root}).\n{CITYSCAPES_TREE}")
-        self.samples = []
-        for image_path in sorted(image_dir.glob("*/*_leftImg8bit.png")):
-            name = image_path.name.removesuffix("_leftImg8bit.png")
-            label_path = label_dir / image_path.parent.name / f"{name}_gtFine_instanceIds.png"
-            if not label_path.is_file():
-                raise DataError(f"{image_path}: no instance file {label_path}.\n{CITYSCAPES_TREE}")
-            self.samples.append((image_path, label_path))
-        if not self.samples:
-            raise DataError(f"{image_dir}: no *_leftImg8bit.png images.\n{CITYSCAPES_TREE}")
+        self.samples = cityscapes_pairs(root, split, "instanceIds", "instance")
         self.use_cache(cache_dir)  # data.cache_dir: decode each image and annotation map once
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
