@@ -243,13 +243,12 @@ def train_config(name: str, device, *overrides: str):
                          "optimizer=sgd", f"trainer.device={device}", *overrides)  # fmt: skip
 
 
-def make_trainer(cfg, model: torch.nn.Module, sync_bn: bool | str = "auto"):
-    """seg's Trainer as train.py builds it from ``cfg``, writing nothing."""
+def make_trainer(cfg, model: torch.nn.Module, sync_bn: bool | str = "auto", class_names=None):
+    """seg's Trainer as train.py builds it from ``cfg``, writing nothing; ``class_names``
+    default to the Cityscapes-sized heads' 19."""
+    names = list(class_names or [str(i) for i in range(NUM_CLASSES)])
     optimizer = build_optimizer(cfg.optimizer, model)
-    recorder = Recorder(
-        tempfile.mkdtemp(), [str(i) for i in range(NUM_CLASSES)], [[0, 0, 0]] * NUM_CLASSES,
-        write=False,
-    )  # fmt: skip
+    recorder = Recorder(tempfile.mkdtemp(), names, [[0, 0, 0]] * len(names), write=False)
     return instantiate(
         cfg.trainer, model=model, task=instantiate(cfg.task), optimizer=optimizer,
         scheduler=poly(optimizer, max_iters=10_000), recorder=recorder, sync_bn=sync_bn,
