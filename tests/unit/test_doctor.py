@@ -36,6 +36,16 @@ def test_cityscapes_label_ids_in_a_train_id_dataset_are_diagnosed(folder_root):
     assert "Cityscapes labelIds" in error["message"] and "data=cityscapes" in error["message"]
 
 
+def test_a_stray_label_value_is_called_stray_not_cityscapes_label_ids(folder_root):
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 5:25] = 1
+    mask[0, :3] = 7  # 3 of 1920 pixels
+    write_png(folder_root / "masks" / "train" / "img1.png", mask)
+    (error,) = check_splits(folder_config(folder_root), ["train"])["errors"]
+    assert "[7]" in error["message"] and "Cityscapes" not in error["message"]
+    assert "only 3 pixels (0.16% of the mask): stray values" in error["message"]
+
+
 def test_train_ids_where_label_ids_are_expected(cityscapes_root):
     label = next((cityscapes_root / "gtFine" / "val").rglob("*_labelIds.png"))
     write_png(label, np.tile(np.arange(0, 19, dtype=np.uint8), (32, 4))[:, :64])
