@@ -339,7 +339,8 @@ class Trainer:
         self.rank_rng = dist.gather(own) if collective else [own]
         path = self.recorder.checkpoint_path(name)
         try:
-            with self.guard.saving_checkpoint(path, self.iteration, self.max_iters):
+            resumable = state in (None, self.state_dict)
+            with self.guard.saving_checkpoint(path, self.iteration, self.max_iters, resumable):
                 self.recorder.save(state or self.state_dict, name)
         finally:
             self.rank_rng = []

@@ -466,8 +466,17 @@ def test_a_second_ctrl_c_in_a_step_saves_the_last_completed_iteration(tmp_path):
         assert torch.equal(state["model"][name], value), name
 
 
-def test_a_second_ctrl_c_in_the_update_names_the_last_checkpoint_written(tmp_path):
-    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), ckpt_every=1)
+@pytest.mark.parametrize(
+    ("settings", "saved"),
+    [
+        ({"ckpt_every": 1}, r"The last checkpoint written is .*last\.pt \(iteration 2\)"),
+        # a weights-only best.pt resumes nothing: not named
+        ({"val_every": 1, "best_checkpoint": "weights"}, r"no checkpoint to resume from yet"),
+    ],
+    ids=["last", "weights-only-best"],
+)
+def test_a_second_ctrl_c_in_the_update_names_the_last_checkpoint_written(tmp_path, settings, saved):
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), **settings)
     steps = []
 
     def interrupt_the_third_update(optimizer, args, kwargs):
@@ -476,12 +485,13 @@ def test_a_second_ctrl_c_in_the_update_names_the_last_checkpoint_written(tmp_pat
             ctrl_c_twice()
 
     trainer.optimizer.register_step_post_hook(interrupt_the_third_update)
-    match = r"without saving\. The last checkpoint written is .*last\.pt \(iteration 2\)"
-    with pytest.raises(StopTraining, match=match) as stop:
+    with pytest.raises(StopTraining, match=rf"without saving\. .*{saved}") as stop:
         fit_with(trainer, batches())
     assert stop.value.exit_code == 128 + signal.SIGINT
     # half an update is not saved as iteration 2 or 3
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
+    last = tmp_path / "checkpoints" / "last.pt"
+    if last.exists() or "ckpt_every" in settings:
+        assert load_checkpoint(last)["iteration"] == 2
 
 
 class TwiceTerminatedLoss(nn.CrossEntropyLoss):
