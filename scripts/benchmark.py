@@ -61,6 +61,7 @@ from seg.data.cityscapes import Cityscapes  # noqa: E402
 from seg.data.loader import train_loader  # noqa: E402
 from seg.data.synthetic import SyntheticScenes  # noqa: E402
 from seg.data.transforms import train_transform  # noqa: E402
+from seg.device import usable_cpus  # noqa: E402
 from seg.engine.prefetch import DeviceBatches  # noqa: E402
 from seg.engine.recorder import Recorder  # noqa: E402
 from seg.inference import Normalize, Predictor  # noqa: E402
@@ -351,7 +352,7 @@ def bench_model(name: str, args, device, sync, ceilings: dict) -> dict:
 
 def loader_workers() -> int:
     """DataLoader workers for the end-to-end figure: one per core this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return usable_cpus()
 
 
 def bench_e2e(cfg, trainer, batches, args, device, sync) -> dict:

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seg.data.coco import categories
+from seg.device import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver(
     "coco", lambda *args: OmegaConf.create(value) if isinstance(value := categories(*args), list)
     else value, replace=True)  # fmt: skip
+
+# ${cpus:<n>}: n, or the CPUs this process may use where fewer (data.num_workers: 4 DataLoader
+# workers on 2 cores would only compete with the training process for them).
+OmegaConf.register_new_resolver("cpus", lambda most: min(int(most), usable_cpus()), replace=True)
 
 # What a user can fix (a bad value, a missing or unreadable file, a missing optional package,
 # out of memory with advice): these end a command with their own one-line message. DataError is

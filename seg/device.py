@@ -32,6 +32,11 @@ CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
 warnings.filterwarnings("once", r".*does not have a deterministic implementation", UserWarning)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: taskset, a Slurm or container CPU set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` -> the first CUDA device if there is one, else the CPU."""
     if isinstance(device, torch.device):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from seg.config import build, report_user_errors, run_command
-from seg.data.base import DataError, SegmentationDataset
+from seg.data.base import IMAGE_SUFFIXES, DataError, SegmentationDataset
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes
 from seg.data.instances import InstanceDataset
 
@@ -65,11 +65,16 @@ def inspect(dataset: SegmentationDataset, index: int) -> SampleReport:
         dataset.check_labels(mask, index)
     except DataError as error:
         message = _without_file(str(error), report.file)
-        if (
-            dataset.label_map is None
-            and raw_values <= CITYSCAPES_LABEL_IDS
-            and max(raw_values) >= classes
-        ):
+        unmapped = dataset.label_map is None
+        stray = (raw >= classes) & (raw != ignore) if unmapped else np.zeros_like(raw, bool)
+        # A few pixels (an annotation tool's stray value, a resampled edge) are no other label
+        # scheme: 1% of a 2048x1024 mask is 21k pixels, any class of Cityscapes' covers more.
+        if stray.any() and stray.mean() < 0.01:
+            message += (
+                f" They cover only {stray.sum()} pixels ({100 * stray.mean():.2g}% of the mask): "
+                f"stray values; set those pixels to a class or to ignore_index={ignore}."
+            )
+        elif unmapped and raw_values <= CITYSCAPES_LABEL_IDS and max(raw_values) >= classes:
             message += (
                 " These values look like Cityscapes labelIds (0-33): use data=cityscapes, which "
                 "maps them to the 19 trainIds, or convert the masks to trainIds."
@@ -169,9 +174,13 @@ def summarize(split: str, reports: list[SampleReport], class_names: list[str]) -
             summary.hashes.setdefault(report.image_hash, report.file)
     summary.class_pixels = {name: int(c) for name, c in zip(class_names, counts[:-1], strict=True)}
     summary.ignore_ratio = float(counts[-1] / counts.sum()) if counts.sum() else float("nan")
+    # Files with errors are not counted: a class may be in them alone.
+    uncounted = sum(report.counts is None for report in reports)
+    where = f" in the files without errors (the {uncounted} with errors are not counted)"
     for name, pixels in summary.class_pixels.items():
         if pixels == 0 and reports:
-            summary.warnings.append({"file": split, "message": f"class '{name}' never appears"})
+            message = f"class '{name}' never appears{where * bool(uncounted)}"
+            summary.warnings.append({"file": split, "message": message})
     return summary
 
 
@@ -224,10 +233,21 @@ def format_report(report: dict) -> str:
     for kind in ("errors", "warnings"):
         entries = report[kind]
         lines.append(f"{len(entries)} {kind}")
-        for entry in entries[:50]:
-            lines.append(f"  {entry['file']}: {entry['message']}")
-        if len(entries) > 50:
-            lines.append(f"  ... and {len(entries) - 50} more (see the JSON report)")
+        # One line per problem, not per file: 500 empty masks are one line with a count.
+        files_by_message: dict[str, list[str]] = {}
+        for entry in entries:
+            file, message = entry["file"], entry["message"]
+            named, _, rest = message.partition(": ")  # a message about a pair's image names it
+            if rest and Path(named).suffix.lower() in IMAGE_SUFFIXES:
+                file, message = named, rest
+            files_by_message.setdefault(message, []).append(file)
+        for message, files in list(files_by_message.items())[:50]:
+            examples = ", ".join(files[:3]) + ", ..." * (len(files) > 3)
+            lines.append(f"  {files[0]}: {message}" if len(files) == 1
+                         else f"  {len(files)} files: {message} (e.g. {examples})")  # fmt: skip
+        if len(files_by_message) > 50:
+            lines.append(f"  ... and {len(files_by_message) - 50} more problems (see the JSON "
+                         "report)")  # fmt: skip
     return "\n".join(lines)
 
 

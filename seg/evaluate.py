@@ -119,8 +119,9 @@ def evaluate_split(
             checkpoint_path, checkpoint["iteration"], cfg.split, total, dist.world_size(),
             predict.describe(), device, predict.precision,
         )  # fmt: skip
-    # One progress display, rank 0's over its share: the ranks' would garble one another.
-    bar = progress("evaluate", len(data_loader.dataset)) if dist.is_main() else nullcontext()
+    # One progress display, of the whole split, fed by rank 0's share.
+    share = len(data_loader.dataset)
+    bar = progress("evaluate", total, share=share) if dist.is_main() else nullcontext()
     evaluator = task.evaluator(device, num_pictures=0, num_worst=cfg.num_worst)
     with bar:
         result = evaluate(predict.model, predict, data_loader, evaluator, device,

@@ -323,13 +323,40 @@ class ProgressLog:
         pass  # nothing to close: the same ``with`` works for this and a tqdm bar
 
 
-def progress(desc: str, total: int, unit: str = "images") -> "tqdm | ProgressLog":
+class ShareProgress:
+    """A display of ``total`` items fed with the progress over ``share`` of them: under
+    torchrun rank 0 alone shows progress (the ranks' displays would garble one another), over
+    its share, and the ranks move together, so its fraction done is the whole split's."""
+
+    def __init__(self, display: "tqdm | ProgressLog", share: int, total: int):
+        self.display, self.share, self.total = display, share, total
+        self.done = 0  # of the share
+
+    def update(self, count: int = 1) -> None:
+        shown = round(self.done * self.total / self.share)
+        self.done += count
+        self.display.update(round(self.done * self.total / self.share) - shown)
+
+    def __enter__(self) -> "ShareProgress":
+        self.display.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.display.__exit__(*exc)
+
+
+def progress(
+    desc: str, total: int, unit: str = "images", share: int | None = None
+) -> "tqdm | ProgressLog | ShareProgress":
     """How evaluate and predict show progress: a tqdm bar on a terminal, log lines otherwise
     (a run redirected to a file or under nohup would show nothing for minutes). Use as a
-    context manager and call ``update(count)``."""
-    if sys.stderr.isatty():
-        return tqdm(total=total, desc=desc, unit=unit)
-    return ProgressLog(desc, total, unit)
+    context manager and call ``update(count)``; with ``share``, ``update`` counts this rank's
+    ``share`` of the ``total`` items shown (``ShareProgress``)."""
+    display = tqdm(total=total, desc=desc, unit=unit) if sys.stderr.isatty() else (
+        ProgressLog(desc, total, unit))  # fmt: skip
+    if not share or share == total:  # one process, or nothing to show for
+        return display
+    return ShareProgress(display, share, total)
 
 
 def _duration(seconds: float) -> str:

@@ -223,8 +223,9 @@ def predict_share(
         collate_fn=list,  # sizes may differ: batches are formed below
     )
     written, skipped = 0, []
-    # One progress display, rank 0's over its share: the ranks' would garble one another.
-    bar = progress("predict", len(loader.dataset)) if dist.is_main() else nullcontext()
+    # One progress display, of all the files, fed by rank 0's share.
+    share = len(loader.dataset)
+    bar = progress("predict", len(files), share=share) if dist.is_main() else nullcontext()
     with bar:
         for batch in same_size_batches(loader, cfg.batch_size):
             index, _, error = batch[0]

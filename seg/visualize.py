@@ -177,6 +177,25 @@ def iou_figure(iou: Sequence[float], class_names: Sequence[str]) -> np.ndarray:
     return _figure_to_array(figure)
 
 
+TITLE_HEIGHT = 20  # pixels of the strip that ``titled`` adds above a row
+TITLE_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def titled(row: torch.Tensor, titles: Sequence[str]) -> torch.Tensor:
+    """A (3, H, W) uint8 row of ``len(titles)`` panels of equal width with a black strip above
+    naming each, centred, in white: (3, TITLE_HEIGHT + H, W). A title too long for its panel
+    is drawn smaller."""
+    width = row.shape[2] // len(titles)
+    strip = np.zeros((TITLE_HEIGHT, row.shape[2], 3), np.uint8)
+    for i, title in enumerate(titles):
+        text_width = cv2.getTextSize(title, TITLE_FONT, 1.0, 1)[0][0]
+        scale = min(0.45, (width - 4) / text_width)
+        (text_width, text_height), _ = cv2.getTextSize(title, TITLE_FONT, scale, 1)
+        origin = (i * width + (width - text_width) // 2, (TITLE_HEIGHT + text_height) // 2)
+        cv2.putText(strip, title, origin, TITLE_FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return torch.cat([torch.from_numpy(strip).permute(2, 0, 1), row], dim=1)
+
+
 def gallery(rows: Sequence[torch.Tensor]) -> np.ndarray:
     """Stack (3, H, W) pictures of possibly different sizes vertically: (H_total, W_max, 3)."""
     width = max(row.shape[2] for row in rows)

@@ -28,6 +28,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 class DataError(ValueError):
     """A problem with the data on disk; the message names the file and how to fix it."""
 
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's error is raised again in the training process from the text
+        # of its whole traceback (torch's ExceptionWrapper: "Caught DataError in DataLoader
+        # worker process 0. Original Traceback ..."): keep the message alone, as without
+        # workers; the traceback is of the worker's internals, not of the file.
+        last = message.rfind(WORKER_ERROR_LINE)
+        if message.startswith("Caught DataError in DataLoader worker") and last >= 0:
+            message = message[last + len(WORKER_ERROR_LINE) :].rstrip("\n")
+        super().__init__(message)
+
+
+# How a DataError's own line starts in a worker's formatted traceback.
+WORKER_ERROR_LINE = f"\n{DataError.__module__}.{DataError.__qualname__}: "
+
 
 def is_truncated(data: bytes) -> bool:
     """True for a PNG without its IEND chunk or a JPEG without its end marker.
@@ -147,7 +161,7 @@ class SegmentationDataset(Dataset):
         # the next good one (0: the first bad sample stops the run).
         self.skip_bad_samples = skip_bad_samples
         # Shared with the DataLoader workers (created before they fork): reads, skips, and
-        # the indices of the first skipped samples for the report.
+        # the first distinct skipped samples' indices for the report.
         self._counts = multiprocessing.Array("q", 2)
         self._skipped = multiprocessing.Array("q", [-1] * 10)
         self.cache: DecodedCache | None = None  # set by use_cache
@@ -195,22 +209,36 @@ class SegmentationDataset(Dataset):
         with self._counts.get_lock():
             reads, skips = self._counts[0], self._counts[1] + 1
             self._counts[1] = skips
-            if skips <= len(self._skipped):
-                self._skipped[skips - 1] = index
+            skipped = self._skipped[:]
+            met_before = index in skipped  # in an earlier epoch: warned then
+            if not met_before and -1 in skipped:
+                self._skipped[skipped.index(-1)] = index
         # The allowance is a share of the split, growing once more than one epoch was read.
         if skips > self.skip_bad_samples * max(reads, len(self)):
             raise DataError(
                 f"{skips} bad samples among {reads} read, more than "
                 f"data.skip_bad_samples={self.skip_bad_samples}; the last one: {error}"
             ) from error
-        log.warning("Skipping a bad sample (data.skip_bad_samples): %s", error)
+        if not met_before:
+            log.warning("Skipping a bad sample (data.skip_bad_samples): %s", error)
 
     def report_skipped(self) -> None:
-        """Log how many bad samples were skipped, and which."""
+        """Log how many bad samples were skipped, and each one's error, naming its bad file
+        (the image or the mask: the sample's mask is only its name)."""
         reads, skips = self._counts[:]
-        if skips:
-            names = [self.describe(i) for i in self._skipped[:] if i >= 0]
-            log.warning("Skipped %d bad samples of %d read, e.g. %s", skips, reads, names)
+        if not skips:
+            return
+        errors = []
+        for index in (i for i in self._skipped[:] if i >= 0):
+            try:  # decoded again: the workers' messages stayed in their processes
+                self.decoded(index)
+                errors.append(f"{self.describe(index)} (readable now)")
+            except DataError as error:
+                errors.append(str(error))
+        listed = "".join(f"\n  {error}" for error in errors)
+        full = len(errors) == len(self._skipped)  # later distinct ones went unrecorded
+        log.warning("Skipped %d bad samples of %d read (data.skip_bad_samples)%s:%s", skips,
+                    reads, f", the first {len(errors)} distinct" * full, listed)  # fmt: skip
 
     def prepare(
         self, index: int, seed: tuple[int, ...] | None

@@ -59,12 +59,14 @@ class StepGuard:
     """Signals and the non-finite guard, for one training run.
 
     SIGINT/SIGTERM only set ``stop_signal``, which the next step's decision carries to every
-    rank (``agreed_stop`` once read). A second Ctrl-C stops at once, or during a checkpoint's
-    write (``saving``) as soon as it is complete (``deferred_signal``); a repeated SIGTERM
-    changes nothing: launchers forward theirs. A step with a non-finite loss or gradient on
-    any rank is skipped on all (``skipped_steps``); ``nonfinite_patience`` such steps in a row
-    raise ``StopTraining``, naming ``last_checkpoint`` (untouched). Under fp16 (``scaling``)
-    overflows with a finite loss are the grad scaler's calibration and do not count.
+    rank (``agreed_stop`` once read). A second Ctrl-C stops at once (``KeyboardInterrupt``: the
+    Trainer saves first where the weights are whole, ``catching_signals`` names the last
+    resumable checkpoint written, ``saved``), or during a checkpoint's write (``saving``) as
+    soon as it is complete (``deferred_signal``); a repeated SIGTERM changes nothing: launchers
+    forward theirs. A step with a non-finite loss or gradient on any rank is skipped on all
+    (``skipped_steps``); ``nonfinite_patience`` such steps in a row raise ``StopTraining``,
+    naming ``last_checkpoint`` (untouched). Under fp16 (``scaling``) overflows with a finite
+    loss are the grad scaler's calibration and do not count.
     """
 
     def __init__(self, nonfinite_patience: int, scaling: bool, last_checkpoint: Path):
@@ -77,6 +79,7 @@ class StepGuard:
         self.agreed_stop: int | None = None  # the signal on which all ranks stop, once read
         self.saving = False  # a checkpoint is being written: a second signal waits for it
         self.deferred_signal: int | None = None
+        self.saved: tuple[Path, int] | None = None  # the last resumable checkpoint, its iteration
         # Steps of ``fit`` whose decisions the host has not read yet (the newest one, between
         # log lines).
         self.unread: list[StepResult] = []
@@ -170,20 +173,39 @@ class StepGuard:
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
+        except KeyboardInterrupt:
+            # The second Ctrl-C came where the weights may be half updated (the optimizer
+            # step, a validation's bookkeeping): one line on what is saved, not a traceback
+            # from wherever it landed (inside autograd, a DataLoader, a collective).
+            if self.saved is None:
+                saved = "This run wrote no checkpoint to resume from yet."
+            else:
+                path, iteration = self.saved
+                saved = (f"The last checkpoint written is {path} (iteration {iteration}); "
+                         f"continue with: python train.py resume={path}")  # fmt: skip
+            raise StopTraining(
+                f"SIGINT received twice: stopped at once, outside a step's forward and backward "
+                f"pass, without saving. {saved}",
+                128 + signal.SIGINT,
+            ) from None
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
     @contextmanager
-    def saving_checkpoint(self, path: Path, iteration: int, max_iters: int) -> Iterator[None]:
+    def saving_checkpoint(
+        self, path: Path, iteration: int, max_iters: int, resumable: bool = True
+    ) -> Iterator[None]:
         """A checkpoint's write: a second stop signal meanwhile waits until the file is
         complete, then stops (raised inside torch.save it would abort the save with torch's
-        internal error)."""
+        internal error). ``resumable``: not a weights-only file."""
         self.saving = True
         try:
             yield
         finally:
             self.saving = False
+        if resumable:
+            self.saved = (path, iteration)
         if self.deferred_signal is not None:
             name = signal.Signals(self.deferred_signal).name
             raise StopTraining(

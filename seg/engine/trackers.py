@@ -3,6 +3,7 @@ default) and MLflow, chosen by ``configs/tracker/``. The Recorder calls them on 
 tracker is a class with the three methods of ``Tracker`` (docs/trackers.md)."""
 
 import logging
+import os
 import re
 import tempfile
 import time
@@ -78,6 +79,27 @@ class TensorBoard:
 # The file in the run directory that names its MLflow run: a resume continues that run.
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 
+# The start-up probe of a server: an unreachable one is an error within seconds, not after
+# MLflow's default 7 retries with doubling waits (about 250 s). Training keeps MLflow's
+# defaults (a short outage mid-run is retried); variables the user set are kept.
+PROBE_HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # waits of 1 and 2 s
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",  # seconds per request
+}
+
+
+@contextmanager
+def environment_defaults(settings: Mapping[str, str]) -> Iterator[None]:
+    """``settings`` in ``os.environ`` while the block runs, where not set already."""
+    added = {name: value for name, value in settings.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
 
 class MLflow:
     """One MLflow run per seg run: the scalars as metrics (same names), the resolved config as
@@ -119,14 +141,24 @@ class MLflow:
 
         if self.tracking_uri.startswith("sqlite:///"):
             # SQLite creates the database file but not its folder.
-            database = Path(self.tracking_uri.removeprefix("sqlite:///"))
-            if not database.parent.is_dir():  # said aloud: sqlite://// + a typo makes a root folder
+            folder = Path(self.tracking_uri.removeprefix("sqlite:///")).absolute().parent
+            if not folder.is_dir():
+                # A new top-level folder (sqlite://// + a typo) is a mistake, never a store.
+                if len(folder.parents) > 1 and not folder.parents[-2].exists():
+                    raise ValueError(
+                        f"tracker.mlflow.tracking_uri={self.tracking_uri}: {folder} does not "
+                        f"exist, and seg does not create folders at the top of the file system "
+                        f"({folder.parents[-2]}). Create it, or give a path under an existing "
+                        "folder (sqlite:///relative/path/mlflow.db, sqlite:////absolute/path/"
+                        "mlflow.db)"
+                    )
                 log.warning("tracker.mlflow.tracking_uri=%s: creating the folder %s for it",
-                            self.tracking_uri, database.parent)  # fmt: skip
-            database.parent.mkdir(parents=True, exist_ok=True)
+                            self.tracking_uri, folder)  # fmt: skip
+                folder.mkdir(parents=True, exist_ok=True)
         try:
             client = MlflowClient(self.tracking_uri)
-            client.search_experiments(max_results=1)
+            with environment_defaults(PROBE_HTTP_SETTINGS):
+                client.search_experiments(max_results=1)
         except MlflowException as error:
             raise ValueError(
                 f"tracker.mlflow.tracking_uri={self.tracking_uri}: MLflow cannot open this store "

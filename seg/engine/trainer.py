@@ -121,8 +121,9 @@ class Trainer:
     primary metric improves; ``recorder`` writes them, and everything else the run shows (on
     rank 0 only). SIGINT/SIGTERM reaching any rank finish the next step on every rank, write
     ``last.pt`` and raise ``StopTraining``; a validation they skip or cut short is owed in
-    ``last.pt`` and runs first on resume. A second signal stops at once, but never inside a
-    checkpoint's write. An error while computing a step's gradients (data, forward, backward,
+    ``last.pt`` and runs first on resume. A second Ctrl-C stops at once, but never inside a
+    checkpoint's write; in a step's forward and backward pass it first saves ``last.pt`` at the
+    last completed iteration. An error while computing a step's gradients (data, forward, backward,
     out of memory) writes ``last.pt`` at the last completed iteration, then propagates; an
     error in validation writes it with the validation owed. A step with a non-finite loss or
     gradient on any rank is skipped on all; ``nonfinite_patience`` such steps in a row stop
@@ -285,6 +286,18 @@ class Trainer:
         have updated part of the weights."""
         try:
             total = self.accumulate_gradients(batches)
+        except KeyboardInterrupt:
+            # A second Ctrl-C (StepGuard), mostly met here, where steps spend their time: the
+            # weights are whole, so the first Ctrl-C's promise holds, as for an error.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.save("last", collective=False)  # the other ranks may be anywhere
+            path = self.recorder.checkpoint_path("last")
+            saved = (f"; saved {path} at iteration {self.iteration}. Continue with: python "
+                     f"train.py resume={path}") * self.recorder.write  # fmt: skip
+            raise StopTraining(
+                f"SIGINT received twice: stopped at once in iteration {self.iteration + 1}{saved}",
+                128 + signal.SIGINT,
+            ) from None
         except Exception as error:
             self.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
             if self.guard.stop_signal is not None and isinstance(error, RuntimeError):
@@ -326,7 +339,8 @@ class Trainer:
         self.rank_rng = dist.gather(own) if collective else [own]
         path = self.recorder.checkpoint_path(name)
         try:
-            with self.guard.saving_checkpoint(path, self.iteration, self.max_iters):
+            resumable = state in (None, self.state_dict)
+            with self.guard.saving_checkpoint(path, self.iteration, self.max_iters, resumable):
                 self.recorder.save(state or self.state_dict, name)
         finally:
             self.rank_rng = []

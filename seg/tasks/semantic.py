@@ -33,7 +33,7 @@ from seg.metrics import (
     named,
     per_image_counts,
 )
-from seg.visualize import comparison, confusion_figure, gallery, iou_figure, save_png
+from seg.visualize import comparison, confusion_figure, gallery, iou_figure, save_png, titled
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,11 @@ def figures(
         "iou": iou_figure(result.metrics["IoU"], class_names),
     }
     if result.worst:
-        pictures["worst"] = gallery([picture(example) for _, _, example in result.worst])
+        pictures["worst"] = gallery([
+            titled(picture(example), [f"image (mIoU {100 * miou:.1f}%)", "ground truth",
+                                      "prediction"])
+            for miou, _, example in result.worst
+        ])  # fmt: skip
     for i, example in enumerate(result.examples):
         pictures[f"example_{i}"] = picture(example).permute(1, 2, 0).numpy()
     return pictures

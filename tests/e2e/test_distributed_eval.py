@@ -50,6 +50,8 @@ def test_evaluate_on_two_processes_equals_one(checkpoint, tmp_path):
     output = torchrun("evaluate.py", *common, f"out={out}")  # default report dir: the run's
     two = json.loads(out.read_text())
     assert two["images"] == VAL_IMAGES
+    # rank 0's progress shown as the whole split's, not as its share's "4/4"
+    assert f"evaluate: {VAL_IMAGES}/{VAL_IMAGES} images (100%)" in output, output[-3000:]
     # the same integer confusion matrix: equal, not merely close
     assert two["mIoU"] == one["mIoU"] and two["IoU"] == one["IoU"]
     assert two["mIoU_ci95"] == one["mIoU_ci95"]  # the per-image counts, in the same order
@@ -84,6 +86,7 @@ def test_predict_on_two_processes_writes_each_image_once(checkpoint, tmp_path):
     # the counts of both processes, summed and logged once: 10 would mean both did all
     assert output.count("Wrote predictions for 5 images") == 1, output[-3000:]
     assert output.count("Skipped 1 unreadable files") == 1
+    assert "predict: 6/6 images (100%)" in output  # all the files, not rank 0's 3
 
 
 # Rank 1's share (3 of 7 images) is one batch of 3, rank 0's (4) two: rank 1 asks to stop when

@@ -149,3 +149,12 @@ def test_a_training_command_that_no_longer_composes_is_named_when_keys_change(ca
         follow_links(stored, ["model=renamed_since"], ["data.root"])
     assert "no longer composes" in caplog.text and ": data.root reach only" in caplog.text
     assert stored.data.dataset.root == "/old"  # no link known: left as stored
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(2, 2), (16, 4)])
+def test_data_workers_default_to_4_or_the_cpus_there_are(monkeypatch, cpus, workers):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    # 4 workers on a 2-core machine only competed with the training process for its cores
+    for data in ("folder", "cityscapes", "voc", "coco_instances"):
+        assert compose_config(f"data={data}", "data.root=x").data.num_workers == workers, data
+    assert compose_config("data=folder", "data.num_workers=3").data.num_workers == 3

@@ -9,7 +9,7 @@ import pytest
 from seg.data.base import DataError
 from seg.data.cityscapes import Cityscapes
 from seg.data.folder import FolderDataset
-from seg.doctor import check_splits, inspect, quick_check
+from seg.doctor import check_splits, format_report, inspect, quick_check
 from tests.conftest import compose_config, write_png
 
 
@@ -34,6 +34,43 @@ def test_cityscapes_label_ids_in_a_train_id_dataset_are_diagnosed(folder_root):
     (error,) = report["errors"]
     assert error["file"].endswith("img1.png") and "[26]" in error["message"]
     assert "Cityscapes labelIds" in error["message"] and "data=cityscapes" in error["message"]
+
+
+def test_a_stray_label_value_is_called_stray_not_cityscapes_label_ids(folder_root):
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 5:25] = 1
+    mask[0, :3] = 7  # 3 of 1920 pixels
+    write_png(folder_root / "masks" / "train" / "img1.png", mask)
+    (error,) = check_splits(folder_config(folder_root), ["train"])["errors"]
+    assert "[7]" in error["message"] and "Cityscapes" not in error["message"]
+    assert "only 3 pixels (0.16% of the mask): stray values" in error["message"]
+
+
+def test_one_problem_of_many_files_is_one_line_with_a_count(folder_root):
+    for name in ("img0.png", "img1.png"):
+        (folder_root / "masks" / "train" / name).write_bytes(b"")
+    (folder_root / "images" / "train" / "img2.png").write_bytes(b"")
+    report = check_splits(folder_config(folder_root), ["train"])
+    assert len(report["errors"]) == 3  # the JSON report keeps one entry per file
+    masks, image = folder_root / "masks" / "train", folder_root / "images" / "train" / "img2.png"
+    lines = format_report(report).splitlines()
+    assert lines[lines.index("3 errors") :][:3] == [
+        "3 errors",
+        "  2 files: mask file is empty (0 bytes: an interrupted copy?); replace it "
+        f"(e.g. {masks / 'img0.png'}, {masks / 'img1.png'})",
+        f"  {image}: image file is empty (0 bytes: an interrupted copy?); replace it",
+    ]
+
+
+def test_a_class_only_in_files_with_errors_is_not_said_to_never_appear(folder_root):
+    for name in ("img0.png", "img1.png"):
+        write_png(folder_root / "masks" / "train" / name, np.ones((40, 48), np.uint8))
+    (folder_root / "images" / "train" / "img2.png").write_bytes(b"")  # its mask has background
+    (warning,) = check_splits(folder_config(folder_root), ["train"])["warnings"]
+    assert warning["message"] == (
+        "class 'background' never appears in the files without errors (the 1 with errors are "
+        "not counted)"
+    )
 
 
 def test_train_ids_where_label_ids_are_expected(cityscapes_root):

@@ -22,7 +22,7 @@ from seg.models import (
 )
 from seg.optim import build_optimizer, param_groups
 from seg.schedulers import poly
-from tests.conftest import compose_config, group_options
+from tests.conftest import REPO, compose_config, group_options
 
 
 def tiny_unet(num_classes: int = 3, encoder_name: str = "resnet18"):
@@ -115,6 +115,19 @@ def test_a_deeper_encoder_of_the_same_family_is_warned_as_another_encoder(tmp_pa
     with caplog.at_level(logging.WARNING):
         init_from(tiny_unet(3, "resnet18"), str(tmp_path / "r34"))
     assert "another encoder than model.encoder_name" in caplog.text
+
+
+def test_the_fine_tune_example_shows_what_init_from_logs(tmp_path, caplog):
+    """docs/training.md's example: the default model's run (6 classes) into 2 classes."""
+    text = (REPO / "docs" / "training.md").read_text()
+    documented = re.search(r"```\n(init_from=(\S+):\n(?:  .*\n)+)```", text)
+    source = smp_model("Unet", 6, encoder_name="resnet34")  # the default model= and data=
+    path = tmp_path / "best.pt"
+    torch.save({"model": source.state_dict()}, path)
+    with caplog.at_level(logging.INFO, logger="seg.models"):
+        init_from(smp_model("Unet", 2, encoder_name="resnet34"), str(path))
+    logged = caplog.records[-1].getMessage().replace(str(path), documented[2])
+    assert logged + "\n" == documented[1]
 
 
 def test_init_from_refuses_what_is_not_a_checkpoint(tmp_path):

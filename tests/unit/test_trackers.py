@@ -5,7 +5,11 @@ missing."""
 import json
 import logging
 import math
+import os
+import socket
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +188,24 @@ def test_a_store_folder_that_does_not_exist_is_created_aloud(tmp_path, caplog, m
         MLflow(f"sqlite:///{tmp_path}/nonexistent/mlflow.db")
     assert f"creating the folder {tmp_path}/nonexistent" in caplog.text
     assert (tmp_path / "nonexistent").is_dir()
+
+
+def test_a_new_folder_at_the_top_of_the_file_system_is_refused(tmp_path):
+    top = Path("/seg-test-nonexistent")
+    assert not top.exists()
+    with pytest.raises(ValueError, match=r"/seg-test-nonexistent/runs does not exist, and seg"):
+        MLflow(f"sqlite:///{top}/runs/mlflow.db")  # sqlite:////... : an absolute path
+    assert not top.exists()
+
+
+def test_an_unreachable_server_is_an_error_within_seconds(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")  # the user's own setting is kept
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=rf"tracking_uri=http://127.0.0.1:{port}: MLflow cannot"):
+        MLflow(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - started < 20  # MLflow's default retries took about 250 s
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # set for the probe alone
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"

@@ -434,6 +434,66 @@ def test_a_second_signal_during_a_save_waits_for_it_then_stops(tmp_path, monkeyp
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"]
 
 
+def ctrl_c_twice(*args):
+    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.SIGINT)
+
+
+class InterruptedInBackward(nn.CrossEntropyLoss):
+    """Ctrl-C, Ctrl-C from inside autograd's backward pass of the third step."""
+
+    calls = 0
+
+    def forward(self, logits, target):
+        self.calls += 1
+        if self.calls == 3:
+            logits.register_hook(ctrl_c_twice)
+        return super().forward(logits, target)
+
+
+def test_a_second_ctrl_c_in_a_step_saves_the_last_completed_iteration(tmp_path):
+    trainer = make_trainer(tmp_path, InterruptedInBackward())
+    # One line saying what was saved (it was a traceback from inside autograd, nothing saved).
+    match = (
+        r"SIGINT received twice: stopped at once in iteration 3; saved .*last\.pt at iteration 2"
+    )
+    with pytest.raises(StopTraining, match=match) as stop:
+        fit_with(trainer, batches())
+    assert stop.value.exit_code == 128 + signal.SIGINT
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == 2
+    for name, value in checkpoint_module.unwrapped_state_dict(trainer.model).items():
+        assert torch.equal(state["model"][name], value), name
+
+
+@pytest.mark.parametrize(
+    ("settings", "saved"),
+    [
+        ({"ckpt_every": 1}, r"The last checkpoint written is .*last\.pt \(iteration 2\)"),
+        # a weights-only best.pt resumes nothing: not named
+        ({"val_every": 1, "best_checkpoint": "weights"}, r"no checkpoint to resume from yet"),
+    ],
+    ids=["last", "weights-only-best"],
+)
+def test_a_second_ctrl_c_in_the_update_names_the_last_checkpoint_written(tmp_path, settings, saved):
+    trainer = make_trainer(tmp_path, nn.CrossEntropyLoss(), **settings)
+    steps = []
+
+    def interrupt_the_third_update(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            ctrl_c_twice()
+
+    trainer.optimizer.register_step_post_hook(interrupt_the_third_update)
+    with pytest.raises(StopTraining, match=rf"without saving\. .*{saved}") as stop:
+        fit_with(trainer, batches())
+    assert stop.value.exit_code == 128 + signal.SIGINT
+    # half an update is not saved as iteration 2 or 3
+    last = tmp_path / "checkpoints" / "last.pt"
+    if last.exists() or "ckpt_every" in settings:
+        assert load_checkpoint(last)["iteration"] == 2
+
+
 class TwiceTerminatedLoss(nn.CrossEntropyLoss):
     """SIGTERM twice in the first step: the launcher's and the one torchrun forwards."""
 

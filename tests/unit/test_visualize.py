@@ -11,6 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 import seg.visualize
 from seg.visualize import (
     MAX_PANEL_SIDE,
+    TITLE_HEIGHT,
     add_png,
     colorize,
     comparison,
@@ -20,6 +21,7 @@ from seg.visualize import (
     panel_size,
     resize_mask,
     save_png,
+    titled,
 )
 
 PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [200, 100, 50]]
@@ -156,3 +158,28 @@ def test_the_confusion_colour_bar_is_in_percent_as_the_cells(monkeypatch):
     matrix, bar = figure.axes
     assert [text.get_text() for text in matrix.texts] == ["75", "25", "0", "100"]
     assert bar.get_ylim() == (0, 100) and bar.get_ylabel() == "%"
+
+
+def test_the_worst_images_have_column_titles():
+    from seg.tasks.semantic import Evaluation, figures
+
+    mask = torch.zeros(64, 96, dtype=torch.uint8)
+    worst = [(0.25, f"val/{i}", (torch.full((3, 64, 96), 90, dtype=torch.uint8), mask, mask))
+             for i in range(2)]  # fmt: skip
+    confusion = torch.eye(2, dtype=torch.int64)
+    result = Evaluation({"IoU": [1.0, 1.0]}, confusion, torch.zeros(0), [], worst=worst)
+    picture = figures(result, ["a", "b"], PALETTE[:2])["worst"]
+    assert picture.shape == (2 * (TITLE_HEIGHT + 64), 3 * 96, 3)
+    # above each row, a title over each of its three panels: image | ground truth | prediction
+    for top in (0, TITLE_HEIGHT + 64):
+        strip = picture[top : top + TITLE_HEIGHT]
+        assert all(strip[:, 96 * i : 96 * (i + 1)].max() > 128 for i in range(3))
+        assert (picture[top + TITLE_HEIGHT : top + TITLE_HEIGHT + 64, :96] == 90).all()
+
+
+def test_a_long_title_is_drawn_smaller_within_its_panel():
+    row = torch.zeros(3, 10, 60, dtype=torch.uint8)
+    picture = titled(row, ["a very long title for a panel this narrow", "b"])
+    assert picture.shape == (3, TITLE_HEIGHT + 10, 60)
+    assert picture[:, :, :30].max() > 0 and picture[:, :, 30:].max() > 0
+    assert picture[:, :, 28:32].max() == 0  # nothing spills over into the next panel
