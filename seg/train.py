@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seg.checkpoint import check_compatible, load_checkpoint, refuse_weights_only
 from seg.config import (
@@ -24,6 +24,7 @@ from seg.config import (
     run_command,
 )
 from seg.data import loader
+from seg.data.base import DataError
 from seg.device import CUBLAS_DETERMINISTIC, compile_cache, resolve_device
 from seg.doctor import quick_check
 from seg.engine import dist
@@ -193,6 +194,7 @@ def start(
     )
     for dataset in (train_set, val_set):  # the doctor's checks on a few files, before any work
         quick_check(dataset)
+    settle_in_channels(cfg, train_set, val_set)
     # A resumed model gets its weights from the checkpoint: nothing to download.
     model = build(cfg.model, **({"pretrained": False} if checkpoint and "pretrained" in cfg.model
                                 else {}))  # fmt: skip
@@ -231,6 +233,42 @@ def start(
         params=flat_values(cfg),
     )
     return RunResult(train(cfg, recorder, checkpoint, model, train_set, val_set, device), run_dir)
+
+
+def settle_in_channels(cfg: DictConfig, train_set, val_set) -> None:
+    """Write the model's input bands into ``cfg.data.in_channels`` (the training images' count
+    where it is null: the model, the checkpoint's config and its exports follow it) and check
+    what depends on it: the validation images, ``data.mean``/``std``, ``data.rgb_bands`` and a
+    model that takes that many bands."""
+    channels = train_set.in_channels
+    if "in_channels" in cfg.data:
+        with open_dict(cfg):
+            cfg.data.in_channels = channels
+    if val_set.in_channels != channels or val_set.dtype != train_set.dtype:
+        raise DataError(
+            f"{val_set.describe(0)}: the {cfg.data.val_split} split's images have "
+            f"{val_set.in_channels} bands of {val_set.dtype} but the {cfg.data.train_split} "
+            f"split's {channels} of {train_set.dtype}: every split needs the same bands"
+        )
+    for key in ("mean", "std"):
+        if len(cfg.data[key]) != channels:
+            raise ValueError(
+                f"data.{key} has {len(cfg.data[key])} values but the images have {channels} "
+                f"bands: give one per band (scripts/check_data.py prints them for your data)"
+            )
+    rgb_bands = OmegaConf.select(cfg, "data.rgb_bands")
+    if rgb_bands is not None and (
+        len(rgb_bands) != 3 or not all(1 <= b <= channels for b in rgb_bands)
+    ):
+        raise ValueError(
+            f"data.rgb_bands={list(rgb_bands)}: give three input bands in 1-{channels} "
+            "(counted from 1, after data.bands), shown as red, green, blue"
+        )
+    if channels != 3 and "in_channels" not in cfg.model:
+        raise ValueError(
+            f"model={cfg.model._target_} takes RGB (3 bands) only, but the images have "
+            f"{channels}: choose an smp model (model=unet, fpn, deeplabv3plus, ...)"
+        )
 
 
 def warn_slow_average(ema_decay: float | None, max_iters: int) -> None:
