@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from seg.checkpoint import check_compatible, load_checkpoint, refuse_weights_only
+from seg.checkpoint import PIXEL_KEYS, check_compatible, load_checkpoint, refuse_weights_only
 from seg.config import (
     build,
     check_data_config,
@@ -30,6 +30,7 @@ from seg.doctor import quick_check
 from seg.engine import dist
 from seg.engine.guard import StopTraining
 from seg.engine.recorder import Recorder
+from seg.inference import pixel_scale
 from seg.models import init_from, load_checkpoint_weights
 from seg.optim import build_optimizer
 from seg.run_dir import (
@@ -168,7 +169,6 @@ def start(
         check_compatible(checkpoint, cfg, checkpoint_path)
         check_same_groups(OmegaConf.create(checkpoint["config"]), cfg)
         log.info("Resuming %s from iteration %d", checkpoint_path, checkpoint["iteration"])
-        log_changed_settings(OmegaConf.create(checkpoint["config"]), cfg)
         if checkpoint["iteration"] >= cfg.trainer.max_iters:
             log.warning(
                 "The checkpoint is at iteration %d of trainer.max_iters=%d: nothing to train. "
@@ -194,7 +194,10 @@ def start(
     )
     for dataset in (train_set, val_set):  # the doctor's checks on a few files, before any work
         quick_check(dataset)
-    settle_in_channels(cfg, train_set, val_set)
+    settle_pixels(cfg, train_set, val_set)
+    if checkpoint is not None:  # settled, as the checkpoint's were: bands and scale must agree
+        check_compatible(checkpoint, cfg, checkpoint_path, PIXEL_KEYS)
+        log_changed_settings(OmegaConf.create(checkpoint["config"]), cfg)
     # A resumed model gets its weights from the checkpoint: nothing to download.
     model = build(cfg.model, **({"pretrained": False} if checkpoint and "pretrained" in cfg.model
                                 else {}))  # fmt: skip
@@ -235,15 +238,18 @@ def start(
     return RunResult(train(cfg, recorder, checkpoint, model, train_set, val_set, device), run_dir)
 
 
-def settle_in_channels(cfg: DictConfig, train_set, val_set) -> None:
+def settle_pixels(cfg: DictConfig, train_set, val_set) -> None:
     """Write the model's input bands into ``cfg.data.in_channels`` (the training images' count
-    where it is null: the model, the checkpoint's config and its exports follow it) and check
-    what depends on it: the validation images, ``data.mean``/``std``, ``data.rgb_bands`` and a
-    model that takes that many bands."""
+    where it is null) and ``data.scale=auto``'s number for their dtype into ``cfg.data.scale``:
+    the model, the checkpoint's config and its exports follow them. Then check what depends on
+    them: the validation images, ``data.mean``/``std``, ``data.rgb_bands`` and a model that
+    takes that many bands."""
     channels = train_set.in_channels
-    if "in_channels" in cfg.data:
-        with open_dict(cfg):
+    with open_dict(cfg):
+        if "in_channels" in cfg.data:
             cfg.data.in_channels = channels
+        if OmegaConf.select(cfg, "data.scale") == "auto":
+            cfg.data.scale = pixel_scale("auto", getattr(torch, train_set.dtype))
     if val_set.in_channels != channels or val_set.dtype != train_set.dtype:
         raise DataError(
             f"{val_set.describe(0)}: the {cfg.data.val_split} split's images have "

@@ -34,6 +34,7 @@ def display_rgb(image: torch.Tensor, rgb_bands: Sequence[int] | None = None) -> 
     3-band uint8 images (photos) are shown as they are. Others show ``rgb_bands`` (1-based
     input bands; None: the first three), or grey for one band, each band stretched in float
     between its ``STRETCH_PERCENTILES`` (NaNs left out, shown black)."""
+    rgb_bands = list(rgb_bands) if rgb_bands is not None else None
     if image.dtype == torch.uint8 and image.shape[0] == 3 and rgb_bands in (None, [1, 2, 3]):
         return image
     if image.shape[0] < 3:
