@@ -3,6 +3,7 @@
 import io
 import logging
 import multiprocessing
+from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 # after the parent used the pool deadlocks.
 cv2.setNumThreads(1)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy")
 
 
 class DataError(ValueError):
@@ -72,27 +73,224 @@ def read_file(path: Path, kind: str) -> bytes:
     return data
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB; a DataError naming the file if it cannot be."""
-    data = read_file(path, "image")
-    # OpenCV decodes PNG/JPEG faster than PIL. It returns None for most undecodable data but
-    # raises for some, e.g. a header claiming more than CV_IO_MAX_IMAGE_PIXELS.
+# The pixel types an image may hold: the consumers widen them on the device (data.scale says
+# how: auto for the unsigned ones, a number for the others). Not int32: OpenCV cannot resize it.
+IMAGE_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
+# Read by tifffile (TIFF/GeoTIFF) or numpy (.npy, channels last), at their dtype and band count;
+# every other suffix is a photo format decoded by OpenCV.
+RASTER_SUFFIXES = (".tif", ".tiff", ".npy")
+GEO_EXTRA = 'pip install -e ".[geo]"'
+
+
+def read_tiff(path: Path, kind: str) -> np.ndarray:
+    """A TIFF/GeoTIFF's first image as (H, W, C) at its dtype. The layout comes from the file's
+    own axes (tifffile's ``series.axes``): YX (one band), YXS (bands interleaved) or SYX/CYX
+    (planar); anything else (a multi-page stack, a time series) is a DataError naming the axes,
+    never a guess from the array's shape."""
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:
-        image = None
-    if image is None:
-        raise DataError(f"{path}: cannot decode image (not an image file, or corrupted)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        import tifffile
+    except ImportError as error:
+        raise DataError(
+            f"{path}: reading TIFF needs tifffile and imagecodecs: {GEO_EXTRA}"
+        ) from error
+    data = read_file(path, kind)
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            series = tiff.series[0]
+            axes, array = series.axes, series.asarray()
+    except Exception as error:  # tifffile raises TiffFileError, ValueError, KeyError, ...
+        hint = (
+            f"; compressed TIFFs need imagecodecs: {GEO_EXTRA}"
+            if "imagecodecs" in str(error)
+            else ""
+        )
+        raise DataError(
+            f"{path}: cannot decode {kind} ({type(error).__name__}: {error}){hint}"
+        ) from error
+    # Axes of length 1 say nothing about the layout (tifffile keeps the shape an (H, W, 1) array
+    # was written with, as YXQ)
+    kept = [
+        i
+        for i, (axis, size) in enumerate(zip(axes, array.shape, strict=True))
+        if size > 1 or axis in "YX"
+    ]
+    axes, array = "".join(axes[i] for i in kept), array.reshape([array.shape[i] for i in kept])
+    if axes == "YX":
+        return array[..., None]
+    if axes == "YXS":
+        return array
+    if axes in ("SYX", "CYX"):  # planar: one plane per band
+        return np.ascontiguousarray(array.transpose(1, 2, 0))
+    raise DataError(
+        f"{path}: {kind} has axes {axes} (shape {list(array.shape)}); expected one image of "
+        "axes YX, YXS or SYX (bands as samples of one page). A stack of pages (Q, I, Z, T axes) "
+        "is not read as bands: write it with tifffile.imwrite(path, array_hwc, "
+        "photometric='minisblack', planarconfig='contig'), or with GDAL/rasterio"
+    )
+
+
+def read_npy(path: Path, kind: str) -> np.ndarray:
+    """A ``.npy`` array, (H, W) or (H, W, C): channels last, as stated (not guessed)."""
+    read_file(path, kind)  # the common checks: missing, unreadable, empty
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as error:  # ValueError (pickled objects, a bad header), EOFError, OSError
+        raise DataError(
+            f"{path}: cannot read {kind} as .npy ({type(error).__name__}: {error})"
+        ) from error
+    if array.ndim == 2:
+        return array[..., None]
+    if array.ndim != 3:
+        raise DataError(
+            f"{path}: {kind} array has shape {list(array.shape)}; a .npy {kind} is (H, W) or "
+            "(H, W, C), channels last"
+        )
+    return array
+
+
+def read_raster(path: Path, kind: str) -> np.ndarray:
+    """A TIFF or ``.npy`` file (``RASTER_SUFFIXES``) as (H, W, C) at its dtype."""
+    if path.suffix.lower() == ".npy":
+        return read_npy(path, kind)
+    return read_tiff(path, kind)
+
+
+def png_bit_depth(data: bytes) -> int | None:
+    """The bit depth in a PNG's header (IHDR), None for other formats."""
+    return data[24] if data.startswith(b"\x89PNG") and len(data) > 25 else None
+
+
+def read_image(path: Path, bands: Sequence[int] | None = None) -> np.ndarray:
+    """Decode an image file to (H, W, C) at its stored dtype (one of ``IMAGE_DTYPES``).
+
+    - TIFF/GeoTIFF (tifffile, the ``geo`` extra) and ``.npy`` (channels last): every band, as
+      stored (``read_tiff``, ``read_npy``).
+    - 16-bit PNG: its channels at 16 bits (grey: C=1; colour: RGB or RGBA order).
+    - 8-bit PNG, JPEG, BMP, WebP: photos, RGB uint8 (C=3) as always: grey is expanded, alpha
+      dropped, EXIF orientation applied (OpenCV's colour decode).
+
+    ``bands``: 1-based band numbers to keep, in that order (as GDAL and rasterio count; e.g.
+    [4, 3, 2]). A file that cannot be decoded, a dtype outside ``IMAGE_DTYPES`` or a band out of
+    range raises a DataError naming the file.
+    """
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        image = read_raster(path, "image")
+    else:
+        data = read_file(path, "image")
+        # 16-bit PNGs at their depth; the rest as before (the same pixels for 8-bit photos).
+        flags = cv2.IMREAD_UNCHANGED if png_bit_depth(data) == 16 else cv2.IMREAD_COLOR
+        # OpenCV decodes PNG/JPEG faster than PIL. It returns None for most undecodable data but
+        # raises for some, e.g. a header claiming more than CV_IO_MAX_IMAGE_PIXELS.
+        try:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        except cv2.error:
+            image = None
+        if image is None:
+            raise DataError(f"{path}: cannot decode image (not an image file, or corrupted)")
+        if image.ndim == 2:
+            image = image[..., None]
+        elif image.shape[2] == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        elif image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    if image.dtype not in IMAGE_DTYPES:
+        raise DataError(
+            f"{path}: image pixels are {image.dtype}; supported: "
+            f"{', '.join(np.dtype(t).name for t in IMAGE_DTYPES)} (convert it, e.g. float64 to "
+            "float32)"
+        )
+    return image if bands is None else select_bands(image, bands, path)
+
+
+# 16-bit PNG colour type -> the channels OpenCV decodes it to (grey + alpha becomes RGBA)
+PNG16_CHANNELS = {0: 1, 2: 3, 4: 4, 6: 4}
+
+
+def image_info(path: Path) -> tuple[int, np.dtype]:
+    """The band count and dtype ``read_image`` (without ``bands``) gives for ``path``, from the
+    file's header alone (no pixels decoded); a DataError names a file whose header cannot be read.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return (array.shape[2] if array.ndim == 3 else 1), array.dtype
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tiff:
+                series = tiff.series[0]
+                # the length of the bands' axis (S or C), or one band
+                sizes = dict(zip(series.axes, series.shape, strict=True))
+                return sizes.get("S", sizes.get("C", 1)), series.dtype
+        with open(path, "rb") as file:
+            header = file.read(26)
+    except ImportError as error:
+        raise DataError(
+            f"{path}: reading TIFF needs tifffile and imagecodecs: {GEO_EXTRA}"
+        ) from error
+    except Exception as error:
+        raise DataError(
+            f"{path}: cannot read the image's header ({type(error).__name__}: {error})"
+        ) from error
+    if png_bit_depth(header) == 16:
+        return PNG16_CHANNELS.get(header[25], 3), np.dtype(np.uint16)
+    return 3, np.dtype(np.uint8)  # photos decode to RGB
+
+
+def first_readable(images: Sequence[Path]) -> tuple[Path, int, np.dtype]:
+    """The first of ``images`` whose header reads, with its ``image_info``; the first one's
+    DataError when none does."""
+    errors = []
+    for path in images:
+        try:
+            return path, *image_info(path)
+        except DataError as error:
+            errors.append(error)
+    raise errors[0]
+
+
+def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:
+    """The 1-based ``bands`` of an (H, W, C) image, in that order (a copy)."""
+    count = image.shape[2]
+    outside = [b for b in bands if not 1 <= b <= count]
+    if outside:
+        raise DataError(
+            f"{path}: data.bands={list(bands)} asks for bands {outside} but the image has {count} "
+            f"band(s), numbered 1-{count} (counted from 1, as GDAL and rasterio count)"
+        )
+    return image[..., [b - 1 for b in bands]]
+
+
+def read_label_raster(path: Path) -> np.ndarray:
+    """A TIFF/GeoTIFF or ``.npy`` label raster as (H, W) integers (any integer dtype, or bool).
+
+    One band only: a stack (H, W, C>1) or a float raster is a DataError naming the file.
+    """
+    array = read_raster(path, "mask")
+    if array.shape[2] != 1:
+        raise DataError(
+            f"{path}: mask has {array.shape[2]} bands (shape {list(array.shape)}); a label raster "
+            "holds one band of class values, (H, W) or (H, W, 1)"
+        )
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise DataError(
+            f"{path}: mask pixels are {array.dtype}; label rasters hold integer class values "
+            "(store them as uint8, uint16 or int16)"
+        )
+    return array[..., 0]
 
 
 def read_mask(path: Path, mode: str | None = None) -> np.ndarray:
-    """Decode a label file to (H, W) class indices: uint8, uint16 for 16-bit PNGs, bool for 1-bit.
+    """Decode a label file to (H, W) class indices: uint8, uint16 for 16-bit PNGs, bool for 1-bit;
+    TIFF and ``.npy`` label rasters at their integer dtype (``read_label_raster``).
 
     PIL keeps palette ("P") PNGs as their indices, where OpenCV would expand them to colours.
     ``mode``: a PIL mode to convert to first ("L" for JPEG masks, "RGB" for colour-coded ones,
     which may then have 3 channels). A file that cannot be decoded raises a DataError naming it.
     """
+    if mode is None and path.suffix.lower() in RASTER_SUFFIXES:
+        return read_label_raster(path)
     data = read_file(path, "mask")
     try:
         with Image.open(io.BytesIO(data)) as mask:
@@ -131,7 +329,8 @@ class SegmentationDataset(Dataset):
     """Base class: subclasses fill ``load(index)`` and ``describe(index)``.
 
     ``__getitem__`` accepts a plain index or the ``(index, seed, position)`` tuples of
-    ``InfiniteSampler`` and returns ``image`` (3, H, W) uint8 RGB, not normalized, and ``mask``
+    ``InfiniteSampler`` and returns ``image`` (C, H, W) at its stored dtype (uint8 RGB for
+    photos; ``in_channels`` bands of ``dtype`` for rasters), not normalized, and ``mask``
     (H, W) of ``mask_dtype`` (uint8, or int16 where classes or ignore_index pass 255). Samples
     travel small; the consumers normalize and widen them on the device (issue 11).
 
@@ -142,7 +341,15 @@ class SegmentationDataset(Dataset):
 
     # Attributes that do not change what a sample decodes to, left out of the cache's key; every
     # other attribute (label table, mask format, ...) is part of it, so a new setting is too.
-    CACHE_NEUTRAL = ("transform", "samples", "skip_bad_samples", "cache", "_counts", "_skipped")
+    CACHE_NEUTRAL = ("transform", "samples", "skip_bad_samples", "cache", "_counts", "_skipped",
+                     "scale")  # fmt: skip
+    # The pixels every sample must have; RGB photo datasets keep these, data=folder decides
+    # them from its settings and first image (``expect_pixels``). Part of the cache's key.
+    bands: list[int] | None = None  # data.bands: 1-based, selected and reordered
+    in_channels: int = 3
+    dtype: str = "uint8"
+    nodata: float | str | list[float] | None = None  # data.nodata: ignored labels, see Normalize
+    scale: float | str = "auto"
 
     def __init__(
         self,
@@ -174,13 +381,96 @@ class SegmentationDataset(Dataset):
             return
         settings = {k: v for k, v in vars(self).items() if k not in self.CACHE_NEUTRAL}
         self.cache = DecodedCache(cache_dir, type(self).__name__, settings)
-        self.cache.log_size(len(self), self.source_files(0)[0], self.mask_dtype)
+        pixel_bytes = self.in_channels * np.dtype(self.dtype).itemsize
+        self.cache.log_size(len(self), self.source_files(0)[0], self.mask_dtype, pixel_bytes)
+
+    def expect_pixels(
+        self,
+        images: Sequence[Path],
+        bands: Sequence[int] | None,
+        in_channels: int | None,
+        nodata: float | str | Sequence[float] | None,
+        scale: float | str,
+    ) -> None:
+        """Set the pixels every sample must have from the first of ``images`` whose header reads
+        and the data keys: ``bands`` (1-based), ``in_channels`` (None: ``len(bands)`` or that
+        image's band count), ``nodata`` (a number, one per band, or ``"nan"``), ``scale``
+        (``auto`` needs uint8 or uint16). Called by a subclass before ``use_cache``; a DataError
+        names the file. Unreadable images before it fail (or are skipped) when read, as any."""
+        self.bands = [int(b) for b in bands] if bands is not None else None
+        if nodata is not None and not isinstance(nodata, int | float | str):
+            nodata = [float(value) for value in nodata]
+        if isinstance(nodata, str) and nodata != "nan":
+            raise ValueError(f"data.nodata={nodata!r}: give a number, one per band, or nan")
+        self.nodata, self.scale = nodata, scale
+        # From the header: a dataset over cached samples reads no pixels of its files.
+        first_image, count, dtype = first_readable(images)
+        if self.bands is not None:
+            select_bands(np.empty((0, 0, count)), self.bands, first_image)  # in range
+            count = len(self.bands)
+        self.dtype = dtype.name
+        if nodata == "nan" and dtype.kind != "f":
+            raise DataError(
+                f"{first_image}: data.nodata=nan but the pixels are {self.dtype}, which hold no "
+                "NaN: give the number that marks no data"
+            )
+        if in_channels is not None and in_channels != count:
+            raise DataError(
+                f"{first_image}: {count} bands"
+                f"{f' (data.bands={self.bands})' if self.bands else ''} but "
+                f"data.in_channels={in_channels}; set data.in_channels={count} or null (derived)"
+            )
+        self.in_channels = count
+        if isinstance(nodata, list) and len(nodata) != count:
+            raise ValueError(
+                f"data.nodata has {len(nodata)} values but the images have {count} bands "
+                f"({first_image}); give one per band or a single number"
+            )
+        if scale == "auto" and self.dtype not in ("uint8", "uint16"):
+            raise DataError(
+                f"{first_image}: pixels are {self.dtype}, and data.scale=auto is defined for uint8 "
+                "(255) and uint16 (65535) only: give the number that maps them to about [0, 1], "
+                "e.g. data.scale=10000 for Sentinel-2 reflectance, 4095 for 12-bit data, 1 for "
+                "floats in [0, 1]"
+            )
+
+    def read_pixels(self, path: Path) -> np.ndarray:
+        """``read_image`` with ``bands``, checked against the pixels every sample must have:
+        the band count and dtype of the others, and no NaNs without ``data.nodata``."""
+        image = read_image(path, self.bands)
+        if image.shape[2] != self.in_channels or image.dtype.name != self.dtype:
+            raise DataError(
+                f"{path}: {image.shape[2]} bands of {image.dtype}"
+                f"{f' (data.bands={self.bands})' if self.bands else ''} but the dataset's "
+                f"images have {self.in_channels} of {self.dtype} (data.in_channels, or its first "
+                "image): every image needs the same bands and pixel type"
+            )
+        self.check_pixels(image, path)
+        return image
+
+    def check_pixels(self, image: np.ndarray, path: Path) -> None:
+        if self.nodata is None and image.dtype.kind == "f" and np.isnan(image).any():
+            raise DataError(
+                f"{path}: the image holds NaN pixels and data.nodata is not set: set "
+                "data.nodata=nan to ignore them (their labels are ignored, the model sees the band "
+                "mean), or fill them in the file"
+            )
+
+    def mask_nodata(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``mask`` with ``ignore_index`` where any band of ``image`` is ``data.nodata`` (or NaN)."""
+        if self.nodata is None:
+            return mask
+        missing = np.isnan(image) if image.dtype.kind == "f" else np.zeros(image.shape, bool)
+        if self.nodata != "nan":  # compared as float64: a value outside the dtype matches none
+            missing |= image == np.asarray(self.nodata, np.float64)
+        # arrays of both dtypes: the result holds every mask value and ignore_index
+        return np.where(missing.any(axis=2), np.asarray(self.ignore_index, self.mask_dtype), mask)
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return the raw (H, W, 3) uint8 RGB image and (H, W) integer mask."""
+        """Return the raw (H, W, C) image (``read_pixels``) and (H, W) integer mask."""
         raise NotImplementedError
 
     def describe(self, index: int) -> str:
@@ -250,12 +540,15 @@ class SegmentationDataset(Dataset):
         return apply(self.transform, image, mask, seed)
 
     def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ``index`` before its transform: the (H, W, 3) uint8 image and the (H, W) mask
-        of ``mask_dtype``, mapped and checked. With a cache, read from it (read-only memory
+        """Sample ``index`` before its transform: the (H, W, C) image and the (H, W) mask of
+        ``mask_dtype``, mapped (``data.nodata`` pixels ignored) and checked. With a cache, read from it (read-only memory
         maps), or decoded and then written to it: the mapping is a fixed table and the checks
         passed, so the cached pair is what decoding gives, bit for bit."""
         entry = self.cache.entry(self.source_files(index)) if self.cache is not None else None
-        if entry is not None and (cached := self.cache.read(entry, self.mask_dtype)) is not None:
+        cached = None
+        if entry is not None:
+            cached = self.cache.read(entry, self.mask_dtype, self.in_channels, self.dtype)
+        if cached is not None:
             try:  # the checks the files get (an entry edited, or damaged with a valid header)
                 self.check_labels(cached[1], index)
                 return cached
@@ -268,7 +561,7 @@ class SegmentationDataset(Dataset):
                 f"{self.describe(index)}: image is {image.shape[1]}x{image.shape[0]} but mask is "
                 f"{mask.shape[1]}x{mask.shape[0]} (width x height); they must be the same size"
             )
-        mask = self.map_labels(mask, index)
+        mask = self.mask_nodata(image, self.map_labels(mask, index))
         self.check_labels(mask, index)
         # Checked, so its values fit; cast before the transform so that padding with
         # ignore_index is exact (a no-op for the usual uint8 masks).
@@ -345,4 +638,4 @@ class PairedFiles(SegmentationDataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.samples[index]
-        return read_image(image_path), read_mask(mask_path)
+        return self.read_pixels(image_path), read_mask(mask_path)
