@@ -12,6 +12,7 @@ from seg.restore import follow_links
 from tests.conftest import CONFIG_GROUPS, compose_config, group_options, hydra_context
 from tests.unit.test_instance_data import write_coco
 from tests.unit.test_instance_layouts import write_cityscapes_instances, write_instance_folder
+from tests.unit.test_nifti import write_nifti
 
 
 def test_every_group_has_its_required_options():
@@ -67,6 +68,7 @@ def test_data_configs_build(
         "camvid": camvid_root,
         "voc": voc_root,
         "ade20k": ade20k_root,
+        "nifti": write_nifti(tmp_path / "nifti"),
         "synthetic": None,
         "synthetic_instances": None,
     }
