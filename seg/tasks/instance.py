@@ -140,10 +140,15 @@ class InstanceTask:
         )
 
     def evaluator(
-        self, device: torch.device, num_pictures: int = 0, num_worst: int | None = None
+        self,
+        device: torch.device,
+        num_pictures: int = 0,
+        num_worst: int | None = None,
+        group: Callable[[str], str] | None = None,
     ) -> "CocoEvaluator":
-        """COCOeval over the split; ``num_pictures`` examples (``num_worst``: unused, the
-        semantic task's lowest-mIoU images have no instance counterpart)."""
+        """COCOeval over the split; ``num_pictures`` examples (``num_worst`` and ``group``:
+        unused, the semantic task's lowest-mIoU images and per-volume scores have no instance
+        counterpart)."""
         return CocoEvaluator(self.num_classes, self.mask_threshold, self.picture_score_threshold,
                              num_pictures)  # fmt: skip
 

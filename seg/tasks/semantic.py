@@ -30,7 +30,9 @@ from seg.inference import (
 from seg.metrics import (
     ConfusionMatrix,
     bootstrap_miou,
+    dice_from_counts,
     format_table,
+    group_metrics,
     iou_from_counts,
     named,
     per_image_counts,
@@ -137,22 +139,35 @@ class SemanticTask:
         return SemanticPredict(predictor, memory_advice(predictor, "data.val_batch_size"))
 
     def evaluator(
-        self, device: torch.device, num_pictures: int = 0, num_worst: int | None = None
+        self,
+        device: torch.device,
+        num_pictures: int = 0,
+        num_worst: int | None = None,
+        group: Callable[[str], str] | None = None,
     ) -> "SemanticEvaluator":
         """Accumulates on ``device``; keeps ``num_pictures`` examples and as many lowest-mIoU
-        images (``num_worst`` apart, for evaluate.py)."""
+        images (``num_worst`` apart, for evaluate.py). ``group``: a sample's name -> the group
+        it belongs to (a slice's volume: the dataset's ``group``), each group also scored whole."""
         worst = num_pictures if num_worst is None else num_worst
-        return SemanticEvaluator(self.num_classes, self.ignore_index, device, num_pictures, worst)
+        return SemanticEvaluator(self.num_classes, self.ignore_index, device, num_pictures, worst,
+                                 group)  # fmt: skip
 
     def report(self, result: "Evaluation", prefix: str) -> Report:
         metrics = result.metrics
+        tagged = scalars(metrics, self.class_names, prefix)
+        table = format_table(metrics, self.class_names)
+        if result.group_counts:  # the mean over volumes beside the pooled pixels
+            grouped = group_metrics(torch.stack(list(result.group_counts.values())))
+            tagged |= {f"{prefix}/group_{key}": grouped[key] for key in ("mIoU", "mDice")}
+            table += (f"\nper volume (group), the mean of {len(result.group_counts)}:\n"
+                      + format_table(grouped, self.class_names, ("IoU", "Dice")))  # fmt: skip
         return Report(
             metric=self.metric,
             score=metrics[self.metric],
             record=named(metrics, self.class_names),
-            scalars=scalars(metrics, self.class_names, prefix),
+            scalars=tagged,
             pictures=figures(result, self.class_names, self.palette),
-            table=format_table(metrics, self.class_names),
+            table=table,
         )
 
     def writer(self, predict: "SemanticPredict", settings: PredictSettings) -> "SemanticWriter":
@@ -168,6 +183,10 @@ class SemanticTask:
             low, high = bootstrap_miou(result.image_counts, resamples=bootstrap)
             summary["mIoU_ci95"] = [low, high]
             log.info("mIoU %.4f, 95%% bootstrap interval [%.4f, %.4f]", summary["mIoU"], low, high)
+        if result.group_counts:
+            counts = torch.stack(list(result.group_counts.values()))
+            summary["per_group"] = {"groups": len(counts),
+                                    **named(group_metrics(counts), self.class_names)}  # fmt: skip
         return summary
 
     def write_report(self, result: "Evaluation", report_dir: Path, report: Report) -> None:
@@ -186,8 +205,23 @@ class SemanticTask:
                 writer.writerow(
                     [name, _cell(iou.nanmean().item()), _cell(accuracy), *map(_cell, iou.tolist())]
                 )
+        if result.group_counts:
+            self.write_groups(result.group_counts, report_dir / "per_group.csv")
         for name, array in report.pictures.items():
             save_png(array, report_dir / f"{name}.png")
+
+    def write_groups(self, group_counts: dict[str, torch.Tensor], path: Path) -> None:
+        """One row per group (volume): its mIoU, mDice and per-class IoU and Dice."""
+        counts = torch.stack(list(group_counts.values())).double()
+        iou, dice = iou_from_counts(counts), dice_from_counts(counts)
+        with open(path, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["group", "mIoU", "mDice", *[f"IoU/{name}" for name in self.class_names],
+                             *[f"Dice/{name}" for name in self.class_names]])  # fmt: skip
+            for name, group_iou, group_dice in zip(group_counts, iou, dice, strict=True):
+                means = [group_iou.nanmean().item(), group_dice.nanmean().item()]
+                values = [*means, *group_iou.tolist(), *group_dice.tolist()]
+                writer.writerow([name, *map(_cell, values)])
 
 
 class SemanticWriter:
@@ -302,6 +336,7 @@ class Evaluation:
     confusion: torch.Tensor  # (C, C) pixel counts [target, prediction], on the CPU
     image_counts: torch.Tensor  # (N, 3, C): true positives, target and predicted pixels
     image_names: list[str]  # the N samples, as their datasets describe them
+    group_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (3, C) sums
     examples: list[Example] = field(default_factory=list)  # the first samples
     worst: list[tuple[float, str, Example]] = field(default_factory=list)  # lowest image mIoU
 
@@ -331,8 +366,10 @@ class SemanticEvaluator:
         device: torch.device,
         num_examples: int,
         num_worst: int,
+        group: Callable[[str], str] | None = None,
     ):
         self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.group = group  # sample name -> its group (volume), scored whole; None: no groups
         self.num_examples, self.num_worst = num_examples, num_worst
         self.confusion = ConfusionMatrix(num_classes, ignore_index, device)
         self.names: list[str] = []
@@ -400,11 +437,17 @@ class SemanticEvaluator:
         worst = ranked[: self.num_worst] if pictures else []  # pictures: rank 0's
         if dist.is_main():
             warn_nonfinite(nonfinite, len(samples))
+        # A volume's slices may be on several ranks: summed from the gathered samples, in order.
+        groups: dict[str, torch.Tensor] = {}
+        for sample in samples if self.group is not None else []:
+            key = self.group(sample.name)
+            groups[key] = groups[key] + sample.counts if key in groups else sample.counts
         return Evaluation(
             metrics=self.confusion.compute(),
             confusion=self.confusion.matrix.cpu(),
             image_counts=torch.stack([sample.counts for sample in samples]) if samples else empty,
             image_names=names,
+            group_counts=groups,
             examples=pictures[: self.num_examples],
             worst=[(miou, names[at], pictures[at]) for miou, at in worst],
         )
