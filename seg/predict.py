@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from seg import restore
 from seg.config import report_user_errors, run_command
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
+from seg.data.nifti import case_name, image_slices, slice_channels, write_label_volume
 from seg.device import resolve_device
 from seg.engine import dist
 from seg.engine.task import PredictionWriter, PredictSettings
@@ -46,7 +48,9 @@ def find_inputs(pattern: str) -> tuple[list[Path], Path]:
     if path.is_file():
         return [path], path.parent
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES or case_name(p)
+        )
         return files, path
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     base = Path(glob.escape(pattern).split("*")[0].split("?")[0] or ".")
@@ -115,7 +119,13 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     formats = requested_formats(cfg.format, task)
     files, base = find_inputs(str(cfg.input))
     if not files:
-        raise FileNotFoundError(f"input={cfg.input}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise FileNotFoundError(
+            f"input={cfg.input}: no image files ({', '.join(IMAGE_SUFFIXES)}) nor volumes (.nii.gz)"
+        )
+    # NIfTI volumes are sliced as the checkpoint's data=nifti was and written back as volumes.
+    volumes = [file for file in files if case_name(file)]
+    files = [file for file in files if not case_name(file)]
+    slicing = volume_slicing(train_cfg, cfg.checkpoint) if volumes else {}
     relatives, renamed = output_paths(files, base)
     settings = PredictSettings(
         checkpoint=str(cfg.checkpoint),
@@ -137,8 +147,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         writer = task.writer(predictor, settings)  # refuses what it cannot write, before any
         if dist.is_main():
             log.info(
-                "Predicting %d images from %s into %s (%s)",
+                "Predicting %d images from %s into %s (%s)%s",
                 len(files), cfg.input, cfg.output, ", ".join(formats),
+                f" and {len(volumes)} volumes into {Path(cfg.output) / 'volumes'}" if volumes else "",
             )  # fmt: skip
             if renamed:
                 shown = ", ".join(map(str, renamed[:6])) + (" ..." if len(renamed) > 6 else "")
@@ -148,6 +159,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
                     len(renamed), shown,
                 )  # fmt: skip
         share = predict_share(writer, files, cfg.batch_size, train_cfg.data.num_workers)
+        share = (share[0] + predict_volumes(predictor, volumes, base, Path(cfg.output), slicing,
+                                            cfg.batch_size), share[1])  # fmt: skip
         writer.finish()
         shares = dist.gather(share)
         written = sum(count for count, _ in shares)
@@ -163,6 +176,41 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     finally:
         dist.shutdown()
     return {"written": written, "skipped": len(skipped)}
+
+
+def volume_slicing(train_cfg: DictConfig, checkpoint: str) -> dict:
+    """How the checkpoint's data=nifti sliced its volumes (``image_slices``' and the channels'
+    settings); a ValueError for a checkpoint trained on images."""
+    dataset = train_cfg.data.dataset
+    if not str(dataset.get("_target_", "")).endswith("NiftiDataset"):
+        raise ValueError(
+            f"input holds NIfTI volumes but checkpoint {checkpoint} was trained on "
+            f"{dataset.get('_target_')}: volumes need a checkpoint trained with data=nifti (its "
+            "slicing axis, window and context), or pass images instead"
+        )
+    window = None if dataset.window is None else list(dataset.window)
+    return {"axis": dataset.axis, "window": window, "percentiles": list(dataset.percentiles),
+            "context": dataset.context}  # fmt: skip
+
+
+def predict_volumes(
+    predict, volumes: list[Path], base: Path, output: Path, slicing: dict, batch_size: int
+) -> int:
+    """This rank's share of ``volumes`` predicted slice by slice (``batch_size`` per pass) and
+    written to ``<output>/volumes/<path under base>`` as label volumes in the input's
+    orientation, affine and header; returns how many were written."""
+    axis, context = slicing["axis"], slicing["context"]
+    for path in (volumes[i] for i in dist.shard(range(len(volumes)))):
+        image, stack = image_slices(path, axis, slicing["window"], slicing["percentiles"])
+        labels = np.empty(stack.shape, np.int16)
+        for start in range(0, len(stack), batch_size):
+            depths = range(start, min(start + batch_size, len(stack)))
+            batch = np.stack([slice_channels(stack, z, context) for z in depths])
+            names = [f"{path} (slice {z})" for z in depths]
+            predicted, _ = predict.labels(torch.from_numpy(batch).permute(0, 3, 1, 2), names)
+            labels[start : depths.stop] = predicted.cpu().numpy()
+        write_label_volume(labels, axis, image, output / "volumes" / path.relative_to(base))
+    return len(dist.shard(range(len(volumes))))
 
 
 def predict_share(

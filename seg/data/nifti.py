@@ -161,6 +161,35 @@ def keep_slices(foreground: list[np.ndarray], share: float, seed: int) -> list[t
     return [pair for i, pair in enumerate(pairs) if i not in dropped]
 
 
+def image_slices(
+    path: Path, axis: int, window: Sequence[float] | None, percentiles: Sequence[float]
+):
+    """The image volume at ``path`` (nibabel's, for its affine and header) and its windowed
+    (D, H, W) uint8 slices along ``axis`` of the canonical orientation."""
+    image = open_volume(path, "image")
+    voxels = canonical_voxels(image, path, "image")
+    low, high = intensity_range(voxels, window, percentiles)
+    return image, np.ascontiguousarray(to_slices(to_uint8(voxels, low, high), axis))
+
+
+def write_label_volume(slices: np.ndarray, axis: int, image, path: Path) -> None:
+    """(D, H, W) class indices from ``image_slices``' slices written to ``path`` as a label
+    volume in ``image``'s own voxel order (its stored orientation, not RAS), with its affine
+    and header (an integer type, no intensity scaling): it overlays the image in any viewer."""
+    nib = nibabel()
+    to_stored = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.io_orientation(image.affine)
+    )
+    labels = nib.orientations.apply_orientation(from_slices(slices, axis), to_stored)
+    dtype = np.uint8 if slices.max(initial=0) <= 255 else np.int16
+    header = image.header.copy()
+    header.set_data_dtype(dtype)
+    volume = type(image)(np.ascontiguousarray(labels, dtype), image.affine, header)
+    volume.header.set_slope_inter(1, 0)  # class indices as stored, whatever the image's scaling
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(volume, path)
+
+
 class NiftiDataset(SegmentationDataset):
     """Slices of the image/label volume pairs of ``<root>/{images,labels}/<split>/``.
 
@@ -323,7 +352,7 @@ class NiftiDataset(SegmentationDataset):
     def decode(self, v: int) -> tuple[np.ndarray, np.ndarray]:
         """Read, reorient, window and slice volume ``v``; labels checked against the classes."""
         image_path, label_path = self.volumes[v]
-        voxels = canonical_voxels(open_volume(image_path, "image"), image_path, "image")
+        _, image = image_slices(image_path, self.axis, self.window, self.percentiles)
         labels = integer_labels(
             canonical_voxels(open_volume(label_path, "label"), label_path, "label"), label_path
         )
@@ -334,10 +363,7 @@ class NiftiDataset(SegmentationDataset):
                 f"indices in [0, {self.num_classes}) nor ignore_index={self.ignore_index}; check "
                 "data.num_classes"
             )
-        low, high = intensity_range(voxels, self.window, self.percentiles)
-        image = to_slices(to_uint8(voxels, low, high), self.axis)
-        labels = to_slices(labels.astype(self.mask_dtype), self.axis)
-        return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+        return image, np.ascontiguousarray(to_slices(labels.astype(self.mask_dtype), self.axis))
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         v, z = self.slices[index]
