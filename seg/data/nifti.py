@@ -190,6 +190,59 @@ def write_label_volume(slices: np.ndarray, axis: int, image, path: Path) -> None
     nib.save(volume, path)
 
 
+def volume_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """The (image, label) volume paths of ``split``, paired by case name."""
+    image_dir, label_dir = root / "images" / split, root / "labels" / split
+    for directory in (image_dir, label_dir):
+        if not directory.is_dir():
+            raise DataError(f"{directory}: directory not found (data.root={root}).\n{NIFTI_TREE}")
+    images, labels = (
+        {case_name(p): p for p in sorted(d.iterdir()) if case_name(p)}
+        for d in (image_dir, label_dir)
+    )
+    alone = sorted(images.keys() ^ labels.keys())
+    if alone:
+        raise DataError(
+            f"{root}: split '{split}' has cases without their pair: "
+            f"{[str(images.get(c) or labels.get(c)) for c in alone[:5]]}; every image volume "
+            "needs a label volume of the same case name"
+        )
+    if not images:
+        raise DataError(f"{image_dir}: split '{split}' has no .nii/.nii.gz volumes.\n{NIFTI_TREE}")
+    return [(images[case], labels[case]) for case in sorted(images)]
+
+
+def open_pair(image_path: Path, label_path: Path):
+    """The image and label volumes (headers read): a DataError naming the label file when its
+    grid (shape) or affine is not its image's."""
+    image, labels = open_volume(image_path, "image"), open_volume(label_path, "label")
+    if image.shape != labels.shape:
+        raise DataError(
+            f"{label_path}: label volume has shape {labels.shape} but its image "
+            f"{image_path} has {image.shape}; they must share one voxel grid"
+        )
+    if not np.allclose(image.affine, labels.affine, atol=1e-4):
+        raise DataError(
+            f"{label_path}: label volume's affine differs from its image's {image_path} "
+            f"(label\n{np.round(labels.affine, 4)}\nimage\n{np.round(image.affine, 4)}); "
+            "resample the labels onto the image's grid"
+        )
+    return image, labels
+
+
+def class_labels(labels: np.ndarray, path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
+    """Label voxels as int64 class indices: a DataError naming the file for fractional values
+    or values that are neither a class nor ``ignore_index``."""
+    labels = integer_labels(labels, path)
+    invalid = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if invalid.any():
+        raise DataError(
+            f"{path}: label values {shown_values(labels, invalid)} are not class indices in "
+            f"[0, {num_classes}) nor ignore_index={ignore_index}; check data.num_classes"
+        )
+    return labels
+
+
 class NiftiDataset(SegmentationDataset):
     """Slices of the image/label volume pairs of ``<root>/{images,labels}/<split>/``.
 
@@ -239,7 +292,9 @@ class NiftiDataset(SegmentationDataset):
         self.axis, self.context = axis, context
         self.window = None if window is None else [float(v) for v in window]
         self.percentiles = [float(v) for v in percentiles]
-        self.volumes = self.pairs(Path(root), split)  # [(image path, label path)]
+        self.volumes = volume_pairs(Path(root), split)  # [(image path, label path)]
+        # slices per volume; the pairs' grids and affines checked from their headers
+        self.depths = [canonical_shape(open_pair(*pair)[0])[axis] for pair in self.volumes]
         self.volumes_in_memory = volumes_in_memory
         self._memory: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.volume_cache = None
@@ -259,51 +314,6 @@ class NiftiDataset(SegmentationDataset):
         self.names = [self.describe(i) for i in range(len(self.slices))]
         self.volume_of = {name: str(self.volumes[v][1]) for name, (v, _) in
                           zip(self.names, self.slices, strict=True)}  # fmt: skip
-
-    def pairs(self, root: Path, split: str) -> list[tuple[Path, Path]]:
-        """The split's (image, label) volume pairs, checked from their headers: both 3D, of
-        one grid (shape) and one affine. Sets ``self.depths``, the slices of each."""
-        image_dir, label_dir = root / "images" / split, root / "labels" / split
-        for directory in (image_dir, label_dir):
-            if not directory.is_dir():
-                raise DataError(
-                    f"{directory}: directory not found (data.root={root}).\n{NIFTI_TREE}"
-                )
-        images, labels = (
-            {case_name(p): p for p in sorted(d.iterdir()) if case_name(p)}
-            for d in (image_dir, label_dir)
-        )
-        alone = sorted(images.keys() ^ labels.keys())
-        if alone:
-            raise DataError(
-                f"{root}: split '{split}' has cases without their pair: "
-                f"{[str(images.get(c) or labels.get(c)) for c in alone[:5]]}; every image volume "
-                "needs a label volume of the same case name"
-            )
-        if not images:
-            raise DataError(
-                f"{image_dir}: split '{split}' has no .nii/.nii.gz volumes.\n{NIFTI_TREE}"
-            )
-        pairs = [(images[case], labels[case]) for case in sorted(images)]
-        self.depths = [self.check_pair(*pair) for pair in pairs]
-        return pairs
-
-    def check_pair(self, image_path: Path, label_path: Path) -> int:
-        """A DataError naming the label file when its grid or affine is not its image's; the
-        number of slices along ``axis`` otherwise."""
-        image, labels = open_volume(image_path, "image"), open_volume(label_path, "label")
-        if image.shape != labels.shape:
-            raise DataError(
-                f"{label_path}: label volume has shape {labels.shape} but its image "
-                f"{image_path} has {image.shape}; they must share one voxel grid"
-            )
-        if not np.allclose(image.affine, labels.affine, atol=1e-4):
-            raise DataError(
-                f"{label_path}: label volume's affine differs from its image's {image_path} "
-                f"(label\n{np.round(labels.affine, 4)}\nimage\n{np.round(image.affine, 4)}); "
-                "resample the labels onto the image's grid"
-            )
-        return canonical_shape(image)[self.axis]
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -353,16 +363,8 @@ class NiftiDataset(SegmentationDataset):
         """Read, reorient, window and slice volume ``v``; labels checked against the classes."""
         image_path, label_path = self.volumes[v]
         _, image = image_slices(image_path, self.axis, self.window, self.percentiles)
-        labels = integer_labels(
-            canonical_voxels(open_volume(label_path, "label"), label_path, "label"), label_path
-        )
-        invalid = ((labels < 0) | (labels >= self.num_classes)) & (labels != self.ignore_index)
-        if invalid.any():
-            raise DataError(
-                f"{label_path}: label values {shown_values(labels, invalid)} are not class "
-                f"indices in [0, {self.num_classes}) nor ignore_index={self.ignore_index}; check "
-                "data.num_classes"
-            )
+        voxels = canonical_voxels(open_volume(label_path, "label"), label_path, "label")
+        labels = class_labels(voxels, label_path, self.num_classes, self.ignore_index)
         return image, np.ascontiguousarray(to_slices(labels.astype(self.mask_dtype), self.axis))
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:

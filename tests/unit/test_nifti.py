@@ -16,6 +16,8 @@ from seg.data.nifti import (
     to_slices,
     to_uint8,
 )
+from seg.doctor import check_splits, format_report
+from tests.conftest import compose_config
 
 nib = pytest.importorskip("nibabel")
 ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"  # 33x41x25, LAS
@@ -197,3 +199,31 @@ def test_unpaired_cases_and_bad_settings(nifti_root):
         NiftiDataset(str(nifti_root), "train", 2, context=2)
     with pytest.raises(ValueError, match=r"data\.dataset\.window"):
         NiftiDataset(str(nifti_root), "train", 2, window=[400, -1000])
+
+
+def test_the_doctor_checks_every_volume_pair(nifti_root):
+    image = anatomical()
+    labels = nifti_root / "labels"
+    nib.save(
+        nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), labels / "train/a.nii.gz"
+    )
+    nib.save(
+        nib.Nifti1Image(np.full(image.shape, 3, np.uint8), image.affine), labels / "train/b.nii.gz"
+    )
+    nib.save(
+        nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine * 2), labels / "val/c.nii.gz"
+    )
+    cfg = compose_config("data=nifti", f"data.root={nifti_root}")
+    report = check_splits(cfg.data, ["train", "val"])
+    messages = {(e["file"], e["message"].split(" (")[0].split(";")[0]) for e in report["errors"]}
+    assert messages == {
+        (str(labels / "train/b.nii.gz"), "label values [3] are not class indices in [0, 2) nor ignore_index=255"),
+        (str(labels / "val/c.nii.gz"), "label volume's affine differs from its image's "
+         f"{nifti_root / 'images/val/c.nii.gz'}"),
+    }  # fmt: skip
+    warnings = [(w["file"], w["message"]) for w in report["warnings"]]
+    no_foreground = "no foreground: every labelled voxel is class 0 (background)"
+    assert (str(labels / "train/a.nii.gz"), no_foreground) in warnings
+    low, p_low, p_high, high = report["intensity"]["train"][str(labels / "train/a.nii.gz")]
+    assert (low, high) == (-610.0, 30393.0) and low < p_low < p_high < high  # the sample's range
+    assert "intensity: -610 to 30393" in format_report(report)
