@@ -58,21 +58,34 @@ def find_inputs(pattern: str) -> tuple[list[Path], Path]:
 
 
 class ImageFiles(Dataset):
-    """``(index, image, error)``: the decoded image as (3, H, W) uint8 RGB (the Predictor
-    normalizes it on its device; overlays use it as it is), or ``(index, None, error)`` for an
-    unreadable file instead of failing."""
+    """``(index, image, error)``: the decoded image as (C, H, W) at its stored dtype, ``bands``
+    selected (the Predictor normalizes it on its device; overlays show it as ``display_rgb``
+    does), or ``(index, None, error)`` for an unreadable file, or one without the model's
+    ``in_channels``, instead of failing."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(
+        self, files: list[Path], bands: list[int] | None = None, in_channels: int | None = None
+    ):
         self.files = files
+        self.bands, self.in_channels = bands, in_channels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         try:
-            image = read_image(self.files[index])
+            image = read_image(self.files[index], self.bands)
         except DataError as error:
             return index, None, str(error)
+        if self.in_channels is not None and image.shape[2] != self.in_channels:
+            return (
+                index,
+                None,
+                (
+                    f"{self.files[index]}: {image.shape[2]} bands but the model takes "
+                    f"{self.in_channels} (data.in_channels, data.bands={self.bands} of its training)"
+                ),
+            )
         return index, torch.from_numpy(image).permute(2, 0, 1), None
 
 
@@ -125,7 +138,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     # NIfTI volumes are sliced as the checkpoint's data=nifti was and written back as volumes.
     volumes = [file for file in files if case_name(file)]
     files = [file for file in files if not case_name(file)]
-    slicing = volume_slicing(train_cfg, cfg.checkpoint) if volumes else {}
+    slicing = volume_slicing(train_cfg, cfg.checkpoint) if volumes else None
     relatives, renamed = output_paths(files, base)
     settings = PredictSettings(
         checkpoint=str(cfg.checkpoint),
@@ -158,9 +171,13 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
                     "outputs keep it (img.jpg.png, img.png.png) so that none replaces another: %s",
                     len(renamed), shown,
                 )  # fmt: skip
-        share = predict_share(writer, files, cfg.batch_size, train_cfg.data.num_workers)
-        share = (share[0] + predict_volumes(predictor, volumes, base, Path(cfg.output), slicing,
-                                            cfg.batch_size), share[1])  # fmt: skip
+        bands = OmegaConf.select(train_cfg.data, "bands")  # as trained: selected, checked
+        share = predict_share(writer, files, cfg.batch_size, train_cfg.data.num_workers,
+                              None if bands is None else list(bands),
+                              OmegaConf.select(train_cfg.data, "in_channels", default=3))  # fmt: skip
+        if volumes:
+            share = (share[0] + predict_volumes(predictor, volumes, base, Path(cfg.output),
+                                                slicing, cfg.batch_size), share[1])  # fmt: skip
         writer.finish()
         shares = dist.gather(share)
         written = sum(count for count, _ in shares)
@@ -214,11 +231,16 @@ def predict_volumes(
 
 
 def predict_share(
-    writer: PredictionWriter, files: list[Path], batch_size: int, num_workers: int
+    writer: PredictionWriter,
+    files: list[Path],
+    batch_size: int,
+    num_workers: int,
+    bands: list[int] | None = None,
+    in_channels: int | None = None,
 ) -> tuple[int, list[tuple[int, str]]]:
     """Predict this rank's share of ``files`` (all of them in one process) and write their
     outputs; returns how many were written and the (index, error) of those skipped."""
-    dataset = ImageFiles(files)
+    dataset = ImageFiles(files, bands, in_channels)
     loader = DataLoader(
         Subset(dataset, dist.shard(range(len(files)))),  # items keep their index into files
         batch_size=1,
