@@ -7,14 +7,14 @@ splits. Every volume is reoriented to the closest canonical (RAS+) orientation f
 order its scanner stored the voxels in: 0 sagittal, 1 coronal, 2 axial.
 
 A ``.nii.gz`` cannot give one slice without decompressing the whole file, so each volume is
-decoded once: its windowed uint8 voxels and its labels go to ``data.cache_dir`` (two ``.npy``
+decoded once: its windowed uint16 voxels and its labels go to ``data.cache_dir`` (two ``.npy``
 files per volume, read back as memory maps; the same ``DecodedCache`` keys as other datasets:
 settings, paths, sizes and times) when one is set, and every process also keeps its last few
 volumes in memory (``volumes_in_memory``; DataLoader workers each their own).
 
-Slices leave as seg's samples do today: (H, W, 3) uint8 (the window mapped to 0-255, 256
-levels: 5.5 HU apart for [-1000, 400]) and (H, W) class indices. One slice is repeated into
-the three channels; ``context=1`` puts the slices before and after it there instead (2.5D).
+Slices leave as (H, W, C) uint16, the window mapped to 0-65535 (0.02 HU apart for
+[-1000, 400]; ``data.scale=auto`` divides by 65535 on the device), and (H, W) class indices.
+C is ``2 * context + 1``: the slice alone, or with ``context`` slices on either side (2.5D).
 """
 
 import logging
@@ -121,11 +121,11 @@ def intensity_range(
     return float(low), float(high)
 
 
-def to_uint8(volume: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Voxels clipped to [low, high] and mapped to 0-255 (a flat volume: all 0)."""
-    scale = 255.0 / (high - low) if high > low else 0.0
+def to_uint16(volume: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Voxels clipped to [low, high] and mapped to 0-65535 (a flat volume: all 0)."""
+    scale = 65535.0 / (high - low) if high > low else 0.0
     scaled = (np.clip(volume.astype(np.float32), low, high) - low) * scale
-    return np.rint(scaled).astype(np.uint8)
+    return np.rint(scaled).astype(np.uint16)
 
 
 def integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
@@ -143,11 +143,9 @@ def integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
 
 
 def slice_channels(stack: np.ndarray, z: int, context: int) -> np.ndarray:
-    """Slice ``z`` of a (D, H, W) stack as (H, W, 3): repeated (``context=0``), or slices
-    z-1, z, z+1 (``context=1``, 2.5D; the edge slice repeats at the volume's ends)."""
-    if context == 0:
-        return np.repeat(stack[z][..., None], 3, axis=2)
-    picked = [min(max(z + offset, 0), len(stack) - 1) for offset in (-1, 0, 1)]
+    """Slice ``z`` of a (D, H, W) stack as (H, W, 2 * context + 1): slices z - context to
+    z + context (2.5D; past the volume's ends its edge slice repeats)."""
+    picked = [min(max(z + offset, 0), len(stack) - 1) for offset in range(-context, context + 1)]
     return np.stack([stack[i] for i in picked], axis=2)
 
 
@@ -165,11 +163,11 @@ def image_slices(
     path: Path, axis: int, window: Sequence[float] | None, percentiles: Sequence[float]
 ):
     """The image volume at ``path`` (nibabel's, for its affine and header) and its windowed
-    (D, H, W) uint8 slices along ``axis`` of the canonical orientation."""
+    (D, H, W) uint16 slices along ``axis`` of the canonical orientation."""
     image = open_volume(path, "image")
     voxels = canonical_voxels(image, path, "image")
     low, high = intensity_range(voxels, window, percentiles)
-    return image, np.ascontiguousarray(to_slices(to_uint8(voxels, low, high), axis))
+    return image, np.ascontiguousarray(to_slices(to_uint16(voxels, low, high), axis))
 
 
 def write_label_volume(slices: np.ndarray, axis: int, image, path: Path) -> None:
@@ -247,9 +245,9 @@ class NiftiDataset(SegmentationDataset):
     """Slices of the image/label volume pairs of ``<root>/{images,labels}/<split>/``.
 
     ``axis``: 0 sagittal, 1 coronal, 2 axial, of the canonical (RAS+) volume. ``window``:
-    [low, high] in the images' units mapped to 0-255 (CT: [-1000, 400] HU), or null to use
-    ``percentiles`` of each volume (MRI). ``context``: 0 (one slice, repeated into 3 channels)
-    or 1 (the neighbours as the other two channels). ``empty_slices``: the share of slices
+    [low, high] in the images' units mapped to 0-65535 (CT: [-1000, 400] HU), or null to use
+    ``percentiles`` of each volume (MRI). ``context``: the slices on either side added as
+    channels (0: one channel; 1: three, 2.5D). ``empty_slices``: the share of slices
     without foreground (no class but 0) kept in ``train_split``, drawn with ``seed``; other
     splits keep every slice, so that their volumes are scored whole.
     """
@@ -275,11 +273,8 @@ class NiftiDataset(SegmentationDataset):
         nibabel()  # the extra's message before anything else
         if axis not in (0, 1, 2):
             raise ValueError(f"data.dataset.axis={axis}: 0 (sagittal), 1 (coronal) or 2 (axial)")
-        if context not in (0, 1):
-            raise ValueError(
-                f"data.dataset.context={context}: 0 (one slice) or 1 (it and its two "
-                "neighbours as the 3 channels); wider contexts need more than 3 input channels"
-            )
+        if context < 0:
+            raise ValueError(f"data.dataset.context={context}: slices on either side, >= 0")
         if window is not None and not (len(window) == 2 and window[0] < window[1]):
             raise ValueError(f"data.dataset.window={list(window)}: give [low, high], low < high")
         if not (len(percentiles) == 2 and 0 <= percentiles[0] < percentiles[1] <= 100):
@@ -290,6 +285,9 @@ class NiftiDataset(SegmentationDataset):
             raise ValueError(f"data.dataset.empty_slices={empty_slices}: a share in [0, 1]")
         super().__init__(num_classes, ignore_index, transform, None, skip_bad_samples)
         self.axis, self.context = axis, context
+        # The pixels every slice has (SegmentationDataset's keys): the model's input channels
+        # and data.scale=auto (65535) follow from them.
+        self.in_channels, self.dtype = 2 * context + 1, "uint16"
         self.window = None if window is None else [float(v) for v in window]
         self.percentiles = [float(v) for v in percentiles]
         self.volumes = volume_pairs(Path(root), split)  # [(image path, label path)]
@@ -300,7 +298,8 @@ class NiftiDataset(SegmentationDataset):
         self.volume_cache = None
         if cache_dir is not None:  # keyed on what decides a decoded volume, as other datasets
             settings = {"axis": axis, "window": self.window, "percentiles": self.percentiles,
-                        "num_classes": num_classes, "ignore_index": ignore_index}  # fmt: skip
+                        "num_classes": num_classes, "ignore_index": ignore_index,
+                        "dtype": self.dtype}  # fmt: skip
             self.volume_cache = DecodedCache(cache_dir, type(self).__name__, settings)
         if split == train_split and empty_slices < 1.0:  # needs the labels: decodes them now
             foreground = [
@@ -328,7 +327,7 @@ class NiftiDataset(SegmentationDataset):
         return self.volume_of[name]
 
     def volume(self, v: int) -> tuple[np.ndarray, np.ndarray]:
-        """Volume ``v`` as (D, H, W) slices: uint8 windowed image, ``mask_dtype`` labels."""
+        """Volume ``v`` as (D, H, W) slices: uint16 windowed image, ``mask_dtype`` labels."""
         if v in self._memory:
             self._memory.move_to_end(v)
             return self._memory[v]
@@ -352,7 +351,7 @@ class NiftiDataset(SegmentationDataset):
             return None
         image, labels = stacks
         if (
-            image.dtype != np.uint8
+            image.dtype != np.uint16
             or labels.dtype != self.mask_dtype
             or image.shape != labels.shape
         ):

@@ -86,3 +86,19 @@ def test_volumes_need_a_nifti_checkpoint(tmp_path):
     overrides = [f"checkpoint={tmp_path / 'run/checkpoints/last.pt'}", f"input={tmp_path}/*.nii"]
     with hydra_context(), pytest.raises(ValueError, match="trained with data=nifti"):
         predict.run(compose("predict", overrides=overrides), overrides)
+
+
+def test_a_2_5d_run_takes_three_slices_and_predicts_volumes(tmp_path):
+    root = write_nifti(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    run_training(run_dir, "data=nifti", f"data.root={root}", "data.dataset.context=1",
+                 "data.mean=[0.449,0.449,0.449]", "data.std=[0.226,0.226,0.226]")  # fmt: skip
+    checkpoint = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    first = next(v for k, v in checkpoint["model"].items() if v.ndim == 4)  # the first conv
+    assert first.shape[1] == 3  # the slice and its two neighbours
+    overrides = [f"checkpoint={run_dir / 'checkpoints/last.pt'}", f"input={ANATOMICAL}",
+                 f"output={tmp_path / 'out'}"]  # fmt: skip
+    with hydra_context():
+        predict.run(compose("predict", overrides=overrides), overrides)
+    written = nib.load(tmp_path / "out/volumes/anatomical.nii")
+    assert written.shape == (33, 41, 25)

@@ -81,8 +81,9 @@ def test_data_configs_build(
             )
             # (image, mask), or (image, instance-ID map, instance table) for instance data
             image, mask = dataset[0][:2]
-            # uint8 in transit: normalized and widened on the device
-            assert image.dtype == torch.uint8 and image.shape[0] == 3
+            # stored pixels in transit (uint8 photos): normalized and widened on the device
+            assert image.dtype in (torch.uint8, torch.uint16)
+            assert image.shape[0] == getattr(dataset, "in_channels", 3)
             assert mask.dtype in (torch.uint8, torch.int16) and mask.shape == image.shape[1:]
         assert len(cfg.data.class_names) == len(cfg.data.palette) == cfg.data.num_classes
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from seg.data.base import DataError
 from seg.data.nifti import (
@@ -14,7 +15,7 @@ from seg.data.nifti import (
     keep_slices,
     slice_channels,
     to_slices,
-    to_uint8,
+    to_uint16,
 )
 from seg.doctor import check_splits, format_report
 from tests.conftest import compose_config
@@ -83,7 +84,7 @@ def test_a_non_canonical_volume_gives_the_canonical_slices(tmp_path):
         for a, b in zip(first.load(index), second.load(index), strict=True):
             assert np.array_equal(a, b)
     image_slice, labels = first.load(12)
-    assert image_slice.shape == (41, 33, 3)  # (y, x): 41 rows, 33 columns
+    assert image_slice.shape == (41, 33, 1)  # (y, x): 41 rows, 33 columns; one channel
     # the stored x runs right to left: the slice is the stored one mirrored
     stored = threshold_labels(data)[..., 12].T[::-1]
     assert np.array_equal(labels, stored[:, ::-1]) and not np.array_equal(labels, stored)
@@ -91,10 +92,10 @@ def test_a_non_canonical_volume_gives_the_canonical_slices(tmp_path):
 
 def test_window_and_percentiles():
     volume = np.array([-2000, -1000, -300, 400, 3000], np.float32)
-    assert to_uint8(volume, -1000, 400).tolist() == [0, 0, 128, 255, 255]
+    assert to_uint16(volume, -1000, 400).tolist() == [0, 0, 32768, 65535, 65535]
     data = np.asanyarray(anatomical().dataobj).astype(np.float32)
-    windowed = to_uint8(data, *intensity_range(data, None, [1, 99]))
-    assert 0.005 < (windowed == 255).mean() < 0.02  # the brightest 1% saturate
+    windowed = to_uint16(data, *intensity_range(data, None, [1, 99]))
+    assert 0.005 < (windowed == 65535).mean() < 0.02  # the brightest 1% saturate
     assert intensity_range(data, [-1000, 400], [1, 99]) == (-1000.0, 400.0)
 
 
@@ -110,7 +111,8 @@ def test_split_by_case_and_each_volume_decoded_once(nifti_root, monkeypatch):
     )
     for index in range(len(train)):
         image, mask = train[index]
-        assert image.shape == (3, 41, 33) and mask.shape == (41, 33)
+        assert image.shape == (1, 41, 33) and mask.shape == (41, 33)
+        assert image.dtype == torch.uint16  # windowed to 0-65535: no 8-bit steps
     assert decodes == [0, 1]
 
 
@@ -142,11 +144,17 @@ def test_empty_slices_apply_to_the_training_split_only(nifti_root):
     assert len(train) == 30 and len(val) == 25
 
 
-def test_context_stacks_the_neighbouring_slices():
+def test_context_stacks_the_neighbouring_slices(nifti_root):
     stack = np.arange(3 * 2 * 2).reshape(3, 2, 2)
     assert slice_channels(stack, 1, 1)[0, 0].tolist() == [0, 4, 8]
     assert slice_channels(stack, 0, 1)[0, 0].tolist() == [0, 0, 4]  # the edge repeats
-    assert slice_channels(stack, 2, 0)[0, 0].tolist() == [8, 8, 8]
+    assert slice_channels(stack, 2, 0)[0, 0].tolist() == [8]
+    assert slice_channels(stack, 1, 2)[0, 0].tolist() == [0, 0, 4, 8, 8]
+    dataset = NiftiDataset(str(nifti_root), "val", 2, context=2)
+    image, _ = dataset[12]
+    assert dataset.in_channels == 5 and image.shape == (5, 41, 33)
+    alone = NiftiDataset(str(nifti_root), "val", 2)
+    assert torch.equal(image[1], alone[11][0][0]) and torch.equal(image[2], alone[12][0][0])
 
 
 def test_label_volume_of_another_shape_names_the_file(nifti_root):
@@ -195,8 +203,8 @@ def test_unpaired_cases_and_bad_settings(nifti_root):
     (nifti_root / "labels/val/c.nii.gz").rename(nifti_root / "labels/val/d.nii.gz")
     with pytest.raises(DataError, match="cases without their pair"):
         NiftiDataset(str(nifti_root), "val", 2)
-    with pytest.raises(ValueError, match=r"data\.dataset\.context=2"):
-        NiftiDataset(str(nifti_root), "train", 2, context=2)
+    with pytest.raises(ValueError, match=r"data\.dataset\.context=-1"):
+        NiftiDataset(str(nifti_root), "train", 2, context=-1)
     with pytest.raises(ValueError, match=r"data\.dataset\.window"):
         NiftiDataset(str(nifti_root), "train", 2, window=[400, -1000])
 
