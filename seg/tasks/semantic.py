@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID
 from seg.engine import dist
@@ -137,10 +137,15 @@ class SemanticTask:
         return SemanticPredict(predictor, memory_advice(predictor, "data.val_batch_size"))
 
     def evaluator(
-        self, device: torch.device, num_pictures: int = 0, num_worst: int | None = None
+        self,
+        device: torch.device,
+        num_pictures: int = 0,
+        num_worst: int | None = None,
+        dataset: Dataset | None = None,
     ) -> "SemanticEvaluator":
         """Accumulates on ``device``; keeps ``num_pictures`` examples and as many lowest-mIoU
-        images (``num_worst`` apart, for evaluate.py)."""
+        images (``num_worst`` apart, for evaluate.py); ``dataset``: unused (the masks are
+        the ground truth)."""
         worst = num_pictures if num_worst is None else num_worst
         return SemanticEvaluator(self.num_classes, self.ignore_index, device, num_pictures, worst)
 
