@@ -31,10 +31,12 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from torchvision.ops import masks_to_boxes
 
+from seg.data.instance_layouts import read_id_map
 from seg.data.instances import CocoSplit
 from seg.engine import dist
 from seg.engine.task import PredictSettings, Report
 from seg.inference import DeviceNormalize
+from seg.tasks.cityscapes_ap import ImageMatches, cityscapes_metrics, image_matches
 from seg.visualize import (
     caption_boxes,
     gallery,
@@ -157,20 +159,25 @@ class InstanceTask:
     ) -> "CocoEvaluator":
         """COCOeval over the split; ``num_pictures`` examples (``num_worst``: unused, the
         semantic task's lowest-mIoU images have no instance counterpart). A ``dataset`` with
-        an annotation file of its own (COCO's, ``coco_split``) is scored against that file."""
+        an annotation file of its own (COCO's, ``coco_split``) is scored against that file;
+        a Cityscapes one (``cityscapes_ground_truth``) also gets the official Cityscapes AP."""
         while isinstance(dataset, Subset):
             dataset = dataset.dataset
         reference = getattr(dataset, "coco_split", lambda: None)()
+        cityscapes = getattr(dataset, "cityscapes_ground_truth", lambda: None)()
         return CocoEvaluator(self.num_classes, self.mask_threshold, self.picture_score_threshold,
-                             num_pictures, reference)  # fmt: skip
+                             num_pictures, reference, cityscapes)  # fmt: skip
 
     def report(self, result: "InstanceEvaluation", prefix: str) -> Report:
         metrics = result.metrics
         names = self.class_names[1:]  # the background is no instance class
         scalars = {f"{prefix}/{kind}_{stat}": metrics[f"{kind}_{stat}"]
                    for kind in IOU_TYPES for stat in STAT_NAMES}  # fmt: skip
-        for kind in IOU_TYPES:
-            for name, value in zip(names, metrics[f"{kind}_AP_class"], strict=True):
+        if "cityscapes_AP" in metrics:  # Cityscapes splits: also the official figures
+            scalars |= {f"{prefix}/cityscapes_{stat}": metrics[f"cityscapes_{stat}"]
+                        for stat in ("AP", "AP50")}  # fmt: skip
+        for kind in (*IOU_TYPES, "cityscapes"):
+            for name, value in zip(names, metrics.get(f"{kind}_AP_class", []), strict=False):
                 scalars[f"{prefix}_class/{kind}_AP/{name}"] = value
         pictures = {}
         for i, (image, truth, prediction) in enumerate(result.examples):
@@ -266,6 +273,7 @@ class ImageResult:
     detections: list[dict]  # category_id, segmentation, bbox, score
     confident: int  # detections scored at least the picture threshold
     picture: tuple | None = None  # (image, (masks, labels), (masks, labels)) for the examples
+    cityscapes: ImageMatches | None = None  # against the instanceIds PNG (Cityscapes splits)
 
 
 @dataclass
@@ -411,16 +419,19 @@ class CocoEvaluator:
     once; every rank gets its metrics (best.pt and early stopping use them). With a
     ``reference`` (a COCO split), the ground truth is its annotation file as it is, with its
     image and category ids; else seg builds it from the ID maps: image ids are the split
-    positions from 1, category ids the class indices.
+    positions from 1, category ids the class indices. With ``cityscapes`` (each sample's
+    name -> its ``*_gtFine_instanceIds.png``), detections are also matched with those files
+    for Cityscapes' official AP (``seg.tasks.cityscapes_ap``).
     """
 
     def __init__(self, num_classes: int, mask_threshold: float, picture_score_threshold: float,
-                 num_pictures: int, reference: CocoSplit | None = None):  # fmt: skip
+                 num_pictures: int, reference: CocoSplit | None = None,
+                 cityscapes: dict[str, Path] | None = None):  # fmt: skip
         self.num_classes = num_classes
         self.mask_threshold = mask_threshold
         self.picture_score_threshold = picture_score_threshold
         self.num_pictures = num_pictures
-        self.reference = reference
+        self.reference, self.cityscapes = reference, cityscapes
         self.category_ids = (
             list(range(num_classes)) if reference is None else reference.category_ids
         )
@@ -455,8 +466,11 @@ class CocoEvaluator:
                      truth_labels)  # fmt: skip
             picture = (image.cpu().clone(), truth, shown)
         image_id = None if self.reference is None else self.reference.image_ids[name]
+        matches = None
+        if self.cityscapes is not None:
+            matches = official_matches(self.cityscapes[name], masks, detections)
         return ImageResult(name, image_id, *id_map.shape, truths, results, int(confident.sum()),
-                           picture)  # fmt: skip
+                           picture, matches)  # fmt: skip
 
     def result(self) -> InstanceEvaluation:
         images = dist.unshard(dist.gather(self.images))
@@ -466,7 +480,10 @@ class CocoEvaluator:
         def score() -> dict:
             truth = (coco_ground_truth(images, self.category_ids) if self.reference is None
                      else reference_truth(self.reference.annotations))  # fmt: skip
-            return coco_metrics(truth, images, self.category_ids)
+            metrics = coco_metrics(truth, images, self.category_ids)
+            if self.cityscapes is not None:
+                metrics |= cityscapes_metrics([image.cityscapes for image in images])
+            return metrics
 
         return InstanceEvaluation(
             metrics=dist.decided_by_main(score),
@@ -477,6 +494,19 @@ class CocoEvaluator:
                 for image in images
             ],
         )
+
+
+def official_matches(path: Path, masks: torch.Tensor, detections: dict) -> ImageMatches:
+    """Binary ``masks`` (N, H, W) of ``detections`` matched with the instanceIds PNG ``path``."""
+    instance_ids = read_id_map(Path(path)).astype(np.int64)
+    if instance_ids.shape != tuple(masks.shape[1:]):
+        raise ValueError(
+            f"{path}: {instance_ids.shape[::-1]} (width, height), but the image was evaluated at "
+            f"{tuple(masks.shape[1:])[::-1]}: Cityscapes' AP needs data.val_transform to keep "
+            "the size"
+        )
+    return image_matches(instance_ids, masks.numpy(), detections["labels"].numpy(),
+                         detections["scores"].numpy())  # fmt: skip
 
 
 def quiet_coco(dataset: dict) -> COCO:
@@ -584,6 +614,11 @@ def format_table(metrics: dict, class_names: Sequence[str]) -> str:
             *(100 * metrics[k] for k in ("mask_AP50", "mask_AP75", "box_AP50", "box_AP75"))
         )
     )
+    if "cityscapes_AP" in metrics:
+        lines.append(
+            f"Cityscapes (official) AP {_percent(metrics['cityscapes_AP']).strip()}  "
+            f"AP50 {_percent(metrics['cityscapes_AP50']).strip()}"
+        )
     return "\n".join(lines)
 
 
