@@ -68,7 +68,6 @@ class InstanceTask:
     metric = "mask_AP"
     mode = "max"
     compile_auto = False  # data-dependent shapes (proposals, detections): compile=auto stays off
-    exportable = False
     predict_formats = ("overlay", "instances", "coco")  # what predict.py writes
     default_predict_formats = ("overlay", "instances", "coco")
 

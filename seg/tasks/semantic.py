@@ -70,7 +70,6 @@ class SemanticTask:
     metric = "mIoU"
     mode = "max"
     compile_auto = True  # fixed crop sizes: one graph
-    exportable = True  # scripts/export.py: ONNX and TorchScript of the logits
     predict_formats = ("index", "color", "overlay", "cityscapes")  # what predict.py writes
     default_predict_formats = ("index", "color", "overlay")
 

@@ -3,10 +3,12 @@ synthetic instances through the same Trainer, resumes bit for bit (1 and 2 proce
 evaluates with COCOeval, and 2 processes score exactly what one does."""
 
 import json
+import logging
 
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -127,6 +129,20 @@ def test_predict_writes_overlays_instance_maps_that_read_back_and_coco_results(
     assert len(truth.loadRes(str(root / "coco_results.json")).anns) == len(results)
 
 
-def test_export_says_it_does_not_export_instance_models_yet(instance_run):
-    with pytest.raises(ValueError, match=r"export.py does not yet export models of the instance"):
-        run_entry(export, "export", f"checkpoint={instance_run / 'checkpoints/last.pt'}")
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_export_gives_the_same_detections_and_says_so(instance_run, tmp_path, format, caplog):
+    output = tmp_path / f"model.{format}"
+    with caplog.at_level(logging.INFO, logger="seg.export"):
+        report = run_entry(export, "export", f"checkpoint={instance_run / 'checkpoints/last.pt'}",
+                           f"format={format}", f"output={output}")  # fmt: skip
+    verification = report["verification"]
+    assert verification["passed"] and len(verification["images"]) == 3
+    assert all(check["detections"] > 0 for check in verification["images"])  # a real test
+    assert report["input"]["size"] == "exactly [3, 64, 64]"  # debug=tiny's crop, fixed
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Verification"))
+    assert "passed: 3 images, the same detections" in line and str(output) in line
+    # the file runs on its own: an image of the stated size in, detections out
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(5))
+    detections = export.ExportedDetector(output, format)(image)
+    assert detections["masks"].shape[1:] == (1, 64, 64)
+    assert len(detections["boxes"]) == len(detections["scores"]) == len(detections["labels"])
