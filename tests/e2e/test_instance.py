@@ -127,6 +127,10 @@ def test_predict_writes_overlays_instance_maps_that_read_back_and_coco_results(
                      "annotations": [], "categories": [{"id": c} for c in range(1, 6)]}  # fmt: skip
     truth.createIndex()
     assert len(truth.loadRes(str(root / "coco_results.json")).anns) == len(results)
+    # two processes, each its share of the images: one file, the same results in input order
+    torchrun_script("predict.py", f"checkpoint={checkpoint}", f"input={root / 'images'}",
+                    f"output={tmp_path / 'two'}", "format=[coco]")  # fmt: skip
+    assert json.loads((tmp_path / "two/coco_results.json").read_text()) == results
 
 
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])

@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 from seg.data.base import DataError
 from seg.data.coco import CocoInstances, decode
 from seg.doctor import check_splits
-from seg.tasks.instance import CocoEvaluator, InstanceTask, training_target
+from seg.tasks.instance import CocoEvaluator, InstanceTask, annotation_image_ids, training_target
 from tests.conftest import compose_config, write_png
 
 SHARED_COCO = Path(os.environ.get("SEG_SHARED_DATA", "/work/shared/data")) / "panoptic_coco"
@@ -234,3 +234,13 @@ def test_the_doctor_lists_every_bad_annotation_and_crowded_images(tmp_path):
     write_coco(tmp_path)
     (error,) = _doctor(tmp_path, "data.max_instances=2")["errors"]
     assert "a.png: 3 instances, more than data.max_instances=2" in error["message"]
+
+
+def test_predict_matches_inputs_to_the_annotation_files_images(tmp_path):
+    write_coco(tmp_path)
+    annotations = tmp_path / "annotations" / "instances_train.json"
+    inputs = [tmp_path / "train" / "b.png", tmp_path / "train" / "a.png"]
+    assert annotation_image_ids(annotations, inputs, tmp_path / "train") == [12, 11]
+    with pytest.raises(ValueError, match=r"instances_train.json lists no image with file_name "
+                                         r"\['train/a.png'\].*give input=<root>/<split>"):  # fmt: skip
+        annotation_image_ids(annotations, inputs[1:], tmp_path)
