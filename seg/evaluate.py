@@ -121,9 +121,7 @@ def evaluate_split(
         )  # fmt: skip
     # One progress display, rank 0's over its share: the ranks' would garble one another.
     bar = progress("evaluate", len(data_loader.dataset)) if dist.is_main() else nullcontext()
-    # A dataset of slices names each one's volume (``group``): scored whole too (data=nifti).
-    evaluator = task.evaluator(device, num_pictures=0, num_worst=cfg.num_worst,
-                               group=getattr(dataset, "group", None))  # fmt: skip
+    evaluator = task.evaluator(device, num_pictures=0, num_worst=cfg.num_worst, dataset=dataset)
     with bar:
         result = evaluate(predict.model, predict, data_loader, evaluator, device,
                           progress=bar.update if dist.is_main() else None)  # fmt: skip

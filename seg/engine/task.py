@@ -9,7 +9,7 @@ batch becomes losses, how outputs are scored and shown. The loop uses it exactly
     sum(losses.values()).backward()                               # (scaled, accumulated)
     ...
     predict = task.predictor(model, device, precision, channels_last)
-    evaluator = task.evaluator(device, num_pictures)
+    evaluator = task.evaluator(device, num_pictures, dataset=split)  # (its ground truth)
     for batch, names in split:                                    # engine.evaluation.evaluate
         evaluator.process(batch, predict(batch, names), names)
     result = evaluator.result()                                   # every rank, all ranks' data
@@ -110,7 +110,9 @@ class Task(Protocol):
         self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool
     ) -> Callable: ...
 
-    def evaluator(self, device: torch.device, num_pictures: int = 0) -> Evaluator: ...
+    def evaluator(
+        self, device: torch.device, num_pictures: int = 0, dataset: Any = None
+    ) -> Evaluator: ...
 
     def report(self, result: Any, prefix: str) -> Report: ...
 

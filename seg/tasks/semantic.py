@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID
 from seg.engine import dist
@@ -75,7 +75,6 @@ class SemanticTask:
     metric = "mIoU"
     mode = "max"
     compile_auto = True  # fixed crop sizes: one graph
-    exportable = True  # scripts/export.py: ONNX and TorchScript of the logits
     predict_formats = ("index", "color", "overlay", "cityscapes")  # what predict.py writes
     default_predict_formats = ("index", "color", "overlay")
 
@@ -152,14 +151,17 @@ class SemanticTask:
         device: torch.device,
         num_pictures: int = 0,
         num_worst: int | None = None,
-        group: Callable[[str], str] | None = None,
+        dataset: Dataset | None = None,
     ) -> "SemanticEvaluator":
         """Accumulates on ``device``; keeps ``num_pictures`` examples and as many lowest-mIoU
-        images (``num_worst`` apart, for evaluate.py). ``group``: a sample's name -> the group
-        it belongs to (a slice's volume: the dataset's ``group``), each group also scored whole."""
+        images (``num_worst`` apart, for evaluate.py). A ``dataset`` whose samples are parts
+        of a larger unit names it with ``group(name)`` (data=nifti: a slice's volume): each
+        group is also scored whole."""
         worst = num_pictures if num_worst is None else num_worst
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
         return SemanticEvaluator(self.num_classes, self.ignore_index, device, num_pictures, worst,
-                                 group)  # fmt: skip
+                                 getattr(dataset, "group", None))  # fmt: skip
 
     def report(self, result: "Evaluation", prefix: str) -> Report:
         metrics = result.metrics
