@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
@@ -22,6 +23,7 @@ from seg.config import build, report_user_errors, run_command
 from seg.data.base import IMAGE_SUFFIXES, DataError, SegmentationDataset
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes
 from seg.data.instances import InstanceDataset
+from seg.data.nifti import NiftiDataset, canonical_voxels, class_labels, open_pair, volume_pairs
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class SampleReport:
     size: str = ""
     image_hash: str = ""
     counts: np.ndarray | None = None  # pixels per class after mapping, ignored pixels last
+    intensity: list[float] | None = None  # a volume's [min, 0.5th, 99.5th percentile, max]
 
 
 def inspect(dataset: SegmentationDataset, index: int) -> SampleReport:
@@ -123,6 +126,32 @@ def inspect_instances(
     return report
 
 
+def inspect_volume(
+    image_path: Path, label_path: Path, num_classes: int, ignore_index: int
+) -> SampleReport:
+    """Check an image/label volume pair (data=nifti): one grid and affine, label values among
+    the classes, some foreground; and the image's intensity range, for choosing a window."""
+    report = SampleReport(str(label_path))
+    try:
+        image, labels = open_pair(image_path, label_path)
+        voxels = canonical_voxels(image, image_path, "image")
+        classes = canonical_voxels(labels, label_path, "label")
+        classes = class_labels(classes, label_path, num_classes, ignore_index)
+    except DataError as error:
+        report.errors.append(_without_file(str(error), report.file))
+        return report
+    report.size = "x".join(map(str, image.shape))
+    report.image_hash = hashlib.md5(np.ascontiguousarray(voxels).tobytes()).hexdigest()
+    valid = classes != ignore_index
+    report.counts = np.bincount(np.where(valid, classes, num_classes).ravel(),
+                                minlength=num_classes + 1)  # fmt: skip
+    if not (classes[valid] > 0).any():
+        report.warnings.append("no foreground: every labelled voxel is class 0 (background)")
+    low, high = np.percentile(voxels, [0.5, 99.5])
+    report.intensity = [float(voxels.min()), float(low), float(high), float(voxels.max())]
+    return report
+
+
 def _without_file(message: str, file: str) -> str:
     return message.removeprefix(f"{file}: ")
 
@@ -158,6 +187,7 @@ class SplitSummary:
     ignore_ratio: float = float("nan")
     sizes: dict[str, int] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
+    intensity: dict[str, list[float]] = field(default_factory=dict)  # volume -> its range
 
 
 def summarize(split: str, reports: list[SampleReport], class_names: list[str]) -> SplitSummary:
@@ -172,6 +202,8 @@ def summarize(split: str, reports: list[SampleReport], class_names: list[str]) -
             summary.sizes[report.size] = summary.sizes.get(report.size, 0) + 1
         if report.image_hash:
             summary.hashes.setdefault(report.image_hash, report.file)
+        if report.intensity is not None:
+            summary.intensity[report.file] = report.intensity
     summary.class_pixels = {name: int(c) for name, c in zip(class_names, counts[:-1], strict=True)}
     summary.ignore_ratio = float(counts[-1] / counts.sum()) if counts.sum() else float("nan")
     # Files with errors are not counted: a class may be in them alone.
@@ -188,14 +220,21 @@ def check_splits(data: DictConfig, splits: list[str], max_files: int | None = No
     """Inspect every pair of ``splits`` (or the first ``max_files``); the report as a dict."""
     summaries, errors = [], []
     for split in splits:
+        # Volumes are checked whole, pair by pair: one bad pair must not hide the others.
+        volumes = issubclass(get_class(data.dataset._target_), NiftiDataset)
         try:
-            dataset = build(data.dataset, split=split)
+            dataset = volume_pairs(Path(data.dataset.root), split) if volumes else build(
+                data.dataset, split=split)  # fmt: skip
         except (DataError, ValueError, FileNotFoundError) as error:
             errors.append({"file": f"{split} split", "message": str(error)})
             continue
         count = len(dataset) if max_files is None else min(len(dataset), max_files)
-        log.info("Checking %d samples of split '%s'", count, split)
-        reports = inspect_split(dataset, list(range(count)), data.num_workers)
+        log.info("Checking %d %s of split '%s'", count, "volumes" if volumes else "samples", split)
+        if volumes:
+            reports = [inspect_volume(*pair, data.num_classes, data.ignore_index)
+                       for pair in dataset[:count]]  # fmt: skip
+        else:
+            reports = inspect_split(dataset, list(range(count)), data.num_workers)
         summaries.append(summarize(split, reports, list(data.class_names)))
     for i, first in enumerate(summaries):  # the same image in two splits leaks the evaluation
         for second in summaries[i + 1 :]:
@@ -213,6 +252,8 @@ def check_splits(data: DictConfig, splits: list[str], max_files: int | None = No
             s.split: None if s.ignore_ratio != s.ignore_ratio else s.ignore_ratio for s in summaries
         },
         "image_sizes": {s.split: dict(Counter(s.sizes).most_common()) for s in summaries},
+        # volumes: [min, 0.5th, 99.5th percentile, max] of each image volume
+        "intensity": {s.split: s.intensity for s in summaries if s.intensity},
     }
 
 
@@ -225,6 +266,13 @@ def format_report(report: dict) -> str:
         ratio = report["ignore_ratio"][split]
         ignored = "n/a" if ratio is None else f"{100 * ratio:.1f}%"
         lines.append(f"split {split}: {files} files, ignored pixels {ignored}, sizes {sizes}")
+        ranges = np.array(list(report["intensity"].get(split, {}).values())).reshape(-1, 4)
+        if len(ranges):  # what a window (data.dataset.window) would cut
+            lines.append(
+                f"  intensity: {ranges[:, 0].min():g} to {ranges[:, 3].max():g}; per volume, "
+                f"0.5th percentile {ranges[:, 1].min():g} to {ranges[:, 1].max():g}, 99.5th "
+                f"{ranges[:, 2].min():g} to {ranges[:, 2].max():g}"
+            )
         pixels = report["class_pixels"][split]
         total = sum(pixels.values()) or 1
         width = max(map(len, pixels), default=5)

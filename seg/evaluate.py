@@ -122,7 +122,7 @@ def evaluate_split(
     # One progress display, of the whole split, fed by rank 0's share.
     share = len(data_loader.dataset)
     bar = progress("evaluate", total, share=share) if dist.is_main() else nullcontext()
-    evaluator = task.evaluator(device, num_pictures=0, num_worst=cfg.num_worst)
+    evaluator = task.evaluator(device, num_pictures=0, num_worst=cfg.num_worst, dataset=dataset)
     with bar:
         result = evaluate(predict.model, predict, data_loader, evaluator, device,
                           progress=bar.update if dist.is_main() else None)  # fmt: skip

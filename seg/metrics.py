@@ -65,6 +65,23 @@ def iou_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return true_positive / (target + predicted - true_positive)
 
 
+def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """(..., 3, C) counts -> (..., C) Dice, NaN where a class is in neither target nor prediction."""
+    true_positive, target, predicted = counts.unbind(-2)
+    return 2 * true_positive / (target + predicted)
+
+
+def group_metrics(group_counts: torch.Tensor) -> dict:
+    """Scores of G groups of images (the slices of a volume: medical papers score a patient
+    whole) from their summed (G, 3, C) counts: ``IoU``/``Dice`` per class, each the mean over
+    the groups where it is defined (a class in neither a volume's labels nor its prediction
+    leaves that volume out), and ``mIoU``/``mDice``, their means over the classes."""
+    counts = group_counts.double()
+    iou, dice = iou_from_counts(counts).nanmean(0), dice_from_counts(counts).nanmean(0)
+    return {"mIoU": iou.nanmean().item(), "mDice": dice.nanmean().item(),
+            "IoU": iou.tolist(), "Dice": dice.tolist()}  # fmt: skip
+
+
 def bootstrap_miou(
     image_counts: torch.Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
@@ -124,16 +141,18 @@ def _finite_or_none(value: float) -> float | None:
     return None if value != value else value  # NaN is the only value unequal to itself
 
 
-def format_table(metrics: dict, class_names: list[str]) -> str:
-    """The per-class IoU / Dice / accuracy table with the means, in percent."""
+def format_table(
+    metrics: dict, class_names: list[str], columns: tuple[str, ...] = ("IoU", "Dice", "Acc")
+) -> str:
+    """The per-class table of ``columns`` (IoU / Dice / accuracy) with their means (``m<column>``)
+    and the pixel accuracy where there is one, in percent."""
     width = max(len(name) for name in [*class_names, "mean"])
-    lines = [f"{'class':<{width}} " + " ".join(f"{h:>7}" for h in ("IoU", "Dice", "Acc"))]
+    lines = [f"{'class':<{width}} " + " ".join(f"{h:>7}" for h in columns)]
     for i, name in enumerate(class_names):
-        row = [metrics["IoU"][i], metrics["Dice"][i], metrics["Acc"][i]]
-        lines.append(f"{name:<{width}} " + " ".join(_percent(v) for v in row))
-    means = [metrics["mIoU"], metrics["mDice"], metrics["mAcc"]]
-    lines.append(f"{'mean':<{width}} " + " ".join(_percent(v) for v in means))
-    lines.append(f"aAcc {_percent(metrics['aAcc']).strip()}")
+        lines.append(f"{name:<{width}} " + " ".join(_percent(metrics[c][i]) for c in columns))
+    lines.append(f"{'mean':<{width}} " + " ".join(_percent(metrics[f"m{c}"]) for c in columns))
+    if "aAcc" in metrics:
+        lines.append(f"aAcc {_percent(metrics['aAcc']).strip()}")
     return "\n".join(lines)
 
 

@@ -402,10 +402,13 @@ class KeepSize(GeneralizedRCNNTransform):
         super().__init__(min_size=1, max_size=1, image_mean=[0.0], image_std=[1.0],
                          size_divisible=size_divisible)  # fmt: skip
 
+    # typed as torchvision types them: torch.jit.script (export.py) compiles these overrides
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         return image
 
-    def resize(self, image, target=None):
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         return image, target
 
 

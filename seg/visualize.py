@@ -128,6 +128,32 @@ def instance_overlay(
     return out.to(torch.uint8)
 
 
+def instance_colors(count: int) -> list[list[int]]:
+    """``count`` distinct bright RGB colours, the same for the same count: hues a golden
+    angle apart, so that neighbours in a picture rarely look alike."""
+    if count == 0:
+        return []  # (OpenCV refuses an empty image)
+    hues = (np.arange(count) * 0.618034 % 1.0 * 180).astype(np.uint8)  # OpenCV's hue: 0-179
+    hsv = np.stack([hues, np.full(count, 200, np.uint8), np.full(count, 255, np.uint8)], 1)
+    return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0].tolist()
+
+
+def caption_boxes(
+    picture: torch.Tensor, boxes: Sequence[Sequence[float]], texts: Sequence[str],
+    colors: Sequence[Sequence[int]],
+) -> np.ndarray:  # fmt: skip
+    """``texts`` written at the top-left corners of ``boxes`` ([x0, y0, x1, y1]) on a
+    (3, H, W) uint8 picture, each on a dark band in its colour: (H, W, 3) uint8."""
+    array = np.ascontiguousarray(picture.permute(1, 2, 0).numpy())
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.35
+    for (x0, y0, _, _), text, color in zip(boxes, texts, colors, strict=True):
+        (width, height), _ = cv2.getTextSize(text, font, scale, 1)
+        x, y = int(x0), max(int(y0), height + 2)  # inside the picture at the top
+        cv2.rectangle(array, (x, y - height - 2), (x + width, y), (0, 0, 0), cv2.FILLED)
+        cv2.putText(array, text, (x, y - 1), font, scale, tuple(map(int, color)), 1, cv2.LINE_AA)
+    return array
+
+
 def instance_comparison(
     image: torch.Tensor,
     truth: tuple[torch.Tensor, Sequence[int]],

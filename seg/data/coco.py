@@ -15,7 +15,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from seg.data.base import DataError, read_image
-from seg.data.instances import InstanceDataset
+from seg.data.instances import CocoSplit, InstanceDataset
 
 COCO_TREE = """expected:
   <root>/annotations/instances_<split>.json   COCO instance annotations
@@ -114,6 +114,7 @@ class CocoInstances(InstanceDataset):
         self.samples = [(image_dir / images[i]["file_name"], images[i]["height"],
                          images[i]["width"], per_image[i]) for i in images]  # fmt: skip
         self.labels = labels
+        self.image_ids = list(images)  # the samples' ids in the file
         for index, (*_, annotations) in enumerate(self.samples):  # before any training step
             self.check_instances(len(annotations), index)
         missing = [str(path) for path, *_ in self.samples if not path.is_file()]
@@ -134,6 +135,10 @@ class CocoInstances(InstanceDataset):
 
     def source_files(self, index: int) -> tuple[Path, ...]:
         return self.samples[index][0], self.annotations
+
+    def coco_split(self) -> CocoSplit:
+        names = {self.describe(index): image_id for index, image_id in enumerate(self.image_ids)}
+        return CocoSplit(self.annotations, names, self.category_ids)
 
     def table(self, index: int) -> np.ndarray:
         return np.array([[self.labels[a["category_id"]], int(bool(a.get("iscrowd", 0)))]

@@ -193,6 +193,10 @@ class CityscapesInstances(PixelInstances):
         self.samples = cityscapes_pairs(root, split, "instanceIds", "instance")
         self.use_cache(cache_dir)  # data.cache_dir: decode each image and annotation map once
 
+    def cityscapes_ground_truth(self) -> dict[str, Path]:
+        """Each sample's name -> its instanceIds PNG, which Cityscapes' official AP reads."""
+        return {self.describe(index): label for index, (_, label) in enumerate(self.samples)}
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, label_path = self.samples[index]
         ids = read_id_map(label_path).astype(np.int64)

@@ -9,11 +9,24 @@ pixels (``seg.data.instance_layouts``) has ``load`` return one map holding both,
 in ``instances``.
 """
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from seg.data.base import DataError, SegmentationDataset
 from seg.data.transforms import apply, to_tensors
+
+
+@dataclass
+class CocoSplit:
+    """A split whose ground truth is a COCO annotation file, which evaluation scores against
+    as it is (its areas, crowd regions and image ids) rather than the painted ID maps."""
+
+    annotations: Path  # the JSON file
+    image_ids: dict[str, int]  # a sample's name (``describe``) -> its image id in the file
+    category_ids: list[int]  # class -> category id (0 for the background)
 
 
 class InstanceDataset(SegmentationDataset):
@@ -42,6 +55,11 @@ class InstanceDataset(SegmentationDataset):
         cache keeps) beside the image: here the ID map itself, the table from ``table``."""
         table = torch.from_numpy(np.asarray(self.table(index), np.int64).reshape(-1, 2))
         return decoded, table
+
+    def coco_split(self) -> CocoSplit | None:
+        """The annotation file evaluation scores against; None: seg builds the ground truth
+        from the ID maps (area = pixel count)."""
+        return None
 
     def check_instances(self, count: int, index: int) -> None:
         if count > self.max_instances:

@@ -14,24 +14,37 @@ inclusive maxima + 1, as pycocotools' ``toBbox`` computes them).
 import contextlib
 import csv
 import io
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
+from torch.utils.data import Dataset, Subset
 from torchvision.ops import masks_to_boxes
 
+from seg.data.instance_layouts import read_id_map
+from seg.data.instances import CocoSplit
 from seg.engine import dist
-from seg.engine.task import Report
+from seg.engine.task import PredictSettings, Report
 from seg.inference import DeviceNormalize
-from seg.visualize import gallery, instance_comparison, save_png
+from seg.tasks.cityscapes_ap import ImageMatches, cityscapes_metrics, image_matches
+from seg.visualize import (
+    caption_boxes,
+    gallery,
+    instance_colors,
+    instance_comparison,
+    instance_overlay,
+    save_png,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +68,8 @@ class InstanceTask:
     metric = "mask_AP"
     mode = "max"
     compile_auto = False  # data-dependent shapes (proposals, detections): compile=auto stays off
-    exportable = False
-    predict_formats = ()
+    predict_formats = ("overlay", "instances", "coco")  # what predict.py writes
+    default_predict_formats = ("overlay", "instances", "coco")
 
     def __init__(
         self,
@@ -133,21 +146,38 @@ class InstanceTask:
         return InstancePredict(model, lambda images: self.normalize_each(images, device, memory_format),
                                device, precision)  # fmt: skip
 
+    def writer(self, predict: "InstancePredict", settings: PredictSettings) -> "InstanceWriter":
+        """predict.py's files (``settings.formats``: overlay, instances, coco)."""
+        return InstanceWriter(predict, settings, self)
+
     def evaluator(
-        self, device: torch.device, num_pictures: int = 0, num_worst: int | None = None
+        self,
+        device: torch.device,
+        num_pictures: int = 0,
+        num_worst: int | None = None,
+        dataset: Dataset | None = None,
     ) -> "CocoEvaluator":
         """COCOeval over the split; ``num_pictures`` examples (``num_worst``: unused, the
-        semantic task's lowest-mIoU images have no instance counterpart)."""
+        semantic task's lowest-mIoU images have no instance counterpart). A ``dataset`` with
+        an annotation file of its own (COCO's, ``coco_split``) is scored against that file;
+        a Cityscapes one (``cityscapes_ground_truth``) also gets the official Cityscapes AP."""
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        reference = getattr(dataset, "coco_split", lambda: None)()
+        cityscapes = getattr(dataset, "cityscapes_ground_truth", lambda: None)()
         return CocoEvaluator(self.num_classes, self.mask_threshold, self.picture_score_threshold,
-                             num_pictures)  # fmt: skip
+                             num_pictures, reference, cityscapes)  # fmt: skip
 
     def report(self, result: "InstanceEvaluation", prefix: str) -> Report:
         metrics = result.metrics
         names = self.class_names[1:]  # the background is no instance class
         scalars = {f"{prefix}/{kind}_{stat}": metrics[f"{kind}_{stat}"]
                    for kind in IOU_TYPES for stat in STAT_NAMES}  # fmt: skip
-        for kind in IOU_TYPES:
-            for name, value in zip(names, metrics[f"{kind}_AP_class"], strict=True):
+        if "cityscapes_AP" in metrics:  # Cityscapes splits: also the official figures
+            scalars |= {f"{prefix}/cityscapes_{stat}": metrics[f"cityscapes_{stat}"]
+                        for stat in ("AP", "AP50")}  # fmt: skip
+        for kind in (*IOU_TYPES, "cityscapes"):
+            for name, value in zip(names, metrics.get(f"{kind}_AP_class", []), strict=False):
                 scalars[f"{prefix}_class/{kind}_AP/{name}"] = value
         pictures = {}
         for i, (image, truth, prediction) in enumerate(result.examples):
@@ -216,6 +246,7 @@ class InstancePredict:
     def describe(self) -> str:
         return "whole images, one at a time"
 
+    @torch.inference_mode()  # predict.py calls it outside evaluate()'s inference mode
     def __call__(self, batch: tuple, names: list[str]) -> list[dict[str, torch.Tensor]]:
         images = self.normalize([image.to(self.device) for image in batch[0]])
         enabled = self.precision != "fp32"
@@ -235,12 +266,14 @@ class ImageResult:
     them."""
 
     name: str
+    image_id: int | None  # the annotation file's; None: the split position + 1
     height: int
     width: int
     truths: list[dict]  # category_id, segmentation, area, bbox, iscrowd
     detections: list[dict]  # category_id, segmentation, bbox, score
     confident: int  # detections scored at least the picture threshold
     picture: tuple | None = None  # (image, (masks, labels), (masks, labels)) for the examples
+    cityscapes: ImageMatches | None = None  # against the instanceIds PNG (Cityscapes splits)
 
 
 @dataclass
@@ -258,22 +291,150 @@ def rle(mask: np.ndarray) -> dict:
     return encoded
 
 
+class InstanceWriter:
+    """predict.py's files of an instance model, per input image (its path under ``input``,
+    suffix .png): ``overlay/`` the detections scored at least ``score_threshold`` on the image,
+    each instance in a colour of its own with its outline, class and score; ``instances/`` a
+    16-bit instance-ID PNG of the same detections (1 the highest scored, 0 background; where
+    masks overlap, the higher score wins) with ``masks/`` their classes (8-bit), the layout
+    ``data=instance_folder`` reads; and ``coco`` one COCO results file,
+    ``coco_results.json``, of every detection the model returns (AP ranks them all): RLE
+    masks, [x, y, w, h] boxes, scores, the dataset's category ids and, with
+    ``annotations``, its image ids (else 1, 2, ... in input order)."""
+
+    def __init__(self, predict: "InstancePredict", settings: PredictSettings, task: "InstanceTask"):
+        self.predict, self.settings = predict, settings
+        self.class_names = task.class_names
+        self.mask_threshold = (task.mask_threshold if settings.mask_threshold is None
+                               else settings.mask_threshold)  # fmt: skip
+        self.category_ids = settings.category_ids or list(range(task.num_classes))
+        if len(self.category_ids) != task.num_classes:
+            raise ValueError(
+                f"data.category_ids has {len(self.category_ids)} entries for the "
+                f"{task.num_classes} classes of checkpoint {settings.checkpoint}"
+            )
+        self.image_ids = list(range(1, len(settings.inputs) + 1))
+        if "coco" in settings.formats and settings.annotations is not None:
+            self.image_ids = annotation_image_ids(settings.annotations, settings.inputs,
+                                                  settings.base)  # fmt: skip
+        self.results: list[tuple[int, list[dict]]] = []  # (input index, its COCO results)
+
+    def write(self, images: torch.Tensor, indices: list[int]) -> None:
+        names = [str(self.settings.inputs[index]) for index in indices]
+        for index, image, detections in zip(indices, images, self.predict((images,), names),
+                                            strict=True):  # fmt: skip
+            masks = detections["masks"][:, 0] > self.mask_threshold  # (N, H, W)
+            if "coco" in self.settings.formats:
+                results = detection_results(detections, masks, self.category_ids)
+                self.results.append((index, [{"image_id": self.image_ids[index], **result}
+                                             for result in results]))  # fmt: skip
+            # the shown ones, lowest score first: higher scores are drawn (and mapped) over them
+            shown = (detections["scores"] >= self.settings.score_threshold).nonzero()[:, 0]
+            shown = shown[detections["scores"][shown].argsort(stable=True)]
+            self.write_pictures(image, masks[shown], {key: detections[key][shown]
+                                for key in ("boxes", "labels", "scores")}, index)  # fmt: skip
+
+    def write_pictures(self, image: torch.Tensor, masks: torch.Tensor, shown: dict,
+                       index: int) -> None:  # fmt: skip
+        relative, output = self.settings.relatives[index], self.settings.output
+        labels = shown["labels"].tolist()
+        if "instances" in self.settings.formats:
+            ids = np.zeros(image.shape[1:], np.uint16)
+            classes = np.zeros(
+                image.shape[1:], np.uint8 if len(self.class_names) <= 256 else np.uint16
+            )
+            for number, (mask, label) in enumerate(zip(masks.numpy(), labels, strict=True)):
+                ids[mask] = len(labels) - number  # 1: the highest score, drawn last
+                classes[mask] = label
+            for folder, array in (("instances", ids), ("masks", classes)):
+                path = output / folder / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not cv2.imwrite(str(path), array):  # 16-bit PNG: PIL would write 8 bits
+                    raise OSError(f"{path}: could not write the PNG")
+        if "overlay" in self.settings.formats:
+            colors = instance_colors(len(labels))[::-1]  # the highest score: the first colour
+            picture = instance_overlay(
+                image, masks, range(len(labels)), colors, self.settings.alpha
+            )
+            texts = [f"{self.class_names[label]} {score:.2f}"
+                     for label, score in zip(labels, shown["scores"].tolist(), strict=True)]  # fmt: skip
+            save_png(caption_boxes(picture, shown["boxes"].tolist(), texts, colors),
+                     output / "overlay" / relative)  # fmt: skip
+
+    def finish(self) -> None:
+        """Rank 0 writes ``coco_results.json`` of every rank's results, in input order."""
+        if "coco" not in self.settings.formats:
+            return
+        shares = dist.gather_to_main(self.results)
+        if shares is None:
+            return
+        results = [result for _, image in sorted(item for share in shares for item in share)
+                   for result in image]  # fmt: skip
+        path = self.settings.output / "coco_results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results))
+        log.info("%d detections in COCO's results format written to %s", len(results), path)
+
+
+def annotation_image_ids(annotations: Path, inputs: list[Path], base: Path) -> list[int]:
+    """Each input's image id in a COCO annotation file, matched by its path under ``base``
+    (the ``input`` folder) to the file's ``file_name``s; an input it lacks is an error."""
+    try:
+        with open(annotations) as file:
+            listed = {image["file_name"]: image["id"] for image in json.load(file)["images"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"annotations={annotations}: cannot read its images' file_name and id ({error!r})"
+        ) from error
+    names = [path.relative_to(base).as_posix() for path in inputs]
+    missing = [name for name in names if name not in listed]
+    if missing:
+        raise ValueError(
+            f"annotations={annotations} lists no image with file_name {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of the {len(names)} inputs); "
+            "give input=<root>/<split> (file names are matched under it) or annotations=null"
+        )
+    return [listed[name] for name in names]
+
+
+def detection_results(
+    detections: dict[str, torch.Tensor], masks: torch.Tensor, category_ids: Sequence[int]
+) -> list[dict]:
+    """COCO results (without ``image_id``) of one image's ``detections``: binary ``masks``
+    (N, H, W) as RLE, boxes as [x, y, w, h], each class as its ``category_ids`` entry."""
+    boxes = detections["boxes"].tolist()
+    return [
+        {"category_id": int(category_ids[label]), "segmentation": rle(mask.numpy()),
+         "score": float(score), "bbox": [x0, y0, x1 - x0, y1 - y0]}
+        for mask, (x0, y0, x1, y1), label, score in zip(
+            masks, boxes, detections["labels"].tolist(), detections["scores"], strict=True)
+    ]  # fmt: skip
+
+
 class CocoEvaluator:
     """COCO box and mask AP of a split with pycocotools' COCOeval.
 
     Each rank encodes its images' ground truth and detections to RLE as they come (no
     full-size masks are kept), ``result`` gathers them in split order and rank 0 runs COCOeval
-    once; every rank gets its metrics (best.pt and early stopping use them). Image ids are the
-    split positions from 1, annotation ids count from 1 (COCOeval takes id 0 for "unmatched"),
-    category ids are the class indices.
+    once; every rank gets its metrics (best.pt and early stopping use them). With a
+    ``reference`` (a COCO split), the ground truth is its annotation file as it is, with its
+    image and category ids; else seg builds it from the ID maps: image ids are the split
+    positions from 1, category ids the class indices. With ``cityscapes`` (each sample's
+    name -> its ``*_gtFine_instanceIds.png``), detections are also matched with those files
+    for Cityscapes' official AP (``seg.tasks.cityscapes_ap``).
     """
 
     def __init__(self, num_classes: int, mask_threshold: float, picture_score_threshold: float,
-                 num_pictures: int):  # fmt: skip
+                 num_pictures: int, reference: CocoSplit | None = None,
+                 cityscapes: dict[str, Path] | None = None):  # fmt: skip
         self.num_classes = num_classes
         self.mask_threshold = mask_threshold
         self.picture_score_threshold = picture_score_threshold
         self.num_pictures = num_pictures
+        self.reference, self.cityscapes = reference, cityscapes
+        self.category_ids = (
+            list(range(num_classes)) if reference is None else reference.category_ids
+        )
         self.images: list[ImageResult] = []
 
     def process(self, batch: tuple, outputs: list[dict], names: list[str]) -> None:
@@ -290,19 +451,13 @@ class CocoEvaluator:
             if not mask.any():
                 continue  # hidden by the others
             encoded = rle(mask)
-            truths.append({"category_id": int(label), "segmentation": encoded,
+            truths.append({"category_id": self.category_ids[label], "segmentation": encoded,
                            "area": float(mask_utils.area(encoded)),
                            "bbox": mask_utils.toBbox(encoded).tolist(), "iscrowd": int(iscrowd)})  # fmt: skip
             truth_masks.append(torch.from_numpy(mask))
             truth_labels.append(int(label))
         masks = detections["masks"][:, 0] > self.mask_threshold  # (N, H, W) on the pasted scores
-        boxes = detections["boxes"].tolist()
-        results = [
-            {"category_id": int(label), "segmentation": rle(mask.numpy()), "score": float(score),
-             "bbox": [x0, y0, x1 - x0, y1 - y0]}
-            for mask, (x0, y0, x1, y1), label, score in zip(
-                masks, boxes, detections["labels"], detections["scores"], strict=True)
-        ]  # fmt: skip
+        results = detection_results(detections, masks, self.category_ids)
         confident = detections["scores"] >= self.picture_score_threshold
         picture = None
         if len(self.images) < self.num_pictures:
@@ -310,13 +465,28 @@ class CocoEvaluator:
             truth = (torch.stack(truth_masks) if truth_masks else torch.zeros(0, *id_map.shape, dtype=torch.bool),
                      truth_labels)  # fmt: skip
             picture = (image.cpu().clone(), truth, shown)
-        return ImageResult(name, *id_map.shape, truths, results, int(confident.sum()), picture)
+        image_id = None if self.reference is None else self.reference.image_ids[name]
+        matches = None
+        if self.cityscapes is not None:
+            matches = official_matches(self.cityscapes[name], masks, detections)
+        return ImageResult(name, image_id, *id_map.shape, truths, results, int(confident.sum()),
+                           picture, matches)  # fmt: skip
 
     def result(self) -> InstanceEvaluation:
         images = dist.unshard(dist.gather(self.images))
-        metrics = dist.decided_by_main(lambda: coco_metrics(images, self.num_classes))
+        for at, image in enumerate(images):
+            image.image_id = at + 1 if image.image_id is None else image.image_id
+
+        def score() -> dict:
+            truth = (coco_ground_truth(images, self.category_ids) if self.reference is None
+                     else reference_truth(self.reference.annotations))  # fmt: skip
+            metrics = coco_metrics(truth, images, self.category_ids)
+            if self.cityscapes is not None:
+                metrics |= cityscapes_metrics([image.cityscapes for image in images])
+            return metrics
+
         return InstanceEvaluation(
-            metrics=metrics,
+            metrics=dist.decided_by_main(score),
             image_names=[image.name for image in images],
             examples=[image.picture for image in images[: self.num_pictures]],
             per_image=[
@@ -326,24 +496,64 @@ class CocoEvaluator:
         )
 
 
-def coco_ground_truth(images: list[ImageResult], num_classes: int) -> COCO:
-    """A pycocotools COCO object of ``images``' ground truth (ids from 1)."""
-    dataset = {
-        "images": [
-            {"id": at + 1, "height": image.height, "width": image.width, "file_name": image.name}
-            for at, image in enumerate(images)
-        ],
-        "categories": [{"id": c} for c in range(1, num_classes)],
-        "annotations": [],
-    }
-    for at, image in enumerate(images):
-        for truth in image.truths:
-            annotation_id = len(dataset["annotations"]) + 1
-            dataset["annotations"].append({"id": annotation_id, "image_id": at + 1, **truth})
+def official_matches(path: Path, masks: torch.Tensor, detections: dict) -> ImageMatches:
+    """Binary ``masks`` (N, H, W) of ``detections`` matched with the instanceIds PNG ``path``."""
+    instance_ids = read_id_map(Path(path)).astype(np.int64)
+    if instance_ids.shape != tuple(masks.shape[1:]):
+        raise ValueError(
+            f"{path}: {instance_ids.shape[::-1]} (width, height), but the image was evaluated at "
+            f"{tuple(masks.shape[1:])[::-1]}: Cityscapes' AP needs data.val_transform to keep "
+            "the size"
+        )
+    return image_matches(instance_ids, masks.numpy(), detections["labels"].numpy(),
+                         detections["scores"].numpy())  # fmt: skip
+
+
+def quiet_coco(dataset: dict) -> COCO:
+    """A pycocotools COCO object of a parsed annotation ``dataset`` (its progress unprinted)."""
     coco = COCO()
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+    with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
+    return coco
+
+
+def coco_ground_truth(images: list[ImageResult], category_ids: Sequence[int]) -> COCO:
+    """A pycocotools COCO object of ``images``' ground truth (annotation ids from 1)."""
+    listed = [(image.image_id, image.height, image.width, image.name) for image in images]
+    dataset = {
+        "images": [
+            {"id": i, "height": h, "width": w, "file_name": name} for i, h, w, name in listed
+        ],
+        "categories": [{"id": c} for c in category_ids[1:]],
+        "annotations": [],
+    }
+    for image in images:
+        for truth in image.truths:
+            annotation_id = len(dataset["annotations"]) + 1
+            dataset["annotations"].append(
+                {"id": annotation_id, "image_id": image.image_id, **truth}
+            )
+    return quiet_coco(dataset)
+
+
+def reference_truth(path: Path) -> COCO:
+    """A COCO annotation file as COCOeval's ground truth: its areas, boxes, crowds, image and
+    category ids as they are (an annotation without ``area`` or ``bbox``, which labelling
+    tools may leave out, gets its segmentation's, as COCO defines them); annotation ids
+    renumbered from 1, since COCOeval reads an id of 0 as "unmatched" (files that count from
+    0 would score their first object as missed). Read afresh each time: COCOeval writes into
+    the annotations it scores."""
+    with open(path) as file:
+        dataset = json.load(file)
+    for number, annotation in enumerate(dataset.get("annotations", []), 1):
+        annotation["id"] = number
+    coco = quiet_coco(dataset)
+    for annotation in dataset.get("annotations", []):
+        if "area" not in annotation or "bbox" not in annotation:
+            encoded = coco.annToRLE(annotation)
+            annotation.setdefault("area", float(mask_utils.area(encoded)))
+            annotation.setdefault("bbox", mask_utils.toBbox(encoded).tolist())
     return coco
 
 
@@ -352,25 +562,29 @@ def coco_results(images: list[ImageResult], kind: str) -> list[dict]:
     segmentations, their areas and boxes derived by loadRes from the masks) or boxes ("box"),
     as torchvision's references/detection prepare them, one list per IoU type."""
     drop = "bbox" if kind == "mask" else "segmentation"
-    return [{"image_id": at + 1, **{k: v for k, v in result.items() if k != drop}}
-            for at, image in enumerate(images) for result in image.detections]  # fmt: skip
+    return [{"image_id": image.image_id, **{k: v for k, v in result.items() if k != drop}}
+            for image in images for result in image.detections]  # fmt: skip
 
 
-def coco_metrics(images: list[ImageResult], num_classes: int) -> dict:
-    """COCOeval's box and mask AP (0-1) and per-class AP (NaN for a class without ground
+def coco_metrics(truth: COCO, images: list[ImageResult], category_ids: Sequence[int]) -> dict:
+    """COCOeval's box and mask AP (0-1) of ``images``' detections against ``truth`` on those
+    images, and per-class AP (class k: ``category_ids[k]``; NaN for a class without ground
     truth). No detections at all: AP 0 (pycocotools' loadRes refuses an empty list)."""
-    truth = coco_ground_truth(images, num_classes)
-    classes = range(1, num_classes)
+    image_ids = [image.image_id for image in images]
+    categories = list(category_ids[1:])
     metrics = {}
     for kind, iou_type in IOU_TYPES.items():
         results = coco_results(images, kind)
-        has_truth = [bool(truth.getAnnIds(catIds=[c], iscrowd=False)) for c in classes]
+        has_truth = [bool(truth.getAnnIds(imgIds=image_ids, catIds=[c], iscrowd=False))
+                     for c in categories]  # fmt: skip
         if not results:
             metrics |= {f"{kind}_{stat}": 0.0 for stat in STAT_NAMES}
             metrics[f"{kind}_AP_class"] = [0.0 if seen else math.nan for seen in has_truth]
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             evaluation = COCOeval(truth, truth.loadRes(results), iou_type)
+            evaluation.params.imgIds = image_ids  # those evaluated (max_samples: the first N)
+            evaluation.params.catIds = categories  # in class order, for the per-class AP
             evaluation.evaluate()
             evaluation.accumulate()
             evaluation.summarize()
@@ -379,7 +593,7 @@ def coco_metrics(images: list[ImageResult], num_classes: int) -> dict:
         # precision[T, R, K, A, M]: IoU thresholds, recall points, classes, area "all", 100 dets
         precision = evaluation.eval["precision"][:, :, :, 0, -1]
         per_class = []
-        for k in range(len(classes)):
+        for k in range(len(categories)):
             values = precision[:, :, k]
             values = values[values > -1]
             per_class.append(float(values.mean()) if values.size else math.nan)
@@ -400,6 +614,11 @@ def format_table(metrics: dict, class_names: Sequence[str]) -> str:
             *(100 * metrics[k] for k in ("mask_AP50", "mask_AP75", "box_AP50", "box_AP75"))
         )
     )
+    if "cityscapes_AP" in metrics:
+        lines.append(
+            f"Cityscapes (official) AP {_percent(metrics['cityscapes_AP']).strip()}  "
+            f"AP50 {_percent(metrics['cityscapes_AP50']).strip()}"
+        )
     return "\n".join(lines)
 
 

@@ -12,12 +12,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from seg.data.cityscapes import LABEL_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID
 from seg.engine import dist
 from seg.engine.evaluation import evaluate as run_evaluation
-from seg.engine.task import Report
+from seg.engine.task import PredictSettings, Report
 from seg.inference import (
     DeviceNormalize,
     Predictor,
@@ -28,12 +30,25 @@ from seg.inference import (
 from seg.metrics import (
     ConfusionMatrix,
     bootstrap_miou,
+    dice_from_counts,
     format_table,
+    group_metrics,
     iou_from_counts,
     named,
     per_image_counts,
 )
-from seg.visualize import comparison, confusion_figure, gallery, iou_figure, save_png, titled
+from seg.prediction import refuse_clashes
+from seg.visualize import (
+    colorize,
+    comparison,
+    confusion_figure,
+    display_rgb,
+    gallery,
+    iou_figure,
+    overlay,
+    save_png,
+    titled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +76,8 @@ class SemanticTask:
     metric = "mIoU"
     mode = "max"
     compile_auto = True  # fixed crop sizes: one graph
-    exportable = True  # scripts/export.py: ONNX and TorchScript of the logits
     predict_formats = ("index", "color", "overlay", "cityscapes")  # what predict.py writes
+    default_predict_formats = ("index", "color", "overlay")
 
     def __init__(
         self,
@@ -133,23 +148,43 @@ class SemanticTask:
         return SemanticPredict(predictor, memory_advice(predictor, "data.val_batch_size"))
 
     def evaluator(
-        self, device: torch.device, num_pictures: int = 0, num_worst: int | None = None
+        self,
+        device: torch.device,
+        num_pictures: int = 0,
+        num_worst: int | None = None,
+        dataset: Dataset | None = None,
     ) -> "SemanticEvaluator":
         """Accumulates on ``device``; keeps ``num_pictures`` examples and as many lowest-mIoU
-        images (``num_worst`` apart, for evaluate.py)."""
+        images (``num_worst`` apart, for evaluate.py). A ``dataset`` whose samples are parts
+        of a larger unit names it with ``group(name)`` (data=nifti: a slice's volume): each
+        group is also scored whole."""
         worst = num_pictures if num_worst is None else num_worst
-        return SemanticEvaluator(self.num_classes, self.ignore_index, device, num_pictures, worst)
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        return SemanticEvaluator(self.num_classes, self.ignore_index, device, num_pictures, worst,
+                                 getattr(dataset, "group", None))  # fmt: skip
 
     def report(self, result: "Evaluation", prefix: str) -> Report:
         metrics = result.metrics
+        tagged = scalars(metrics, self.class_names, prefix)
+        table = format_table(metrics, self.class_names)
+        if result.group_counts:  # the mean over volumes beside the pooled pixels
+            grouped = group_metrics(torch.stack(list(result.group_counts.values())))
+            tagged |= {f"{prefix}/group_{key}": grouped[key] for key in ("mIoU", "mDice")}
+            table += (f"\nper volume (group), the mean of {len(result.group_counts)}:\n"
+                      + format_table(grouped, self.class_names, ("IoU", "Dice")))  # fmt: skip
         return Report(
             metric=self.metric,
             score=metrics[self.metric],
             record=named(metrics, self.class_names),
-            scalars=scalars(metrics, self.class_names, prefix),
+            scalars=tagged,
             pictures=figures(result, self.class_names, self.palette, self.rgb_bands),
-            table=format_table(metrics, self.class_names),
+            table=table,
         )
+
+    def writer(self, predict: "SemanticPredict", settings: PredictSettings) -> "SemanticWriter":
+        """predict.py's PNGs (``settings.formats``: index, color, overlay, cityscapes)."""
+        return SemanticWriter(predict, settings, self.palette, self.rgb_bands)
 
     def summary(self, result: "Evaluation", bootstrap: int) -> dict:
         """evaluate.py's ``out=`` JSON: metrics by class name, the image count and, with
@@ -160,6 +195,10 @@ class SemanticTask:
             low, high = bootstrap_miou(result.image_counts, resamples=bootstrap)
             summary["mIoU_ci95"] = [low, high]
             log.info("mIoU %.4f, 95%% bootstrap interval [%.4f, %.4f]", summary["mIoU"], low, high)
+        if result.group_counts:
+            counts = torch.stack(list(result.group_counts.values()))
+            summary["per_group"] = {"groups": len(counts),
+                                    **named(group_metrics(counts), self.class_names)}  # fmt: skip
         return summary
 
     def write_report(self, result: "Evaluation", report_dir: Path, report: Report) -> None:
@@ -178,8 +217,83 @@ class SemanticTask:
                 writer.writerow(
                     [name, _cell(iou.nanmean().item()), _cell(accuracy), *map(_cell, iou.tolist())]
                 )
+        if result.group_counts:
+            self.write_groups(result.group_counts, report_dir / "per_group.csv")
         for name, array in report.pictures.items():
             save_png(array, report_dir / f"{name}.png")
+
+    def write_groups(self, group_counts: dict[str, torch.Tensor], path: Path) -> None:
+        """One row per group (volume): its mIoU, mDice and per-class IoU and Dice."""
+        counts = torch.stack(list(group_counts.values())).double()
+        iou, dice = iou_from_counts(counts), dice_from_counts(counts)
+        with open(path, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["group", "mIoU", "mDice", *[f"IoU/{name}" for name in self.class_names],
+                             *[f"Dice/{name}" for name in self.class_names]])  # fmt: skip
+            for name, group_iou, group_dice in zip(group_counts, iou, dice, strict=True):
+                means = [group_iou.nanmean().item(), group_dice.nanmean().item()]
+                values = [*means, *group_iou.tolist(), *group_dice.tolist()]
+                writer.writerow([name, *map(_cell, values)])
+
+
+class SemanticWriter:
+    """One PNG per input and format under ``output/<format>/``: ``index`` holds class indices
+    (8-bit, one channel; 16-bit past 256 classes), ``color`` the palette colours, ``overlay``
+    the colours blended on the input, ``cityscapes`` the official labelIds, in one flat folder
+    as the evaluation server wants."""
+
+    def __init__(
+        self,
+        predict: "SemanticPredict",
+        settings: PredictSettings,
+        palette: list[list[int]],
+        rgb_bands: list[int] | None = None,
+    ):
+        if "cityscapes" in settings.formats:
+            if len(palette) != len(LABEL_TO_TRAIN_ID):
+                raise ValueError(
+                    f"format=cityscapes writes the 19 Cityscapes classes as labelIds, but "
+                    f"checkpoint {settings.checkpoint} has {len(palette)} classes"
+                )
+            # one flat folder: names from different folders may meet
+            refuse_clashes(settings.inputs, [Path(path.name) for path in settings.relatives],
+                           " by format=cityscapes")  # fmt: skip
+        self.predict, self.settings, self.palette = predict, settings, palette
+        self.rgb_bands = rgb_bands  # 1-based input bands the overlays show (None: RGB / grey)
+        predict.advice = memory_advice(predict.predictor, "batch_size")  # predict.py's key
+        self.written, self.nonfinite = 0, 0
+
+    def write(self, images: torch.Tensor, indices: list[int]) -> None:
+        names = [str(self.settings.inputs[index]) for index in indices]
+        labels, nonfinite = self.predict.labels(images, names)
+        self.nonfinite = self.nonfinite + nonfinite  # on the device: read once, at the end
+        for index, image, label in zip(indices, images, labels.cpu(), strict=True):
+            self.write_one(label, image, self.settings.relatives[index])
+        self.written += len(indices)
+
+    def write_one(self, label: torch.Tensor, image: torch.Tensor, relative: Path) -> None:
+        output, palette = self.settings.output, self.palette
+        for name in self.settings.formats:
+            # cityscapes: <city>_<seq>_<frame>_leftImg8bit.png, the name the official tools match
+            path = output / name / (relative.name if name == "cityscapes" else relative)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if name == "cityscapes":
+                Image.fromarray(TRAIN_ID_TO_LABEL_ID[label.numpy()]).save(path)
+            elif name == "index":
+                dtype = np.uint8 if len(palette) <= 256 else np.uint16  # 16-bit past 256 classes
+                Image.fromarray(label.numpy().astype(dtype)).save(path)
+            elif name == "color":
+                Image.fromarray(colorize(label, palette).permute(1, 2, 0).numpy()).save(path)
+            else:
+                picture = display_rgb(image, self.rgb_bands)  # any bands and dtype -> RGB uint8
+                blended = overlay(picture, colorize(label, palette), self.settings.alpha)
+                Image.fromarray(blended.permute(1, 2, 0).numpy()).save(path)
+
+    def finish(self) -> None:
+        """Warn, on rank 0, of the images whose class scores were not finite."""
+        shares = dist.gather((self.written, int(self.nonfinite)))
+        if dist.is_main():
+            warn_nonfinite(sum(count for _, count in shares), sum(count for count, _ in shares))
 
 
 def _cell(value: float) -> str:
@@ -240,6 +354,7 @@ class Evaluation:
     confusion: torch.Tensor  # (C, C) pixel counts [target, prediction], on the CPU
     image_counts: torch.Tensor  # (N, 3, C): true positives, target and predicted pixels
     image_names: list[str]  # the N samples, as their datasets describe them
+    group_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (3, C) sums
     examples: list[Example] = field(default_factory=list)  # the first samples
     worst: list[tuple[float, str, Example]] = field(default_factory=list)  # lowest image mIoU
 
@@ -269,8 +384,10 @@ class SemanticEvaluator:
         device: torch.device,
         num_examples: int,
         num_worst: int,
+        group: Callable[[str], str] | None = None,
     ):
         self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.group = group  # sample name -> its group (volume), scored whole; None: no groups
         self.num_examples, self.num_worst = num_examples, num_worst
         self.confusion = ConfusionMatrix(num_classes, ignore_index, device)
         self.names: list[str] = []
@@ -338,11 +455,17 @@ class SemanticEvaluator:
         worst = ranked[: self.num_worst] if pictures else []  # pictures: rank 0's
         if dist.is_main():
             warn_nonfinite(nonfinite, len(samples))
+        # A volume's slices may be on several ranks: summed from the gathered samples, in order.
+        groups: dict[str, torch.Tensor] = {}
+        for sample in samples if self.group is not None else []:
+            key = self.group(sample.name)
+            groups[key] = groups[key] + sample.counts if key in groups else sample.counts
         return Evaluation(
             metrics=self.confusion.compute(),
             confusion=self.confusion.matrix.cpu(),
             image_counts=torch.stack([sample.counts for sample in samples]) if samples else empty,
             image_names=names,
+            group_counts=groups,
             examples=pictures[: self.num_examples],
             worst=[(miou, names[at], pictures[at]) for miou, at in worst],
         )

@@ -3,14 +3,20 @@ synthetic instances through the same Trainer, resumes bit for bit (1 and 2 proce
 evaluates with COCOeval, and 2 processes score exactly what one does."""
 
 import json
+import logging
 
+import cv2
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from pycocotools.coco import COCO
 
 from seg import export, predict
 from seg.checkpoint import load_checkpoint
+from seg.data.instance_layouts import InstanceFolder
 from seg.data.synthetic import SyntheticScenes
-from tests.conftest import run_evaluation, run_training
+from tests.conftest import run_evaluation, run_training, write_png
 from tests.e2e.test_distributed import assert_same_weights, torchrun
 from tests.e2e.test_distributed_eval import torchrun as torchrun_script
 from tests.e2e.test_evaluate_predict_export import run_entry
@@ -90,11 +96,57 @@ def test_two_processes_score_exactly_what_one_does(instance_run, tmp_path):
         assert two[key] == single[key], key
 
 
-def test_predict_and_export_say_what_they_do_for_instance_checkpoints(instance_run, tmp_path):
+def test_predict_writes_overlays_instance_maps_that_read_back_and_coco_results(
+    instance_run, tmp_path
+):
     checkpoint = instance_run / "checkpoints/last.pt"
-    image = tmp_path / "scene.png"
-    Image.fromarray(SyntheticScenes("test", image_size=32).load(0)[0]).save(image)
-    with pytest.raises(ValueError, match=r"predict.py writes nothing yet .* instance task"):
-        run_entry(predict, "predict", f"checkpoint={checkpoint}", f"input={image}")
-    with pytest.raises(ValueError, match=r"export.py does not yet export models of the instance"):
-        run_entry(export, "export", f"checkpoint={checkpoint}")
+    root = tmp_path / "data"
+    for i in range(3):
+        image, _ = SyntheticScenes("test", image_size=48).load(i)
+        write_png(root / "images" / "test" / f"scene{i}.png", image)
+    # a low score threshold: the 4-step model's detections are unsure, but they are drawn
+    counts = run_entry(predict, "predict", f"checkpoint={checkpoint}", f"input={root / 'images'}",
+                       f"output={root}", "score_threshold=0.05")  # fmt: skip
+    assert counts == {"written": 3, "skipped": 0}
+    results = json.loads((root / "coco_results.json").read_text())
+    assert results and {r["image_id"] for r in results} <= {1, 2, 3}
+    assert set(results[0]) == {"image_id", "category_id", "segmentation", "bbox", "score"}
+    ids = cv2.imread(str(root / "instances/test/scene0.png"), cv2.IMREAD_UNCHANGED)
+    assert ids.dtype == np.uint16 and ids.shape == (48, 48)
+    overlay = np.asarray(Image.open(root / "overlay/test/scene0.png"))
+    assert overlay.shape == (48, 48, 3)
+    # the outputs are a dataset: the instance_folder layout, with the classes in masks/
+    _, id_map, table = InstanceFolder(str(root), "test", num_classes=6)[0]
+    ranked = sorted((r for r in results if r["image_id"] == 1), key=lambda r: -r["score"])
+    visible = np.unique(ids[ids > 0])  # id k: the k-th highest score (those hidden are gone)
+    assert len(visible) > 0 and np.array_equal(id_map.numpy() > 0, ids > 0)
+    assert table[:, 0].tolist() == [ranked[k - 1]["category_id"] for k in visible]
+    # loadRes takes the file as it is
+    truth = COCO()
+    truth.dataset = {"images": [{"id": i, "height": 48, "width": 48} for i in (1, 2, 3)],
+                     "annotations": [], "categories": [{"id": c} for c in range(1, 6)]}  # fmt: skip
+    truth.createIndex()
+    assert len(truth.loadRes(str(root / "coco_results.json")).anns) == len(results)
+    # two processes, each its share of the images: one file, the same results in input order
+    torchrun_script("predict.py", f"checkpoint={checkpoint}", f"input={root / 'images'}",
+                    f"output={tmp_path / 'two'}", "format=[coco]")  # fmt: skip
+    assert json.loads((tmp_path / "two/coco_results.json").read_text()) == results
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_export_gives_the_same_detections_and_says_so(instance_run, tmp_path, format, caplog):
+    output = tmp_path / f"model.{format}"
+    with caplog.at_level(logging.INFO, logger="seg.export"):
+        report = run_entry(export, "export", f"checkpoint={instance_run / 'checkpoints/last.pt'}",
+                           f"format={format}", f"output={output}")  # fmt: skip
+    verification = report["verification"]
+    assert verification["passed"] and len(verification["images"]) == 3
+    assert all(check["detections"] > 0 for check in verification["images"])  # a real test
+    assert report["input"]["size"] == "exactly [3, 64, 64]"  # debug=tiny's crop, fixed
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Verification"))
+    assert "passed: 3 images, the same detections" in line and str(output) in line
+    # the file runs on its own: an image of the stated size in, detections out
+    image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(5))
+    detections = export.ExportedDetector(output, format)(image)
+    assert detections["masks"].shape[1:] == (1, 64, 64)
+    assert len(detections["boxes"]) == len(detections["scores"]) == len(detections["labels"])

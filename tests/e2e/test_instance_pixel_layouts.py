@@ -26,3 +26,10 @@ def test_a_tiny_run_on_an_instance_folder_and_on_cityscapes(tmp_path):
     run_training(run_dir, "task=instance", "data=cityscapes_instances",
                  f"data.root={tmp_path / 'cityscapes'}", "data.train_transform.crop_size=[16,48]")  # fmt: skip
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["class_names"][1] == "person"
+    # Cityscapes splits also report the official AP, in validation and evaluate.py alike
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    result = run_evaluation(f"checkpoint={run_dir / 'checkpoints/last.pt'}")
+    for key in ("cityscapes_AP", "cityscapes_AP50", "cityscapes_AP_class"):
+        assert result[key] == lines[-1][key], key
+    assert set(result["cityscapes_AP_class"]) == {"person", "rider", "car", "truck", "bus",
+                                                  "train", "motorcycle", "bicycle"}  # fmt: skip

@@ -12,6 +12,7 @@ from seg.restore import follow_links
 from tests.conftest import CONFIG_GROUPS, compose_config, group_options, hydra_context
 from tests.unit.test_instance_data import write_coco
 from tests.unit.test_instance_layouts import write_cityscapes_instances, write_instance_folder
+from tests.unit.test_nifti import write_nifti
 
 
 def test_every_group_has_its_required_options():
@@ -67,6 +68,7 @@ def test_data_configs_build(
         "camvid": camvid_root,
         "voc": voc_root,
         "ade20k": ade20k_root,
+        "nifti": write_nifti(tmp_path / "nifti"),
         "synthetic": None,
         "synthetic_instances": None,
     }
@@ -79,8 +81,9 @@ def test_data_configs_build(
             )
             # (image, mask), or (image, instance-ID map, instance table) for instance data
             image, mask = dataset[0][:2]
-            # uint8 in transit: normalized and widened on the device
-            assert image.dtype == torch.uint8 and image.shape[0] == 3
+            # stored pixels in transit (uint8 photos): normalized and widened on the device
+            assert image.dtype in (torch.uint8, torch.uint16)
+            assert image.shape[0] == getattr(dataset, "in_channels", 3)
             assert mask.dtype in (torch.uint8, torch.int16) and mask.shape == image.shape[1:]
         assert len(cfg.data.class_names) == len(cfg.data.palette) == cfg.data.num_classes
 

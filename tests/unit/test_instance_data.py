@@ -10,11 +10,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from pycocotools import mask as mask_utils
+from torch.utils.data import Subset
 
 from seg.data.base import DataError
-from seg.data.coco import CocoInstances
+from seg.data.coco import CocoInstances, decode
 from seg.doctor import check_splits
-from seg.tasks.instance import CocoEvaluator, training_target
+from seg.tasks.instance import CocoEvaluator, InstanceTask, annotation_image_ids, training_target
 from tests.conftest import compose_config, write_png
 
 SHARED_COCO = Path(os.environ.get("SEG_SHARED_DATA", "/work/shared/data")) / "panoptic_coco"
@@ -143,16 +144,49 @@ def test_coco_cache_gives_the_same_samples(tmp_path):
     assert list((tmp_path / "cache").rglob("*.mask.npy"))
 
 
+def file_detections(dataset: CocoInstances, index: int) -> dict:
+    """Detections that are sample ``index``'s non-crowd annotations exactly as its file gives
+    them (not as painted into the ID map), scored 1."""
+    _, height, width, annotations = dataset.samples[index]
+    kept = [a for a in annotations if not a.get("iscrowd", 0)]
+    masks = [torch.from_numpy(decode(a["segmentation"], height, width)) for a in kept]
+    boxes = [mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m.numpy()))) for m in masks]
+    return {"masks": torch.stack(masks).float()[:, None] if masks else torch.zeros(0, 1, height, width),
+            "labels": torch.tensor([dataset.labels[a["category_id"]] for a in kept], dtype=torch.int64),
+            "boxes": torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes]).reshape(-1, 4),
+            "scores": torch.ones(len(kept))}  # fmt: skip
+
+
+def score_split(dataset, evaluator) -> dict:
+    for index in range(len(dataset)):
+        image, ids, table = dataset[index]
+        evaluator.process(([image], [ids], [table]), [file_detections(dataset, index)],
+                          [dataset.describe(index)])  # fmt: skip
+    return evaluator.result().metrics
+
+
+def test_a_coco_split_is_scored_against_its_file_not_the_painted_maps(tmp_path):
+    def occluded(coco):  # a dog covering 64 of the cat's 100 pixels: painted over it
+        coco["annotations"][0]["segmentation"] = [[20.0, 0.0, 30.0, 0.0, 30.0, 10.0, 20.0, 10.0]]
+        coco["annotations"][0]["area"] = 123.0  # the file's area, whatever its pixels
+
+    write_coco(tmp_path, edit=occluded)
+    dataset = CocoInstances(str(tmp_path), "train", 3, [0, 3, 7])
+    task = InstanceTask(3, ["background", "cat", "dog"], [[0, 0, 0]] * 3, [0.5] * 3, [0.25] * 3)
+    against_file = task.evaluator(torch.device("cpu"), dataset=Subset(dataset, [0, 1]))
+    assert against_file.reference.image_ids == {str(tmp_path / "train" / "a.png"): 11,
+                                                str(tmp_path / "train" / "b.png"): 12}  # fmt: skip
+    assert score_split(dataset, against_file)["mask_AP"] == pytest.approx(1.0)
+    # the same detections against the painted maps: the cat shows 36 of its pixels there
+    assert score_split(dataset, CocoEvaluator(3, 0.5, 0.5, 0))["mask_AP"] < 0.8
+
+
 @pytest.mark.skipif(not (SHARED_COCO / "panoptic_coco_detection_format.json").is_file(),
                     reason="needs ../shared/data/panoptic_coco")  # fmt: skip
 def test_real_coco_rle_and_crowds_score_ap_1_against_themselves(tmp_path):
     coco = json.loads((SHARED_COCO / "panoptic_coco_detection_format.json").read_text())
-    used = {a["image_id"] for a in coco["annotations"]}
-    coco["images"] = [image for image in coco["images"] if image["id"] in used][:2]
-    kept = {image["id"] for image in coco["images"]}
-    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in kept]
-    for number, annotation in enumerate(coco["annotations"], 1):
-        annotation["id"] = number  # its ids start at 0, which COCOeval reads as "unmatched"
+    # its annotation ids start at 0, which COCOeval reads as "unmatched": seg renumbers them
+    assert min(a["id"] for a in coco["annotations"]) == 0
     assert any(a["iscrowd"] for a in coco["annotations"])
     for image in coco["images"]:  # the images are not needed: blank ones of the stated size
         write_png(tmp_path / "val" / image["file_name"],
@@ -161,15 +195,8 @@ def test_real_coco_rle_and_crowds_score_ap_1_against_themselves(tmp_path):
     (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(coco))
     ids = [0, *sorted(c["id"] for c in coco["categories"])]
     dataset = CocoInstances(str(tmp_path), "val", len(ids), ids)
-    evaluator = CocoEvaluator(len(ids), 0.5, 0.5, 0)
-    for index in range(len(dataset)):
-        image, id_map, table = dataset[index]
-        present = [k for k in range(len(table)) if (id_map == k + 1).any() and not table[k, 1]]
-        masks = torch.stack([(id_map == k + 1).float() for k in present])[:, None]
-        detections = {"masks": masks, "labels": table[present, 0], "scores": torch.ones(len(present)),
-                      "boxes": training_target(id_map, table)["boxes"]}  # fmt: skip
-        evaluator.process(([image], [id_map], [table]), [detections], [str(index)])
-    metrics = evaluator.result().metrics
+    task = InstanceTask(len(ids), ["c"] * len(ids), [[0, 0, 0]] * len(ids), [0.5] * 3, [0.25] * 3)
+    metrics = score_split(dataset, task.evaluator(torch.device("cpu"), dataset=dataset))
     assert metrics["mask_AP"] == pytest.approx(1.0) and metrics["box_AP"] == pytest.approx(1.0)
 
 
@@ -207,3 +234,13 @@ def test_the_doctor_lists_every_bad_annotation_and_crowded_images(tmp_path):
     write_coco(tmp_path)
     (error,) = _doctor(tmp_path, "data.max_instances=2")["errors"]
     assert "a.png: 3 instances, more than data.max_instances=2" in error["message"]
+
+
+def test_predict_matches_inputs_to_the_annotation_files_images(tmp_path):
+    write_coco(tmp_path)
+    annotations = tmp_path / "annotations" / "instances_train.json"
+    inputs = [tmp_path / "train" / "b.png", tmp_path / "train" / "a.png"]
+    assert annotation_image_ids(annotations, inputs, tmp_path / "train") == [12, 11]
+    with pytest.raises(ValueError, match=r"instances_train.json lists no image with file_name "
+                                         r"\['train/a.png'\].*give input=<root>/<split>"):  # fmt: skip
+        annotation_image_ids(annotations, inputs[1:], tmp_path)

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from seg.metrics import ConfusionMatrix, bin_counts, format_table, named, per_image_counts
+from seg.metrics import (
+    ConfusionMatrix,
+    bin_counts,
+    format_table,
+    group_metrics,
+    named,
+    per_image_counts,
+)
+from seg.tasks.semantic import SemanticEvaluator
 
 IGNORE = 255
 
@@ -110,3 +118,25 @@ def test_fixed_size_counts_equal_bincount_with_ignored_pixels(num_classes):
     for image, counts in enumerate(per_image_counts(predictions, targets, num_classes, IGNORE)):
         one = bincount_reference(predictions[image], targets[image], num_classes)
         assert torch.equal(counts, torch.stack([one.diag(), one.sum(1), one.sum(0)]))
+
+
+def test_groups_are_scored_whole_and_averaged():
+    """Slices of two volumes: each volume's Dice is that of its voxels pooled, and the
+    per-group means average the volumes, not the slices."""
+    masks = torch.tensor([[[0, 1]], [[1, 1]], [[0, 0]]])  # three 1x2 slices
+    predictions = torch.tensor([[[0, 1]], [[1, 0]], [[0, 1]]])
+    names = ["a/0", "a/1", "b/0"]
+    evaluator = SemanticEvaluator(2, 255, torch.device("cpu"), 0, 0, group=lambda n: n[0])
+    evaluator.process((torch.zeros(3, 3, 1, 2), masks), (predictions, torch.tensor(0)), names)
+    result = evaluator.result()
+    assert list(result.group_counts) == ["a", "b"]
+    # volume a: class 1 has 3 target voxels, 2 predicted, 2 hits: Dice 4/5; volume b: none
+    # of class 1 in the labels, one predicted: Dice 0
+    assert torch.equal(result.group_counts["a"][:, 1], torch.tensor([2, 3, 2]))
+    grouped = group_metrics(torch.stack(list(result.group_counts.values())))
+    assert grouped["Dice"][1] == pytest.approx((4 / 5 + 0) / 2)
+    # background: a has Dice 2*1/(1+2) = 2/3, b 2*1/(2+1) = 2/3
+    assert grouped["Dice"][0] == pytest.approx(2 / 3)
+    assert grouped["mDice"] == pytest.approx((0.4 + 2 / 3) / 2)
+    pooled = result.metrics["Dice"][1]  # the slice-pooled figure differs: 2*2/(3+3)
+    assert pooled == pytest.approx(4 / 6)
