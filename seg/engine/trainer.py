@@ -477,8 +477,11 @@ class Trainer:
         evaluator); None when a stop signal cut the validation short."""
         model = self.model if self.ema is None else self.ema.module
         predict = self.task.predictor(model, self.device, self.precision, self.channels_last)
-        evaluator = self.task.evaluator(self.device, self.num_val_images, dataset=loader.dataset)
         try:
+            # the split's dataset: a task may score against its files (COCO's annotations)
+            evaluator = self.task.evaluator(
+                self.device, self.num_val_images, dataset=loader.dataset
+            )
             result = evaluate(model, predict, loader, evaluator, self.device,
                               stop=lambda: self.guard.stop_signal is not None)  # fmt: skip
         except torch.OutOfMemoryError as error:
