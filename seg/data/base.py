@@ -3,6 +3,7 @@
 import io
 import logging
 import multiprocessing
+from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 # after the parent used the pool deadlocks.
 cv2.setNumThreads(1)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy")
 
 
 class DataError(ValueError):
@@ -58,27 +59,176 @@ def read_file(path: Path, kind: str) -> bytes:
     return data
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB; a DataError naming the file if it cannot be."""
-    data = read_file(path, "image")
-    # OpenCV decodes PNG/JPEG faster than PIL. It returns None for most undecodable data but
-    # raises for some, e.g. a header claiming more than CV_IO_MAX_IMAGE_PIXELS.
+# The pixel types an image may hold: the consumers widen them on the device (data.scale says
+# how: auto for the unsigned ones, a number for the others).
+IMAGE_DTYPES = (np.uint8, np.uint16, np.int16, np.int32, np.float32)
+# Read by tifffile (TIFF/GeoTIFF) or numpy (.npy, channels last), at their dtype and band count;
+# every other suffix is a photo format decoded by OpenCV.
+RASTER_SUFFIXES = (".tif", ".tiff", ".npy")
+GEO_EXTRA = 'pip install -e ".[geo]"'
+
+
+def read_tiff(path: Path, kind: str) -> np.ndarray:
+    """A TIFF/GeoTIFF's first image as (H, W, C) at its dtype. The layout comes from the file's
+    own axes (tifffile's ``series.axes``): YX (one band), YXS (bands interleaved) or SYX/CYX
+    (planar); anything else (a multi-page stack, a time series) is a DataError naming the axes,
+    never a guess from the array's shape."""
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:
-        image = None
-    if image is None:
-        raise DataError(f"{path}: cannot decode image (not an image file, or corrupted)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        import tifffile
+    except ImportError as error:
+        raise DataError(
+            f"{path}: reading TIFF needs tifffile and imagecodecs: {GEO_EXTRA}"
+        ) from error
+    data = read_file(path, kind)
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            series = tiff.series[0]
+            axes, array = series.axes, series.asarray()
+    except Exception as error:  # tifffile raises TiffFileError, ValueError, KeyError, ...
+        hint = (
+            f"; compressed TIFFs need imagecodecs: {GEO_EXTRA}"
+            if "imagecodecs" in str(error)
+            else ""
+        )
+        raise DataError(
+            f"{path}: cannot decode {kind} ({type(error).__name__}: {error}){hint}"
+        ) from error
+    # Axes of length 1 say nothing about the layout (tifffile keeps the shape an (H, W, 1) array
+    # was written with, as YXQ)
+    kept = [
+        i
+        for i, (axis, size) in enumerate(zip(axes, array.shape, strict=True))
+        if size > 1 or axis in "YX"
+    ]
+    axes, array = "".join(axes[i] for i in kept), array.reshape([array.shape[i] for i in kept])
+    if axes == "YX":
+        return array[..., None]
+    if axes == "YXS":
+        return array
+    if axes in ("SYX", "CYX"):  # planar: one plane per band
+        return np.ascontiguousarray(array.transpose(1, 2, 0))
+    raise DataError(
+        f"{path}: {kind} has axes {axes} (shape {list(array.shape)}); expected one image of "
+        "axes YX, YXS or SYX (bands as samples of one page). A stack of pages (Q, I, Z, T axes) "
+        "is not read as bands: write it with tifffile.imwrite(path, array_hwc, "
+        "photometric='minisblack', planarconfig='contig'), or with GDAL/rasterio"
+    )
+
+
+def read_npy(path: Path, kind: str) -> np.ndarray:
+    """A ``.npy`` array, (H, W) or (H, W, C): channels last, as stated (not guessed)."""
+    read_file(path, kind)  # the common checks: missing, unreadable, empty
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as error:  # ValueError (pickled objects, a bad header), EOFError, OSError
+        raise DataError(
+            f"{path}: cannot read {kind} as .npy ({type(error).__name__}: {error})"
+        ) from error
+    if array.ndim == 2:
+        return array[..., None]
+    if array.ndim != 3:
+        raise DataError(
+            f"{path}: {kind} array has shape {list(array.shape)}; a .npy {kind} is (H, W) or "
+            "(H, W, C), channels last"
+        )
+    return array
+
+
+def read_raster(path: Path, kind: str) -> np.ndarray:
+    """A TIFF or ``.npy`` file (``RASTER_SUFFIXES``) as (H, W, C) at its dtype."""
+    if path.suffix.lower() == ".npy":
+        return read_npy(path, kind)
+    return read_tiff(path, kind)
+
+
+def png_bit_depth(data: bytes) -> int | None:
+    """The bit depth in a PNG's header (IHDR), None for other formats."""
+    return data[24] if data.startswith(b"\x89PNG") and len(data) > 25 else None
+
+
+def read_image(path: Path, bands: Sequence[int] | None = None) -> np.ndarray:
+    """Decode an image file to (H, W, C) at its stored dtype (one of ``IMAGE_DTYPES``).
+
+    - TIFF/GeoTIFF (tifffile, the ``geo`` extra) and ``.npy`` (channels last): every band, as
+      stored (``read_tiff``, ``read_npy``).
+    - 16-bit PNG: its channels at 16 bits (grey: C=1; colour: RGB or RGBA order).
+    - 8-bit PNG, JPEG, BMP, WebP: photos, RGB uint8 (C=3) as always: grey is expanded, alpha
+      dropped, EXIF orientation applied (OpenCV's colour decode).
+
+    ``bands``: 1-based band numbers to keep, in that order (as GDAL and rasterio count; e.g.
+    [4, 3, 2]). A file that cannot be decoded, a dtype outside ``IMAGE_DTYPES`` or a band out of
+    range raises a DataError naming the file.
+    """
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        image = read_raster(path, "image")
+    else:
+        data = read_file(path, "image")
+        # 16-bit PNGs at their depth; the rest as before (the same pixels for 8-bit photos).
+        flags = cv2.IMREAD_UNCHANGED if png_bit_depth(data) == 16 else cv2.IMREAD_COLOR
+        # OpenCV decodes PNG/JPEG faster than PIL. It returns None for most undecodable data but
+        # raises for some, e.g. a header claiming more than CV_IO_MAX_IMAGE_PIXELS.
+        try:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        except cv2.error:
+            image = None
+        if image is None:
+            raise DataError(f"{path}: cannot decode image (not an image file, or corrupted)")
+        if image.ndim == 2:
+            image = image[..., None]
+        elif image.shape[2] == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        elif image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    if image.dtype not in IMAGE_DTYPES:
+        raise DataError(
+            f"{path}: image pixels are {image.dtype}; supported: "
+            f"{', '.join(np.dtype(t).name for t in IMAGE_DTYPES)} (convert it, e.g. float64 to "
+            "float32)"
+        )
+    return image if bands is None else select_bands(image, bands, path)
+
+
+def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:
+    """The 1-based ``bands`` of an (H, W, C) image, in that order (a copy)."""
+    count = image.shape[2]
+    outside = [b for b in bands if not 1 <= b <= count]
+    if outside:
+        raise DataError(
+            f"{path}: data.bands={list(bands)} asks for bands {outside} but the image has {count} "
+            f"band(s), numbered 1-{count} (counted from 1, as GDAL and rasterio count)"
+        )
+    return image[..., [b - 1 for b in bands]]
+
+
+def read_label_raster(path: Path) -> np.ndarray:
+    """A TIFF/GeoTIFF or ``.npy`` label raster as (H, W) integers (any integer dtype, or bool).
+
+    One band only: a stack (H, W, C>1) or a float raster is a DataError naming the file.
+    """
+    array = read_raster(path, "mask")
+    if array.shape[2] != 1:
+        raise DataError(
+            f"{path}: mask has {array.shape[2]} bands (shape {list(array.shape)}); a label raster "
+            "holds one band of class values, (H, W) or (H, W, 1)"
+        )
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise DataError(
+            f"{path}: mask pixels are {array.dtype}; label rasters hold integer class values "
+            "(store them as uint8, uint16 or int16)"
+        )
+    return array[..., 0]
 
 
 def read_mask(path: Path, mode: str | None = None) -> np.ndarray:
-    """Decode a label file to (H, W) class indices: uint8, uint16 for 16-bit PNGs, bool for 1-bit.
+    """Decode a label file to (H, W) class indices: uint8, uint16 for 16-bit PNGs, bool for 1-bit;
+    TIFF and ``.npy`` label rasters at their integer dtype (``read_label_raster``).
 
     PIL keeps palette ("P") PNGs as their indices, where OpenCV would expand them to colours.
     ``mode``: a PIL mode to convert to first ("L" for JPEG masks, "RGB" for colour-coded ones,
     which may then have 3 channels). A file that cannot be decoded raises a DataError naming it.
     """
+    if mode is None and path.suffix.lower() in RASTER_SUFFIXES:
+        return read_label_raster(path)
     data = read_file(path, "mask")
     try:
         with Image.open(io.BytesIO(data)) as mask:

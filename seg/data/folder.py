@@ -4,11 +4,18 @@ from pathlib import Path
 
 import numpy as np
 
-from seg.data.base import IMAGE_SUFFIXES, DataError, PairedFiles, read_image, read_mask
+from seg.data.base import (
+    IMAGE_SUFFIXES,
+    RASTER_SUFFIXES,
+    DataError,
+    PairedFiles,
+    read_image,
+    read_mask,
+)
 
 FOLDER_TREE = """expected:
-  <root>/images/<split>/<name>.png|.jpg   RGB images
-  <root>/masks/<split>/<name>.png         masks with the same <name> (data.dataset.mask_format)"""
+  <root>/images/<split>/<name>.png|.jpg|.tif|.npy   images (TIFF/.npy: any band count and depth)
+  <root>/masks/<split>/<name>.png|.tif|.npy         masks with the same <name> (data.dataset.mask_format)"""
 
 MASK_FORMATS = ("index", "binary", "rgb")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -87,7 +94,7 @@ class FolderDataset(PairedFiles):
                     f"{directory}: directory not found (data.root={root}).\n{FOLDER_TREE}"
                 )
         images = list_files(image_dir, IMAGE_SUFFIXES)
-        masks = list_files(mask_dir, (".png", *JPEG_SUFFIXES))
+        masks = list_files(mask_dir, (".png", *RASTER_SUFFIXES, *JPEG_SUFFIXES))
         jpegs = [str(p) for p in masks.values() if p.suffix.lower() in JPEG_SUFFIXES]
         if jpegs and jpeg_threshold is None:
             raise DataError(
