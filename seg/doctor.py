@@ -93,10 +93,13 @@ class BandStats:
 
 
 def inspect(
-    dataset: SegmentationDataset, index: int, nodata: float | str | list[float] | None = None
+    dataset: SegmentationDataset,
+    index: int,
+    statistics: bool = False,
+    nodata: float | str | list[float] | None = None,
 ) -> SampleReport:
-    """Check sample ``index`` as training would read it, and diagnose likely mistakes; its
-    pixel statistics leave out ``nodata`` (``data.nodata``)."""
+    """Check sample ``index`` as training would read it, and diagnose likely mistakes; with
+    ``statistics`` its pixel statistics too, leaving out ``nodata`` (``data.nodata``)."""
     report = SampleReport(dataset.describe(index))
     try:
         image, raw = dataset.load(index)
@@ -104,7 +107,8 @@ def inspect(
         report.errors.append(_without_file(str(error), report.file))
         return report
     report.size = f"{image.shape[1]}x{image.shape[0]}"
-    report.pixels = BandStats.of(image if image.ndim == 3 else image[..., None], nodata)
+    if statistics:  # the doctor's scan; not the start-up check, which should stay quick
+        report.pixels = BandStats.of(image if image.ndim == 3 else image[..., None], nodata)
     report.image_hash = hashlib.md5(np.ascontiguousarray(image).tobytes()).hexdigest()
     if image.shape[:2] != raw.shape:
         report.errors.append(
@@ -189,7 +193,7 @@ class _Inspect(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> SampleReport:
-        return inspect(self.dataset, self.indices[i], self.nodata)
+        return inspect(self.dataset, self.indices[i], statistics=True, nodata=self.nodata)
 
 
 def inspect_split(
