@@ -311,13 +311,26 @@ IDENTITY_KEYS = (
 )
 
 
-def check_compatible(checkpoint: dict, config: DictConfig, path: str | Path) -> None:
-    """Refuse a config whose model cannot hold the checkpoint's weights, naming both values."""
+# What the model's input bands mean, as training settles them (seg/train.py settle_pixels), with
+# the value of checkpoints written before the keys existed (RGB photos): a resumed run on
+# reordered bands or another scale would train on inputs that mean something else.
+PIXEL_KEYS = {"data.in_channels": 3, "data.bands": None, "data.scale": 255}
+
+
+def check_compatible(
+    checkpoint: dict,
+    config: DictConfig,
+    path: str | Path,
+    keys: dict[str, Any] | tuple[str, ...] = IDENTITY_KEYS,
+) -> None:
+    """Refuse a config whose model cannot hold the checkpoint's weights (``keys``: those of
+    ``IDENTITY_KEYS``, or ``PIXEL_KEYS`` with their defaults), naming both values."""
     stored = OmegaConf.create(checkpoint["config"])
+    defaults = keys if isinstance(keys, dict) else dict.fromkeys(keys)
     differences = []
-    for key in IDENTITY_KEYS:
-        before = OmegaConf.select(stored, key, default=None)
-        now = OmegaConf.select(config, key, default=None)
+    for key, default in defaults.items():
+        before = OmegaConf.select(stored, key, default=default)
+        now = OmegaConf.select(config, key, default=default)
         if before != now:
             differences.append(f"{key}={before} in the checkpoint but {key}={now} in the config")
     if differences:

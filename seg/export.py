@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from seg import restore
@@ -182,7 +182,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     # Exported graphs are fp32 and CPU-traced; runtimes pick their own precision and device.
     model = restore.model_from(checkpoint, train_cfg)
     height, width = cfg.sample_size or train_cfg.data.train_transform.crop_size
-    sample = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    channels = OmegaConf.select(train_cfg, "data.in_channels", default=3)  # the model's input bands
+    sample = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
     log.info(
         "Exporting %s to %s (%s, dynamic=%s)", checkpoint_path, output, cfg.format, cfg.dynamic
     )
@@ -211,6 +212,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         )
 
     data = train_cfg.data
+    pixels = OmegaConf.to_container(data, resolve=True)  # plain values for the JSON
     sidecar = output.with_suffix(".json")
     report = {
         "format": cfg.format,
@@ -226,8 +228,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
             "name": "images",
             "layout": "NCHW",
             "dtype": "float32",
-            "channels": "RGB",
-            "normalization": "(pixel / 255 - mean) / std, per channel",
+            "channels": channels,
+            # 1-based bands of the source files, in input order (null: all, as stored; RGB photos)
+            "bands": pixels.get("bands"),
+            "normalization": "(pixel / scale - mean) / std, per channel; nodata pixels: 0",
+            "scale": pixels.get("scale", 255),  # 255: RGB photos' (before data.scale existed)
+            "nodata": pixels.get("nodata"),
             "mean": list(data.mean),
             "std": list(data.std),
             "size": "any batch, height and width"

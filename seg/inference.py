@@ -20,12 +20,33 @@ log = logging.getLogger(__name__)
 MODES = ("whole", "slide")
 
 
-class Normalize:
-    """uint8 RGB images (N, 3, H, W) to the model's input on ``device``: float32
-    ``(x / 255 - mean) / std`` in ``memory_format``.
+# data.scale=auto: the full range of the unsigned integer types; any other dtype needs a number
+AUTO_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
 
-    Batches travel as uint8, a quarter of float32's bytes, and are converted where the model
-    runs (on a GPU, after a pinned, non-blocking copy): less host work, smaller copies.
+
+def pixel_scale(scale: float | str, dtype: torch.dtype) -> float:
+    """The divisor that maps pixels of ``dtype`` to about [0, 1] (``data.scale``)."""
+    if scale != "auto":
+        return float(scale)
+    if dtype not in AUTO_SCALE:
+        raise TypeError(
+            f"data.scale=auto is defined for uint8 (255) and uint16 (65535) images, but they are "
+            f"{str(dtype).removeprefix('torch.')}: give the number that maps them to about [0, 1], "
+            "e.g. data.scale=10000 for Sentinel-2 reflectance, 4095 for 12-bit data, 1 for floats "
+            "already in [0, 1]"
+        )
+    return AUTO_SCALE[dtype]
+
+
+class Normalize:
+    """Images (N, C, H, W) of any pixel type to the model's input on ``device``: float32
+    ``(x / scale - mean) / std`` in ``memory_format``, widened once, after the copy.
+
+    ``scale``: ``data.scale`` (``auto``: 255 for uint8, 65535 for uint16). ``nodata``:
+    ``data.nodata``, one value, one per band, or ``"nan"``: those pixels (and NaNs) become 0,
+    the band's mean, after normalization (their labels are ignored: ``seg.data.base``).
+    Batches travel at their stored dtype (uint8 is a quarter of float32's bytes) and are
+    converted where the model runs (on a GPU, after a pinned, non-blocking copy).
     """
 
     def __init__(
@@ -34,32 +55,59 @@ class Normalize:
         std: Sequence[float],
         device: torch.device,
         memory_format: torch.memory_format = torch.contiguous_format,
+        scale: float | str = "auto",
+        nodata: float | str | Sequence[float] | None = None,
     ):
-        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.scale = 1 / (255 * std_t)
+        if len(mean) != len(std):
+            raise ValueError(f"data.mean has {len(mean)} values but data.std {len(std)}")
+        channels = len(mean)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, channels, 1, 1)
         self.shift = (
-            -torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) / std_t
+            -torch.tensor(mean, dtype=torch.float32, device=device).view_as(self.std) / self.std
         )
+        self.scale = scale
+        self.factors: dict[torch.dtype, torch.Tensor] = {}  # 1 / (scale * std) per pixel type
+        self.nodata = None  # compared after widening: exact for every integer of 16 bits
+        if nodata is not None and nodata != "nan":
+            values = [nodata] * channels if isinstance(nodata, int | float) else list(nodata)
+            self.nodata = torch.tensor(values, dtype=torch.float32, device=device).view_as(self.std)
+        self.masks_nodata = nodata is not None
         self.device = device
         self.memory_format = memory_format
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype != torch.uint8:
-            raise TypeError(
-                f"images of dtype {images.dtype}: seg's datasets give uint8 RGB (N, 3, H, W) "
-                "and the model's input is normalized on its device"
+        if images.dtype == torch.bool or images.dtype.is_complex:
+            raise TypeError(f"images of dtype {images.dtype}: expected pixel values")
+        if images.shape[1] != self.std.shape[1]:
+            raise ValueError(
+                f"images have {images.shape[1]} channels but data.mean/data.std "
+                f"{self.std.shape[1]} values: give one per band (data.bands, data.in_channels)"
             )
+        if images.dtype not in self.factors:
+            self.factors[images.dtype] = 1 / (pixel_scale(self.scale, images.dtype) * self.std)
         images = images.to(self.device, non_blocking=True)
         inputs = images.to(torch.float32, memory_format=self.memory_format)
-        return inputs.mul_(self.scale).add_(self.shift)  # in place: the layout stays
+        missing = None
+        if self.masks_nodata:
+            missing = inputs.isnan()
+            if self.nodata is not None:
+                missing |= inputs == self.nodata
+        inputs.mul_(self.factors[images.dtype]).add_(self.shift)  # in place: the layout stays
+        return inputs if missing is None else inputs.masked_fill_(missing, 0.0)
 
 
 class DeviceNormalize:
     """``Normalize`` for whichever device and memory format a caller asks for, each built once
     (a task normalizes training batches and validation images alike)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean, self.std = list(mean), list(std)
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: float | str = "auto",
+        nodata: float | str | Sequence[float] | None = None,
+    ):
+        self.mean, self.std, self.scale, self.nodata = list(mean), list(std), scale, nodata
         self.built: dict[tuple, Normalize] = {}
 
     def __call__(
@@ -67,12 +115,15 @@ class DeviceNormalize:
     ) -> torch.Tensor:
         key = (device, memory_format)
         if key not in self.built:
-            self.built[key] = Normalize(self.mean, self.std, device, memory_format)
+            self.built[key] = Normalize(
+                self.mean, self.std, device, memory_format, self.scale, self.nodata
+            )
         return self.built[key](images)
 
 
 class Predictor:
-    """Turns a batch of uint8 RGB images (N, 3, H, W) into class scores (N, C, H, W).
+    """Turns a batch of images (N, C, H, W), any pixel type (``Normalize``), into class scores
+    (N, K, H, W).
 
     ``mode="slide"`` runs ``crop``-sized windows every ``stride`` pixels, ``window_batch``
     windows per forward pass, and averages the logits where windows overlap: memory is bounded
@@ -95,6 +146,8 @@ class Predictor:
         scales: Sequence[float] = (1.0,),
         flip: bool = False,
         window_batch: int = 4,
+        scale: float | str = "auto",
+        nodata: float | str | Sequence[float] | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; options: {list(MODES)}")
@@ -108,8 +161,8 @@ class Predictor:
         self.device = device
         self.precision = precision
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        # mean and std: the data config's, of pixel values in [0, 1]
-        self.normalize = Normalize(mean, std, device, self.memory_format)
+        # mean and std: the data config's, of pixel values divided by scale (data.scale)
+        self.normalize = Normalize(mean, std, device, self.memory_format, scale, nodata)
         self.mode = mode
         self.crop = tuple(crop) if crop is not None else None
         # Default stride: 2/3 of the window, so that every pixel is seen at least once with

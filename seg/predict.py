@@ -12,7 +12,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -28,7 +28,7 @@ from seg.inference import (
     progress,
     warn_nonfinite,
 )
-from seg.visualize import colorize, overlay
+from seg.visualize import colorize, display_rgb, overlay
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +101,34 @@ def refuse_clashes(files: list[Path], paths: list[Path], why: str) -> None:
 
 
 class ImageFiles(Dataset):
-    """``(index, image, error)``: the decoded image as (3, H, W) uint8 RGB (the Predictor
-    normalizes it on its device; overlays use it as it is), or ``(index, None, error)`` for an
-    unreadable file instead of failing."""
+    """``(index, image, error)``: the decoded image as (C, H, W) at its stored dtype, ``bands``
+    selected (the Predictor normalizes it on its device; overlays show it as ``display_rgb``
+    does), or ``(index, None, error)`` for an unreadable file, or one without the model's
+    ``in_channels``, instead of failing."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(
+        self, files: list[Path], bands: list[int] | None = None, in_channels: int | None = None
+    ):
         self.files = files
+        self.bands, self.in_channels = bands, in_channels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         try:
-            image = read_image(self.files[index])
+            image = read_image(self.files[index], self.bands)
         except DataError as error:
             return index, None, str(error)
+        if self.in_channels is not None and image.shape[2] != self.in_channels:
+            return (
+                index,
+                None,
+                (
+                    f"{self.files[index]}: {image.shape[2]} bands but the model takes "
+                    f"{self.in_channels} (data.in_channels, data.bands={self.bands} of its training)"
+                ),
+            )
         return index, torch.from_numpy(image).permute(2, 0, 1), None
 
 
@@ -215,7 +228,11 @@ def predict_share(
     nonfinite_count = 0
     palette = checkpoint["palette"]
     output = Path(cfg.output)
-    dataset = ImageFiles(files)
+    data = train_cfg.data
+    bands = OmegaConf.select(data, "bands")
+    dataset = ImageFiles(files, list(bands) if bands is not None else None,
+                         OmegaConf.select(data, "in_channels", default=3))  # fmt: skip
+    rgb_bands = OmegaConf.select(data, "rgb_bands")  # 1-based input bands for overlays
     loader = DataLoader(
         Subset(dataset, dist.shard(range(len(files)))),  # items keep their index into files
         batch_size=1,
@@ -231,13 +248,14 @@ def predict_share(
             if error is not None:
                 skipped.append((index, error))  # listed once, at the end
             else:
-                images = torch.stack([item[1] for item in batch])  # (N, 3, H, W) uint8
+                images = torch.stack([item[1] for item in batch])  # (N, C, H, W), stored dtype
                 names = [str(files[item[0]]) for item in batch]
                 labels, nonfinite = predictor.labels(images, names)
                 labels, nonfinite_count = labels.cpu(), nonfinite_count + nonfinite
                 for (index, image, _), label in zip(batch, labels, strict=True):
+                    picture = display_rgb(image, rgb_bands) if "overlay" in formats else None
                     write_outputs(
-                        label, image, formats, output, relatives[index], palette, cfg.alpha
+                        label, picture, formats, output, relatives[index], palette, cfg.alpha
                     )
                     written += 1
             if dist.is_main():
@@ -248,7 +266,7 @@ def predict_share(
 def write_outputs(label, image, formats, output: Path, relative: Path, palette, alpha: float):
     """One PNG per format under ``output/<format>/``: ``index`` holds class indices (8-bit,
     one channel), ``color`` the palette colours, ``overlay`` the colours blended on ``image``
-    (the input, (3, H, W) uint8), ``cityscapes`` the official labelIds, in one flat folder as
+    (the input as ``display_rgb`` shows it, (3, H, W) uint8), ``cityscapes`` the official labelIds, in one flat folder as
     the evaluation server wants."""
     for name in formats:
         # cityscapes: <city>_<seq>_<frame>_leftImg8bit.png, the name the official tools match

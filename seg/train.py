@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from seg.checkpoint import check_compatible, load_checkpoint, refuse_weights_only
+from seg.checkpoint import PIXEL_KEYS, check_compatible, load_checkpoint, refuse_weights_only
 from seg.config import (
     build,
     check_data_config,
@@ -24,11 +24,13 @@ from seg.config import (
     run_command,
 )
 from seg.data import loader
+from seg.data.base import DataError
 from seg.device import CUBLAS_DETERMINISTIC, compile_cache, resolve_device
 from seg.doctor import quick_check
 from seg.engine import dist
 from seg.engine.guard import StopTraining
 from seg.engine.recorder import Recorder
+from seg.inference import pixel_scale
 from seg.models import init_from, load_checkpoint_weights
 from seg.optim import build_optimizer
 from seg.run_dir import (
@@ -167,7 +169,6 @@ def start(
         check_compatible(checkpoint, cfg, checkpoint_path)
         check_same_groups(OmegaConf.create(checkpoint["config"]), cfg)
         log.info("Resuming %s from iteration %d", checkpoint_path, checkpoint["iteration"])
-        log_changed_settings(OmegaConf.create(checkpoint["config"]), cfg)
         if checkpoint["iteration"] >= cfg.trainer.max_iters:
             log.warning(
                 "The checkpoint is at iteration %d of trainer.max_iters=%d: nothing to train. "
@@ -193,6 +194,10 @@ def start(
     )
     for dataset in (train_set, val_set):  # the doctor's checks on a few files, before any work
         quick_check(dataset)
+    settle_pixels(cfg, train_set, val_set)
+    if checkpoint is not None:  # settled, as the checkpoint's were: bands and scale must agree
+        check_compatible(checkpoint, cfg, checkpoint_path, PIXEL_KEYS)
+        log_changed_settings(OmegaConf.create(checkpoint["config"]), cfg)
     # A resumed model gets its weights from the checkpoint: nothing to download.
     model = build(cfg.model, **({"pretrained": False} if checkpoint and "pretrained" in cfg.model
                                 else {}))  # fmt: skip
@@ -231,6 +236,45 @@ def start(
         params=flat_values(cfg),
     )
     return RunResult(train(cfg, recorder, checkpoint, model, train_set, val_set, device), run_dir)
+
+
+def settle_pixels(cfg: DictConfig, train_set, val_set) -> None:
+    """Write the model's input bands into ``cfg.data.in_channels`` (the training images' count
+    where it is null) and ``data.scale=auto``'s number for their dtype into ``cfg.data.scale``:
+    the model, the checkpoint's config and its exports follow them. Then check what depends on
+    them: the validation images, ``data.mean``/``std``, ``data.rgb_bands`` and a model that
+    takes that many bands."""
+    channels = train_set.in_channels
+    with open_dict(cfg):
+        if "in_channels" in cfg.data:
+            cfg.data.in_channels = channels
+        if OmegaConf.select(cfg, "data.scale") == "auto":
+            cfg.data.scale = pixel_scale("auto", getattr(torch, train_set.dtype))
+    if val_set.in_channels != channels or val_set.dtype != train_set.dtype:
+        raise DataError(
+            f"{val_set.describe(0)}: the {cfg.data.val_split} split's images have "
+            f"{val_set.in_channels} bands of {val_set.dtype} but the {cfg.data.train_split} "
+            f"split's {channels} of {train_set.dtype}: every split needs the same bands"
+        )
+    for key in ("mean", "std"):
+        if len(cfg.data[key]) != channels:
+            raise ValueError(
+                f"data.{key} has {len(cfg.data[key])} values but the images have {channels} "
+                f"bands: give one per band (scripts/check_data.py prints them for your data)"
+            )
+    rgb_bands = OmegaConf.select(cfg, "data.rgb_bands")
+    if rgb_bands is not None and (
+        len(rgb_bands) != 3 or not all(1 <= b <= channels for b in rgb_bands)
+    ):
+        raise ValueError(
+            f"data.rgb_bands={list(rgb_bands)}: give three input bands in 1-{channels} "
+            "(counted from 1, after data.bands), shown as red, green, blue"
+        )
+    if channels != 3 and "in_channels" not in cfg.model:
+        raise ValueError(
+            f"model={cfg.model._target_} takes RGB (3 bands) only, but the images have "
+            f"{channels}: choose an smp model (model=unet, fpn, deeplabv3plus, ...)"
+        )
 
 
 def warn_slow_average(ema_decay: float | None, max_iters: int) -> None:

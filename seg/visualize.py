@@ -23,6 +23,34 @@ def colorize(mask: torch.Tensor, palette: Sequence[Sequence[int]]) -> torch.Tens
     return colors[mask.long().clamp(0, 255)].permute(2, 0, 1)
 
 
+# The percentiles a multi-band or deep image is stretched between for display: a few bright
+# or dark outliers (clouds, dead pixels) do not flatten the rest.
+STRETCH_PERCENTILES = (2.0, 98.0)
+
+
+def display_rgb(image: torch.Tensor, rgb_bands: Sequence[int] | None = None) -> torch.Tensor:
+    """A (C, H, W) image of any pixel type as (3, H, W) uint8 RGB for pictures.
+
+    3-band uint8 images (photos) are shown as they are. Others show ``rgb_bands`` (1-based
+    input bands; None: the first three), or grey for one band, each band stretched in float
+    between its ``STRETCH_PERCENTILES`` (NaNs left out, shown black)."""
+    rgb_bands = list(rgb_bands) if rgb_bands is not None else None
+    if image.dtype == torch.uint8 and image.shape[0] == 3 and rgb_bands in (None, [1, 2, 3]):
+        return image
+    if image.shape[0] < 3:
+        picked = image[:1].expand(3, -1, -1)  # grey
+    else:
+        picked = image[[b - 1 for b in rgb_bands or (1, 2, 3)]]
+    bands = picked.to(torch.float32)
+    flat = bands.flatten(1)[:, :: max(1, bands[0].numel() // 100_000)]  # enough for percentiles
+    low, high = (
+        torch.from_numpy(np.nanpercentile(flat.numpy(), q, axis=1)).float().view(3, 1, 1)
+        for q in STRETCH_PERCENTILES
+    )
+    stretched = (bands - low) / (high - low).clamp_min(1e-12) * 255
+    return stretched.nan_to_num(0.0).clamp(0, 255).round().to(torch.uint8)
+
+
 def overlay(image: torch.Tensor, colored: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """Blend a (3, H, W) uint8 colour mask over a (3, H, W) uint8 image."""
     return (image.float() * (1 - alpha) + colored.float() * alpha).to(torch.uint8)
@@ -65,13 +93,14 @@ def comparison(
     mask: torch.Tensor,
     prediction: torch.Tensor,
     palette: Sequence[Sequence[int]],
+    rgb_bands: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Image | ground truth overlay | prediction overlay, side by side: (3, h, 3w) uint8, where
-    (h, w) is the (3, H, W) uint8 image's size scaled down to a long side of at most
-    ``MAX_PANEL_SIDE``."""
+    (h, w) is the (C, H, W) image's size scaled down to a long side of at most
+    ``MAX_PANEL_SIDE``; the image is shown as ``display_rgb`` makes it (``rgb_bands``)."""
     # Shrink first: the colouring and blending then run on the small panels too.
     size = panel_size(*image.shape[-2:])
-    rgb = resize_image(image, size)
+    rgb = resize_image(display_rgb(image, rgb_bands), size)
     mask, prediction = resize_mask(mask, size), resize_mask(prediction, size)
     ground_truth = overlay(rgb, colorize(mask, palette))
     predicted = overlay(rgb, colorize(prediction, palette))

@@ -60,8 +60,8 @@ def read_file(path: Path, kind: str) -> bytes:
 
 
 # The pixel types an image may hold: the consumers widen them on the device (data.scale says
-# how: auto for the unsigned ones, a number for the others).
-IMAGE_DTYPES = (np.uint8, np.uint16, np.int16, np.int32, np.float32)
+# how: auto for the unsigned ones, a number for the others). Not int32: OpenCV cannot resize it.
+IMAGE_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
 # Read by tifffile (TIFF/GeoTIFF) or numpy (.npy, channels last), at their dtype and band count;
 # every other suffix is a photo format decoded by OpenCV.
 RASTER_SUFFIXES = (".tif", ".tiff", ".npy")
@@ -188,6 +188,42 @@ def read_image(path: Path, bands: Sequence[int] | None = None) -> np.ndarray:
     return image if bands is None else select_bands(image, bands, path)
 
 
+# 16-bit PNG colour type -> the channels OpenCV decodes it to (grey + alpha becomes RGBA)
+PNG16_CHANNELS = {0: 1, 2: 3, 4: 4, 6: 4}
+
+
+def image_info(path: Path) -> tuple[int, np.dtype]:
+    """The band count and dtype ``read_image`` (without ``bands``) gives for ``path``, from the
+    file's header alone (no pixels decoded); a DataError names a file whose header cannot be read.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return (array.shape[2] if array.ndim == 3 else 1), array.dtype
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tiff:
+                series = tiff.series[0]
+                # the length of the bands' axis (S or C), or one band
+                sizes = dict(zip(series.axes, series.shape, strict=True))
+                return sizes.get("S", sizes.get("C", 1)), series.dtype
+        with open(path, "rb") as file:
+            header = file.read(26)
+    except ImportError as error:
+        raise DataError(
+            f"{path}: reading TIFF needs tifffile and imagecodecs: {GEO_EXTRA}"
+        ) from error
+    except Exception as error:
+        raise DataError(
+            f"{path}: cannot read the image's header ({type(error).__name__}: {error})"
+        ) from error
+    if png_bit_depth(header) == 16:
+        return PNG16_CHANNELS.get(header[25], 3), np.dtype(np.uint16)
+    return 3, np.dtype(np.uint8)  # photos decode to RGB
+
+
 def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:
     """The 1-based ``bands`` of an (H, W, C) image, in that order (a copy)."""
     count = image.shape[2]
@@ -267,7 +303,8 @@ class SegmentationDataset(Dataset):
     """Base class: subclasses fill ``load(index)`` and ``describe(index)``.
 
     ``__getitem__`` accepts a plain index or the ``(index, seed, position)`` tuples of
-    ``InfiniteSampler`` and returns ``image`` (3, H, W) uint8 RGB, not normalized, and ``mask``
+    ``InfiniteSampler`` and returns ``image`` (C, H, W) at its stored dtype (uint8 RGB for
+    photos; ``in_channels`` bands of ``dtype`` for rasters), not normalized, and ``mask``
     (H, W) of ``mask_dtype`` (uint8, or int16 where classes or ignore_index pass 255). Samples
     travel small; the consumers normalize and widen them on the device (issue 11).
 
@@ -278,7 +315,15 @@ class SegmentationDataset(Dataset):
 
     # Attributes that do not change what a sample decodes to, left out of the cache's key; every
     # other attribute (label table, mask format, ...) is part of it, so a new setting is too.
-    CACHE_NEUTRAL = ("transform", "samples", "skip_bad_samples", "cache", "_counts", "_skipped")
+    CACHE_NEUTRAL = ("transform", "samples", "skip_bad_samples", "cache", "_counts", "_skipped",
+                     "scale")  # fmt: skip
+    # The pixels every sample must have; RGB photo datasets keep these, data=folder decides
+    # them from its settings and first image (``expect_pixels``). Part of the cache's key.
+    bands: list[int] | None = None  # data.bands: 1-based, selected and reordered
+    in_channels: int = 3
+    dtype: str = "uint8"
+    nodata: float | str | list[float] | None = None  # data.nodata: ignored labels, see Normalize
+    scale: float | str = "auto"
 
     def __init__(
         self,
@@ -310,13 +355,95 @@ class SegmentationDataset(Dataset):
             return
         settings = {k: v for k, v in vars(self).items() if k not in self.CACHE_NEUTRAL}
         self.cache = DecodedCache(cache_dir, type(self).__name__, settings)
-        self.cache.log_size(len(self), self.source_files(0)[0], self.mask_dtype)
+        pixel_bytes = self.in_channels * np.dtype(self.dtype).itemsize
+        self.cache.log_size(len(self), self.source_files(0)[0], self.mask_dtype, pixel_bytes)
+
+    def expect_pixels(
+        self,
+        first_image: Path,
+        bands: Sequence[int] | None,
+        in_channels: int | None,
+        nodata: float | str | Sequence[float] | None,
+        scale: float | str,
+    ) -> None:
+        """Set the pixels every sample must have from ``first_image`` and the data keys:
+        ``bands`` (1-based), ``in_channels`` (None: ``len(bands)`` or the first image's band
+        count), ``nodata`` (a number, one per band, or ``"nan"``), ``scale`` (``auto`` needs
+        uint8 or uint16). Called by a subclass before ``use_cache``; a DataError names the file."""
+        self.bands = [int(b) for b in bands] if bands is not None else None
+        if nodata is not None and not isinstance(nodata, int | float | str):
+            nodata = [float(value) for value in nodata]
+        if isinstance(nodata, str) and nodata != "nan":
+            raise ValueError(f"data.nodata={nodata!r}: give a number, one per band, or nan")
+        self.nodata, self.scale = nodata, scale
+        # From the header: a dataset over cached samples reads no pixels of its files.
+        count, dtype = image_info(first_image)
+        if self.bands is not None:
+            select_bands(np.empty((0, 0, count)), self.bands, first_image)  # in range
+            count = len(self.bands)
+        self.dtype = dtype.name
+        if nodata == "nan" and dtype.kind != "f":
+            raise DataError(
+                f"{first_image}: data.nodata=nan but the pixels are {self.dtype}, which hold no "
+                "NaN: give the number that marks no data"
+            )
+        if in_channels is not None and in_channels != count:
+            raise DataError(
+                f"{first_image}: {count} bands"
+                f"{f' (data.bands={self.bands})' if self.bands else ''} but "
+                f"data.in_channels={in_channels}; set data.in_channels={count} or null (derived)"
+            )
+        self.in_channels = count
+        if isinstance(nodata, list) and len(nodata) != count:
+            raise ValueError(
+                f"data.nodata has {len(nodata)} values but the images have {count} bands "
+                f"({first_image}); give one per band or a single number"
+            )
+        if scale == "auto" and self.dtype not in ("uint8", "uint16"):
+            raise DataError(
+                f"{first_image}: pixels are {self.dtype}, and data.scale=auto is defined for uint8 "
+                "(255) and uint16 (65535) only: give the number that maps them to about [0, 1], "
+                "e.g. data.scale=10000 for Sentinel-2 reflectance, 4095 for 12-bit data, 1 for "
+                "floats in [0, 1]"
+            )
+
+    def read_pixels(self, path: Path) -> np.ndarray:
+        """``read_image`` with ``bands``, checked against the pixels every sample must have:
+        the band count and dtype of the others, and no NaNs without ``data.nodata``."""
+        image = read_image(path, self.bands)
+        if image.shape[2] != self.in_channels or image.dtype.name != self.dtype:
+            raise DataError(
+                f"{path}: {image.shape[2]} bands of {image.dtype}"
+                f"{f' (data.bands={self.bands})' if self.bands else ''} but the dataset's "
+                f"images have {self.in_channels} of {self.dtype} (data.in_channels, or its first "
+                "image): every image needs the same bands and pixel type"
+            )
+        self.check_pixels(image, path)
+        return image
+
+    def check_pixels(self, image: np.ndarray, path: Path) -> None:
+        if self.nodata is None and image.dtype.kind == "f" and np.isnan(image).any():
+            raise DataError(
+                f"{path}: the image holds NaN pixels and data.nodata is not set: set "
+                "data.nodata=nan to ignore them (their labels are ignored, the model sees the band "
+                "mean), or fill them in the file"
+            )
+
+    def mask_nodata(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``mask`` with ``ignore_index`` where any band of ``image`` is ``data.nodata`` (or NaN)."""
+        if self.nodata is None:
+            return mask
+        missing = np.isnan(image) if image.dtype.kind == "f" else np.zeros(image.shape, bool)
+        if self.nodata != "nan":  # compared as float64: a value outside the dtype matches none
+            missing |= image == np.asarray(self.nodata, np.float64)
+        # arrays of both dtypes: the result holds every mask value and ignore_index
+        return np.where(missing.any(axis=2), np.asarray(self.ignore_index, self.mask_dtype), mask)
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return the raw (H, W, 3) uint8 RGB image and (H, W) integer mask."""
+        """Return the raw (H, W, C) image (``read_pixels``) and (H, W) integer mask."""
         raise NotImplementedError
 
     def describe(self, index: int) -> str:
@@ -372,12 +499,15 @@ class SegmentationDataset(Dataset):
         return apply(self.transform, image, mask, seed)
 
     def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ``index`` before its transform: the (H, W, 3) uint8 image and the (H, W) mask
-        of ``mask_dtype``, mapped and checked. With a cache, read from it (read-only memory
+        """Sample ``index`` before its transform: the (H, W, C) image and the (H, W) mask of
+        ``mask_dtype``, mapped (``data.nodata`` pixels ignored) and checked. With a cache, read from it (read-only memory
         maps), or decoded and then written to it: the mapping is a fixed table and the checks
         passed, so the cached pair is what decoding gives, bit for bit."""
         entry = self.cache.entry(self.source_files(index)) if self.cache is not None else None
-        if entry is not None and (cached := self.cache.read(entry, self.mask_dtype)) is not None:
+        cached = None
+        if entry is not None:
+            cached = self.cache.read(entry, self.mask_dtype, self.in_channels, self.dtype)
+        if cached is not None:
             try:  # the checks the files get (an entry edited, or damaged with a valid header)
                 self.check_labels(cached[1], index)
                 return cached
@@ -390,7 +520,7 @@ class SegmentationDataset(Dataset):
                 f"{self.describe(index)}: image is {image.shape[1]}x{image.shape[0]} but mask is "
                 f"{mask.shape[1]}x{mask.shape[0]} (width x height); they must be the same size"
             )
-        mask = self.map_labels(mask, index)
+        mask = self.mask_nodata(image, self.map_labels(mask, index))
         self.check_labels(mask, index)
         # Checked, so its values fit; cast before the transform so that padding with
         # ignore_index is exact (a no-op for the usual uint8 masks).
@@ -467,4 +597,4 @@ class PairedFiles(SegmentationDataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.samples[index]
-        return read_image(image_path), read_mask(mask_path)
+        return self.read_pixels(image_path), read_mask(mask_path)

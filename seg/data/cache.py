@@ -1,14 +1,16 @@
 """``data.cache_dir``: each sample decoded once, then read back as arrays (issue 11).
 
 Decoding a Cityscapes PNG pair is about 93% of a training sample's CPU time. With a cache
-directory set, the first read of a sample writes its decoded uint8 image (H, W, 3) and its mapped,
+directory set, the first read of a sample writes its decoded image (H, W, C) at its stored dtype
+(uint8 RGB for photos; any band count and depth for rasters) and its mapped,
 checked mask (H, W) as two ``.npy`` files; later reads (epochs, workers, ranks, runs) load those
 with ``np.load(mmap_mode="r")`` and touch only the pages under the crop. The price is disk:
 uncompressed, about 8.4 MB per 2048x1024 sample (Cityscapes train: 25 GB).
 
 Layout: ``<cache_dir>/<DatasetClass>-<settings hash>/<ab>/<files hash>-<stat hash>.{image,mask}.npy``.
 The settings hash covers what decides a decoded sample besides its files (label mapping, mask
-format, class count, decoder versions, ``CACHE_FORMAT``); the files hash the source paths; the
+format, class count, the bands selected, the images' band count and dtype, nodata, decoder
+versions, ``CACHE_FORMAT``); the files hash the source paths; the
 stat hash their sizes, modification and change times, so an edited or replaced file is a miss,
 never a stale hit, and its old entry is deleted when the new one is written.
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Part of every entry's key: bump it when a dataset's load/map_labels returns something else for
 # the same files and settings, so that caches written before are never served.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: images of any band count and dtype (1: uint8 RGB only)
 
 
 def fingerprint(value: Any) -> str:
@@ -97,18 +99,21 @@ class DecodedCache:
         name = hashlib.sha1(names.encode()).hexdigest()[:24]
         return self.directory / name[:2] / f"{name}-{hashlib.sha1(state.encode()).hexdigest()[:12]}"
 
-    def read(self, entry: Path, mask_dtype: type) -> tuple[np.ndarray, np.ndarray] | None:
-        """The cached (H, W, 3) uint8 image and (H, W) ``mask_dtype`` mask, read-only memory maps;
-        None when the entry is missing or unusable (a file cut short by a power loss)."""
+    def read(
+        self, entry: Path, mask_dtype: type, in_channels: int = 3, dtype: str = "uint8"
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The cached (H, W, ``in_channels``) image of ``dtype`` and (H, W) ``mask_dtype`` mask,
+        read-only memory maps; None when the entry is missing or unusable (a file cut short by
+        a power loss) or not of that shape and dtype."""
         try:
             image = np.load(f"{entry}.image.npy", mmap_mode="r")
             mask = np.load(f"{entry}.mask.npy", mmap_mode="r")
         except (OSError, ValueError, EOFError):  # missing; an empty or short file
             return None
         if (
-            image.dtype != np.uint8
+            image.dtype != dtype
             or image.ndim != 3
-            or image.shape[2] != 3
+            or image.shape[2] != in_channels
             or mask.shape != image.shape[:2]
             or mask.dtype != mask_dtype
         ):
@@ -145,7 +150,9 @@ class DecodedCache:
                 self.directory, error.strerror or error,
             )  # fmt: skip
 
-    def log_size(self, samples: int, first_image: Path, mask_dtype: type) -> None:
+    def log_size(
+        self, samples: int, first_image: Path, mask_dtype: type, pixel_bytes: int = 3
+    ) -> None:
         """Log what the cache will hold once every sample was read (from the first image's size),
         the free space, and other settings' caches beside it."""
         try:
@@ -153,7 +160,8 @@ class DecodedCache:
                 width, height = image.size
         except Exception:  # an unreadable file fails later with its DataError; no estimate
             return
-        per_sample = height * width * (3 + np.dtype(mask_dtype).itemsize) + 256  # + .npy headers
+        # + .npy headers; pixel_bytes: the image's bands x bytes per band
+        per_sample = height * width * (pixel_bytes + np.dtype(mask_dtype).itemsize) + 256
         total, free = samples * per_sample, shutil.disk_usage(self.directory).free
         others = [p.name for p in self.root.iterdir() if p.is_dir() and p != self.directory]
         log.info(

@@ -9,9 +9,9 @@ from seg.data.base import (
     RASTER_SUFFIXES,
     DataError,
     PairedFiles,
-    read_image,
     read_mask,
 )
+from seg.data.transforms import without_color
 
 FOLDER_TREE = """expected:
   <root>/images/<split>/<name>.png|.jpg|.tif|.npy   images (TIFF/.npy: any band count and depth)
@@ -58,6 +58,10 @@ class FolderDataset(PairedFiles):
     each colour one of ``palette``'s). JPEG masks are refused (lossy compression changes labels
     at edges) unless ``jpeg_threshold`` is set: they are then read as binary masks, >= the
     threshold (on the 8-bit scale, scaled like 128 for other depths) is class 1.
+
+    Images may have any band count and depth (``seg.data.base.read_image``): ``bands``,
+    ``in_channels``, ``nodata`` and ``scale`` are the data keys of ``expect_pixels``. Colour
+    augmentations run on 3-band uint8 images only: for others they are left out, with a log line.
     """
 
     def __init__(
@@ -72,6 +76,10 @@ class FolderDataset(PairedFiles):
         jpeg_threshold: int | None = None,
         skip_bad_samples: float = 0.0,
         cache_dir: str | None = None,
+        bands: list[int] | None = None,
+        in_channels: int | None = None,
+        nodata: float | str | list[float] | None = None,
+        scale: float | str = "auto",
     ):
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"data.dataset.mask_format={mask_format!r}; options: {MASK_FORMATS}")
@@ -114,11 +122,14 @@ class FolderDataset(PairedFiles):
         if not images:
             raise DataError(f"{image_dir}: split '{split}' has no images.\n{FOLDER_TREE}")
         self.samples = [(images[stem], masks[stem]) for stem in sorted(images)]
+        self.expect_pixels(self.samples[0][0], bands, in_channels, nodata, scale)
+        if not (self.in_channels == 3 and self.dtype == "uint8"):
+            self.transform = without_color(transform, f"{self.in_channels} bands of {self.dtype}")
         self.use_cache(cache_dir)  # data.cache_dir: decode each sample once
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.samples[index]
-        image = read_image(image_path)
+        image = self.read_pixels(image_path)
         if self.mask_format == "rgb":
             return image, self.rgb_to_index(mask_path)
         # JPEG masks are allowed only with a threshold; any of their modes reads as 8-bit grey.

@@ -8,6 +8,7 @@ Masks are always resized with nearest-neighbour and padded with ``ignore_index``
 transform can invent a label value.
 """
 
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,12 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+
+# Augmentations defined on RGB colour (albumentations' ColorJitter fails on uint16, and hue or
+# saturation mean nothing for 4 or 13 bands): run on 3-band uint8 images only.
+COLOR_TRANSFORMS = (A.ColorJitter,)
 
 # ImageNet statistics: the default of data.mean/data.std, which the consumers apply on the device.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,7 +41,8 @@ class RandomScaleCrop(A.DualTransform):
     The region's edges are rounded to whole source pixels, which moves the crop by under one
     source pixel and changes its scale by under 1 / (crop side in source pixels).
     The image resizes bilinearly, the mask nearest; where the scaled image would be smaller
-    than the crop the image is padded with 0 and the mask with ``fill_mask``.
+    than the crop the image is padded with ``fill_image`` (``data.nodata``, else 0: one value,
+    one per band, or NaN) and the mask with ``fill_mask``.
 
     ``cat_max_ratio`` < 1 is mmsegmentation's ``RandomCrop(cat_max_ratio=...)`` for small
     structures: while one class covers ``cat_max_ratio`` or more of the crop's labelled pixels
@@ -51,16 +59,18 @@ class RandomScaleCrop(A.DualTransform):
         scale_range: Sequence[float],
         fill_mask: int,
         p: float = 1.0,
+        fill_image: float | Sequence[float] = 0,
         cat_max_ratio: float = 1.0,
     ):
         super().__init__(p=p)
         self.height, self.width = height, width
         self.scale_range = tuple(scale_range)
         self.fill_mask = fill_mask
+        self.fill_image = fill_image
         self.cat_max_ratio = cat_max_ratio
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("height", "width", "scale_range", "fill_mask", "cat_max_ratio")
+        return ("height", "width", "scale_range", "fill_mask", "fill_image", "cat_max_ratio")
 
     def get_params_dependent_on_data(self, params: dict, data: dict) -> dict[str, Any]:
         height, width = params["shape"][:2]
@@ -99,18 +109,19 @@ class RandomScaleCrop(A.DualTransform):
         return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
     def apply(self, img: np.ndarray, region, valid, **params) -> np.ndarray:
-        return self._crop_resize(img, region, valid, cv2.INTER_LINEAR, 0)
+        return self._crop_resize(img, region, valid, cv2.INTER_LINEAR, self.fill_image)
 
     def apply_to_mask(self, mask: np.ndarray, region, valid, **params) -> np.ndarray:
         return self._crop_resize(mask, region, valid, cv2.INTER_NEAREST, self.fill_mask)
 
-    def _crop_resize(self, array, region, valid, interpolation: int, fill: int) -> np.ndarray:
+    def _crop_resize(self, array, region, valid, interpolation: int, fill) -> np.ndarray:
         y0, y1, x0, x1 = region
         valid_h, valid_w = valid
         source = array[y0:y1, x0:x1]
         if (valid_h, valid_w) == (self.height, self.width):
             return cv2.resize(source, (valid_w, valid_h), interpolation=interpolation)
-        out = np.full((self.height, self.width, *array.shape[2:]), fill, array.dtype)
+        out = np.empty((self.height, self.width, *array.shape[2:]), array.dtype)
+        out[...] = fill  # one value, or one per band
         # cv2 writes into the top-left view: the padding stays bottom/right, as before.
         cv2.resize(
             source, (valid_w, valid_h), dst=out[:valid_h, :valid_w], interpolation=interpolation
@@ -126,9 +137,13 @@ def train_transform(
     color_jitter: float = 0.0,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    fill: float | str | Sequence[float] | None = None,
     cat_max_ratio: float = 1.0,
 ) -> A.Compose:
     """Random scale + crop to ``crop_size`` (height, width) (``RandomScaleCrop``), flip, jitter.
+
+    ``fill``: the image's padding, ``data.nodata`` (None: 0; ``"nan"``: NaN), so that padded
+    pixels are no data, not a valid value such as 0 (water in CT, a valid reflectance).
 
     ``color_jitter`` is the probability of a brightness/contrast/saturation/hue jitter (0 = off).
     ``cat_max_ratio`` < 1 redraws crops that one class dominates (``RandomScaleCrop``).
@@ -152,12 +167,36 @@ def train_transform(
                 crop_width,
                 (low, high),
                 fill_mask=ignore_index,
+                fill_image=pad_value(fill),
                 cat_max_ratio=cat_max_ratio,
             ),
             A.HorizontalFlip(p=hflip),
             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=color_jitter),
         ]
     )
+
+
+def without_color(transform: A.Compose | None, images: str) -> A.Compose | None:
+    """``transform`` without its colour augmentations (``COLOR_TRANSFORMS``), logged as skipped
+    for ``images`` (what the images are, e.g. "13 bands of uint16")."""
+    if transform is None:
+        return None
+    kept = [t for t in transform.transforms if not isinstance(t, COLOR_TRANSFORMS)]
+    skipped = [type(t).__name__ for t in transform.transforms if isinstance(t, COLOR_TRANSFORMS)]
+    if not any(t.p > 0 for t in transform.transforms if isinstance(t, COLOR_TRANSFORMS)):
+        return transform
+    log.info("Colour augmentation %s skipped: it runs on 3-band uint8 images, these are %s",
+             ", ".join(skipped), images)  # fmt: skip
+    return A.Compose(kept)
+
+
+def pad_value(nodata: float | str | Sequence[float] | None) -> float | list[float]:
+    """``data.nodata`` as the image's padding value: 0 without one."""
+    if nodata is None:
+        return 0
+    if isinstance(nodata, str):
+        return float(nodata)  # "nan"
+    return nodata if isinstance(nodata, int | float) else [float(v) for v in nodata]
 
 
 def val_transform(

@@ -1,5 +1,5 @@
-"""Semantic segmentation: a class per pixel. Batches are ``(images, masks)``: uint8 RGB
-(N, 3, H, W) and masks (N, H, W) of class indices with ``ignore_index``; models return logits
+"""Semantic segmentation: a class per pixel. Batches are ``(images, masks)``: images (N, C, H, W)
+at their stored dtype (uint8 RGB for photos) and masks (N, H, W) of class indices with ``ignore_index``; models return logits
 (N, C, H, W); scored by one confusion matrix over the split (mIoU, mDice, aAcc, mAcc)."""
 
 import csv
@@ -52,7 +52,9 @@ class SemanticTask:
 
     ``loss`` (a ``loss(logits, masks)`` module) is needed for training only, with
     ``aux_weight`` for the loss of the model's auxiliary head (torchvision's FCN, DeepLabV3);
-    ``mean``/``std`` normalize pixels in [0, 1] on the device.
+    ``mean``/``std`` normalize pixels divided by ``scale`` on the device, where ``nodata``
+    pixels become 0 (``seg.inference.Normalize``); ``rgb_bands`` (1-based) are the bands shown
+    in pictures of multi-band images.
     """
 
     name = "semantic"
@@ -72,6 +74,9 @@ class SemanticTask:
         std: Sequence[float],
         loss: nn.Module | None = None,
         aux_weight: float = 0.0,
+        scale: float | str = "auto",
+        nodata: float | str | Sequence[float] | None = None,
+        rgb_bands: Sequence[int] | None = None,
     ):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -80,7 +85,9 @@ class SemanticTask:
         self.mean, self.std = list(mean), list(std)
         self.loss_fn = loss
         self.aux_weight = aux_weight
-        self.normalize = DeviceNormalize(self.mean, self.std)
+        self.scale, self.nodata = scale, nodata
+        self.rgb_bands = list(rgb_bands) if rgb_bands is not None else None  # 1-based, pictures
+        self.normalize = DeviceNormalize(self.mean, self.std, scale, nodata)
 
     def to(self, device: torch.device) -> "SemanticTask":
         """The loss's buffers (class weights) on ``device``."""
@@ -94,8 +101,8 @@ class SemanticTask:
     def prepare(
         self, batch: tuple, device: torch.device, memory_format: torch.memory_format
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images -> normalized float32 in ``memory_format``; masks -> int64 (on the
-        device: they travel as uint8 or int16)."""
+        """Images at their stored dtype -> normalized float32 in ``memory_format``; masks ->
+        int64 (on the device: they travel as uint8 or int16)."""
         images, masks = batch
         return self.normalize(images, device, memory_format), masks.to(device).long()
 
@@ -121,6 +128,7 @@ class SemanticTask:
         """Class indices per pixel through ``Predictor``; ``inference``: its ``mode``, ``crop``,
         ``stride``, ``scales``, ``flip``, ``window_batch`` (evaluate.yaml's keys)."""
         predictor = Predictor(model, device, self.mean, self.std, precision, channels_last,
+                              scale=self.scale, nodata=self.nodata,
                               **dict(inference or {}))  # fmt: skip
         return SemanticPredict(predictor, memory_advice(predictor, "data.val_batch_size"))
 
@@ -139,7 +147,7 @@ class SemanticTask:
             score=metrics[self.metric],
             record=named(metrics, self.class_names),
             scalars=scalars(metrics, self.class_names, prefix),
-            pictures=figures(result, self.class_names, self.palette),
+            pictures=figures(result, self.class_names, self.palette, self.rgb_bands),
             table=format_table(metrics, self.class_names),
         )
 
@@ -354,12 +362,13 @@ def figures(
     result: Evaluation,
     class_names: Sequence[str],
     palette: Sequence[Sequence[int]],
+    rgb_bands: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """The pictures of an evaluation as (H, W, 3) uint8 arrays: ``confusion``, ``iou``,
     ``worst`` (image | truth | prediction of the lowest-mIoU images) and ``example_<i>``."""
 
     def picture(example: Example) -> torch.Tensor:
-        return comparison(*example, palette)
+        return comparison(*example, palette, rgb_bands)
 
     pictures = {
         "confusion": confusion_figure(result.confusion, class_names),
