@@ -274,6 +274,13 @@ def rgb_input_filters(
 
 
 def _checked_rgb_bands(rgb_bands: Sequence[int] | None, in_channels: int) -> list[int]:
+    if rgb_bands is None and in_channels >= 3:
+        log.warning(
+            "data.rgb_bands is not set: each of the %d input bands gets the mean of the "
+            "pretrained red, green and blue filters. Set data.rgb_bands=[r,g,b] (counted from "
+            "1, after data.bands) to give the red, green and blue bands their own",
+            in_channels,
+        )
     bands = [] if rgb_bands is None else list(rgb_bands)
     if bands and (
         len(bands) != 3
@@ -304,8 +311,6 @@ def adapt_rgb_input(
         and own[key].shape[1] != 3
         and own[key].shape[:1] + own[key].shape[2:] == value.shape[:1] + value.shape[2:]
     ]
-    for key in adapted:
-        _checked_rgb_bands(rgb_bands, own[key].shape[1])
     return {
         key: rgb_input_filters(value, own[key].shape[1], rgb_bands) if key in adapted else value
         for key, value in weights.items()

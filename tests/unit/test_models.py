@@ -135,6 +135,11 @@ def test_rgb_filters_go_on_the_rgb_bands_and_the_mean_filter_on_the_others():
     assert torch.allclose(rgb_input_filters(rgb, 1, None), rgb.sum(dim=1, keepdim=True))
 
 
+def test_many_bands_without_rgb_bands_are_warned(caplog):
+    rgb_input_filters(torch.randn(4, 3, 3, 3), 13, None)
+    assert "data.rgb_bands is not set" in caplog.text
+
+
 @pytest.mark.parametrize("bands", [[1, 2], [1, 1, 2], [0, 1, 2], [2, 3, 6]])
 def test_bad_rgb_bands_are_refused_naming_the_key(bands):
     with pytest.raises(ValueError, match=r"data.rgb_bands=\[.*1\.\.5"):
@@ -217,3 +222,12 @@ def test_torchvision_models_take_other_band_counts(monkeypatch):
                               in_channels=5, rgb_bands=[1, 2, 3])  # fmt: skip
     assert torch.equal(model.net.backbone["0"][0].weight,
                        rgb_input_filters(rgb["filters"], 5, [1, 2, 3]))  # fmt: skip
+
+
+@pytest.mark.parametrize("option", ["lraspp", "unet"])
+def test_model_configs_take_the_data_bands(option):
+    cfg = compose_config(f"model={option}", "data=folder", "data.root=x", "data.in_channels=4",
+                         "data.rgb_bands=[3,2,1]", "model.encoder_name=" +
+                         ("mobilenet_v3_large" if option == "lraspp" else "resnet18"))  # fmt: skip
+    model = instantiate(cfg.model)
+    assert model(torch.randn(1, 4, 64, 64)).shape == (1, 2, 64, 64)
