@@ -4,7 +4,7 @@ with a checkpoint alone (no run directory, no dataset)."""
 import glob
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from seg import restore
 from seg.config import report_user_errors, run_command
-from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
+from seg.data.base import IMAGE_SUFFIXES, DataError, read_image, select_bands
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID
+from seg.data.geotiff import GeoRaster, Tag, write_geotiff, write_tiled
 from seg.device import resolve_device
 from seg.engine import dist
 from seg.inference import (
@@ -160,6 +161,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         raise ValueError(
             f"format={unknown} unknown; options: {list(FORMATS)} (e.g. format=[index,color])"
         )
+    if cfg.window < 16 or cfg.window % 16 or cfg.overlap < 0:
+        raise ValueError(
+            f"window={cfg.window}, overlap={cfg.overlap}: the window is a multiple of 16 (the "
+            "TIFF tiles it is written as), the overlap >= 0"
+        )
     files, base = find_inputs(str(cfg.input))
     if not files:
         raise FileNotFoundError(f"input={cfg.input}: no image files ({', '.join(IMAGE_SUFFIXES)})")
@@ -233,16 +239,32 @@ def predict_share(
     dataset = ImageFiles(files, list(bands) if bands is not None else None,
                          OmegaConf.select(data, "in_channels", default=3))  # fmt: skip
     rgb_bands = OmegaConf.select(data, "rgb_bands")  # 1-based input bands for overlays
+    share = dist.shard(range(len(files)))
+    # TIFF inputs: their georeferencing goes to the index and colour outputs (GeoTIFFs); those
+    # larger than cfg.window are predicted window by window, never read whole.
+    rasters = tiff_headers(files, share)
+    large = {i for i, raster in rasters.items() if max(raster.height, raster.width) > cfg.window}
     loader = DataLoader(
-        Subset(dataset, dist.shard(range(len(files)))),  # items keep their index into files
+        Subset(dataset, [i for i in share if i not in large]),  # items keep their file index
         batch_size=1,
         num_workers=train_cfg.data.num_workers,
         collate_fn=list,  # sizes may differ: batches are formed below
     )
     written, skipped = 0, []
     # One progress display, rank 0's over its share: the ranks' would garble one another.
-    bar = progress("predict", len(loader.dataset)) if dist.is_main() else nullcontext()
+    bar = progress("predict", len(loader.dataset) + len(large)) if dist.is_main() else nullcontext()
     with bar:
+        for index in sorted(large):
+            try:
+                nonfinite_count += predict_raster(
+                    predictor, rasters[index], dataset.bands, dataset.in_channels, cfg.window,
+                    cfg.overlap, formats, output, relatives[index], palette,
+                )  # fmt: skip
+                written += 1
+            except DataError as error:
+                skipped.append((index, str(error)))
+            if dist.is_main():
+                bar.update(1)
         for batch in same_size_batches(loader, cfg.batch_size):
             index, _, error = batch[0]
             if error is not None:
@@ -254,29 +276,124 @@ def predict_share(
                 labels, nonfinite_count = labels.cpu(), nonfinite_count + nonfinite
                 for (index, image, _), label in zip(batch, labels, strict=True):
                     picture = display_rgb(image, rgb_bands) if "overlay" in formats else None
-                    write_outputs(
-                        label, picture, formats, output, relatives[index], palette, cfg.alpha
-                    )
+                    tags = rasters[index].tags if index in rasters else []
+                    write_outputs(label, picture, formats, output, relatives[index], palette,
+                                  cfg.alpha, tags)  # fmt: skip
                     written += 1
             if dist.is_main():
                 bar.update(len(batch))
     return written, skipped, int(nonfinite_count)
 
 
-def write_outputs(label, image, formats, output: Path, relative: Path, palette, alpha: float):
+def tiff_headers(files: list[Path], indices: Iterable[int]) -> dict[int, GeoRaster]:
+    """The TIFF inputs among ``files[indices]`` opened for windowed reading (their headers
+    alone); one tifffile cannot read as a raster is left to the reader, which names why."""
+    rasters = {}
+    for index in indices:
+        if files[index].suffix.lower() in (".tif", ".tiff"):
+            try:
+                rasters[index] = GeoRaster(files[index])
+            except DataError:
+                continue
+    return rasters
+
+
+def predict_raster(
+    predictor,
+    raster: GeoRaster,
+    bands: list[int] | None,
+    in_channels: int | None,
+    window: int,
+    overlap: int,
+    formats: list[str],
+    output: Path,
+    relative: Path,
+    palette: list,
+) -> int:
+    """Predict a raster larger than ``window`` window by window: each ``window`` x ``window``
+    tile is predicted with ``overlap`` pixels of context on every side (cropped away), read
+    from one band of rows at a time, and written as it comes into a tiled GeoTIFF with the
+    raster's tags (``index``; ``color`` is made from it the same way). Returns how many
+    windows had non-finite class scores."""
+    if in_channels is not None and len(bands or range(raster.bands)) != in_channels:
+        raise DataError(
+            f"{raster.path}: {raster.bands} bands but the model takes {in_channels} "
+            f"(data.in_channels, data.bands={bands} of its training)"
+        )
+    nonfinite = torch.zeros((), dtype=torch.int64)
+
+    def tiles() -> Iterator[np.ndarray]:
+        nonlocal nonfinite
+        for top in range(0, raster.height, window):
+            first = max(0, top - overlap)  # the rows of this band of tiles, with context
+            last = min(raster.height, top + window + overlap)
+            rows = raster.read(first, 0, last - first, raster.width)
+            if bands is not None:
+                rows = select_bands(rows, bands, raster.path)
+            for left in range(0, raster.width, window):
+                start = max(0, left - overlap)
+                part = rows[:, start : min(raster.width, left + window + overlap)]
+                image = torch.from_numpy(np.ascontiguousarray(part)).permute(2, 0, 1)[None]
+                labels, count = predictor.labels(image, [str(raster.path)])
+                nonfinite = nonfinite + count.cpu()
+                label = labels[0, top - first : top - first + window,
+                               left - start : left - start + window].cpu().numpy()  # fmt: skip
+                tile = np.zeros((window, window), index_dtype(palette))  # edges: padded
+                tile[: label.shape[0], : label.shape[1]] = label
+                yield tile
+
+    index_path = output / "index" / relative.with_suffix(".tif")
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    write_tiled(index_path, tiles(), raster.height, raster.width, index_dtype(palette), window,
+                raster.tags)  # fmt: skip
+    if "color" in formats:  # from the index raster, a window at a time
+        indices = GeoRaster(index_path)
+        colours = np.asarray(palette, np.uint8)
+
+        def coloured() -> Iterator[np.ndarray]:
+            for top in range(0, raster.height, window):
+                for left in range(0, raster.width, window):
+                    height = min(window, raster.height - top)
+                    width = min(window, raster.width - left)
+                    tile = np.zeros((window, window, 3), np.uint8)
+                    tile[:height, :width] = colours[indices.read(top, left, height, width)[..., 0]]
+                    yield tile
+
+        color_path = output / "color" / relative.with_suffix(".tif")
+        color_path.parent.mkdir(parents=True, exist_ok=True)
+        write_tiled(color_path, coloured(), raster.height, raster.width, np.uint8, window,
+                    raster.tags, bands=3)  # fmt: skip
+    if "index" not in formats:
+        index_path.unlink()
+    return int(nonfinite)
+
+
+def index_dtype(palette: list) -> type:
+    """Class indices in 8 bits, 16 past 256 classes."""
+    return np.uint8 if len(palette) <= 256 else np.uint16
+
+
+def write_outputs(
+    label, image, formats, output: Path, relative: Path, palette, alpha: float, tags: list[Tag]
+):
     """One PNG per format under ``output/<format>/``: ``index`` holds class indices (8-bit,
     one channel), ``color`` the palette colours, ``overlay`` the colours blended on ``image``
-    (the input as ``display_rgb`` shows it, (3, H, W) uint8), ``cityscapes`` the official labelIds, in one flat folder as
-    the evaluation server wants."""
+    (the input as ``display_rgb`` shows it, (3, H, W) uint8), ``cityscapes`` the official
+    labelIds, in one flat folder as the evaluation server wants. With the georeferencing
+    ``tags`` of a GeoTIFF input, ``index`` and ``color`` are GeoTIFFs (.tif) carrying them."""
     for name in formats:
         # cityscapes: <city>_<seq>_<frame>_leftImg8bit.png, the name the official tools match
         path = output / name / (relative.name if name == "cityscapes" else relative)
         path.parent.mkdir(parents=True, exist_ok=True)
         if name == "cityscapes":
             Image.fromarray(TRAIN_ID_TO_LABEL_ID[label.numpy()]).save(path)
+        elif name in ("index", "color") and tags:
+            array = (label.numpy().astype(index_dtype(palette)) if name == "index"
+                     else colorize(label, palette).permute(1, 2, 0).numpy())  # fmt: skip
+            write_geotiff(path.with_suffix(".tif"), array, tags)
         elif name == "index":
-            dtype = np.uint8 if len(palette) <= 256 else np.uint16  # 16-bit PNG past 256 classes
-            Image.fromarray(label.numpy().astype(dtype)).save(path)
+            # 16-bit PNG past 256 classes
+            Image.fromarray(label.numpy().astype(index_dtype(palette))).save(path)
         elif name == "color":
             Image.fromarray(colorize(label, palette).permute(1, 2, 0).numpy()).save(path)
         else:

@@ -165,6 +165,12 @@ def _same(mine, theirs) -> bool:
     return np.shape(mine) == np.shape(theirs) and np.allclose(mine, theirs, rtol=1e-9, atol=0)
 
 
+def write_geotiff(path: Path, array: np.ndarray, tags: list[Tag]) -> None:
+    """An (H, W) or (H, W, bands) array as a DEFLATE-compressed GeoTIFF with ``tags``."""
+    _tifffile().imwrite(path, array, photometric="minisblack", compression="zlib",
+                        planarconfig="contig" if array.ndim == 3 else None, extratags=tags)  # fmt: skip
+
+
 def write_tiled(
     path: Path,
     tiles: Iterable[np.ndarray],
@@ -232,11 +238,7 @@ def tile(
             for folder, raster, array in rasters:
                 directory = out / folder / split
                 directory.mkdir(parents=True, exist_ok=True)
-                _tifffile().imwrite(
-                    directory / name, array, photometric="minisblack", compression="zlib",
-                    planarconfig="contig" if array.ndim == 3 else None,
-                    extratags=chip_tags(raster.tags, top, left),
-                )  # fmt: skip
+                write_geotiff(directory / name, array, chip_tags(raster.tags, top, left))
             written += 1
     log.info("%s: %d chips of %dx%d written to %s (%d of nodata only skipped)", image.path,
              written, size, size, out, skipped)  # fmt: skip
