@@ -277,8 +277,9 @@ def pixel_statistics(stats: BandStats, scale: float | str) -> tuple[dict, list[s
         )
         return report, warnings
     divisor = float(divisor)
-    report["data.mean"] = [round(float(v) / divisor, 4) for v in stats.mean]
-    report["data.std"] = [round(float(v) / divisor, 4) for v in stats.std]
+    # four significant digits: 12-bit data under data.scale=65535 has means near 0.0005
+    report["data.mean"] = [float(f"{v / divisor:.4g}") for v in stats.mean]
+    report["data.std"] = [float(f"{v / divisor:.4g}") for v in stats.std]
     highest = np.max(stats.high)
     if highest > divisor:
         warnings.append(
