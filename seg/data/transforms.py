@@ -115,6 +115,8 @@ class RandomScaleCrop(A.DualTransform):
         return self._crop_resize(mask, region, valid, cv2.INTER_NEAREST, self.fill_mask)
 
     def _crop_resize(self, array, region, valid, interpolation: int, fill) -> np.ndarray:
+        if array.ndim == 3 and array.shape[2] == 1:  # cv2 returns (H, W) for one band: keep C
+            return self._crop_resize(array[..., 0], region, valid, interpolation, fill)[..., None]
         y0, y1, x0, x1 = region
         valid_h, valid_w = valid
         source = array[y0:y1, x0:x1]

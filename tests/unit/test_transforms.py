@@ -221,3 +221,13 @@ def test_cat_max_ratio_leaves_out_the_ignore_index_and_1_changes_nothing():
 def test_a_cat_max_ratio_outside_0_1_is_refused(ratio):
     with pytest.raises(ValueError, match="cat_max_ratio"):
         train_transform(crop_size=(8, 8), ignore_index=IGNORE, cat_max_ratio=ratio)
+
+
+@pytest.mark.parametrize("scale_range", [(1, 1), (0.5, 0.5)])  # cropped, and padded
+def test_one_band_images_keep_their_band_axis_and_values(scale_range):
+    image = np.arange(40 * 48, dtype=np.uint16).reshape(40, 48, 1) * 30  # past 8 bits
+    mask = (image[..., 0] % 2).astype(np.uint8)
+    transform = train_transform((32, 32), IGNORE, scale_range=scale_range, hflip=0.0)
+    out_image, out_mask = apply(transform, image, mask, seed=(0, 1))
+    assert out_image.shape == (1, 32, 32) and out_image.dtype == torch.uint16
+    assert out_image.numpy().max() > 255 and out_mask.shape == (32, 32)
