@@ -224,6 +224,18 @@ def image_info(path: Path) -> tuple[int, np.dtype]:
     return 3, np.dtype(np.uint8)  # photos decode to RGB
 
 
+def first_readable(images: Sequence[Path]) -> tuple[Path, int, np.dtype]:
+    """The first of ``images`` whose header reads, with its ``image_info``; the first one's
+    DataError when none does."""
+    errors = []
+    for path in images:
+        try:
+            return path, *image_info(path)
+        except DataError as error:
+            errors.append(error)
+    raise errors[0]
+
+
 def select_bands(image: np.ndarray, bands: Sequence[int], path: Path) -> np.ndarray:
     """The 1-based ``bands`` of an (H, W, C) image, in that order (a copy)."""
     count = image.shape[2]
@@ -360,16 +372,17 @@ class SegmentationDataset(Dataset):
 
     def expect_pixels(
         self,
-        first_image: Path,
+        images: Sequence[Path],
         bands: Sequence[int] | None,
         in_channels: int | None,
         nodata: float | str | Sequence[float] | None,
         scale: float | str,
     ) -> None:
-        """Set the pixels every sample must have from ``first_image`` and the data keys:
-        ``bands`` (1-based), ``in_channels`` (None: ``len(bands)`` or the first image's band
-        count), ``nodata`` (a number, one per band, or ``"nan"``), ``scale`` (``auto`` needs
-        uint8 or uint16). Called by a subclass before ``use_cache``; a DataError names the file."""
+        """Set the pixels every sample must have from the first of ``images`` whose header reads
+        and the data keys: ``bands`` (1-based), ``in_channels`` (None: ``len(bands)`` or that
+        image's band count), ``nodata`` (a number, one per band, or ``"nan"``), ``scale``
+        (``auto`` needs uint8 or uint16). Called by a subclass before ``use_cache``; a DataError
+        names the file. Unreadable images before it fail (or are skipped) when read, as any."""
         self.bands = [int(b) for b in bands] if bands is not None else None
         if nodata is not None and not isinstance(nodata, int | float | str):
             nodata = [float(value) for value in nodata]
@@ -377,7 +390,7 @@ class SegmentationDataset(Dataset):
             raise ValueError(f"data.nodata={nodata!r}: give a number, one per band, or nan")
         self.nodata, self.scale = nodata, scale
         # From the header: a dataset over cached samples reads no pixels of its files.
-        count, dtype = image_info(first_image)
+        first_image, count, dtype = first_readable(images)
         if self.bands is not None:
             select_bands(np.empty((0, 0, count)), self.bands, first_image)  # in range
             count = len(self.bands)

@@ -61,6 +61,23 @@ def fingerprint(value: Any) -> str:
     )
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image from its header: TIFF and ``.npy`` rasters by their readers'
+    own headers (Pillow would warn about a TIFF of 13 bands), photos by Pillow."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False).shape[:2]
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            sizes = dict(zip(series.axes, series.shape, strict=True))
+            return sizes["Y"], sizes["X"]
+    with Image.open(path) as image:  # reads the header only
+        return image.size[::-1]
+
+
 class DecodedCache:
     """The entries of one dataset's settings under ``data.cache_dir`` (see the module docstring).
 
@@ -156,8 +173,7 @@ class DecodedCache:
         """Log what the cache will hold once every sample was read (from the first image's size),
         the free space, and other settings' caches beside it."""
         try:
-            with Image.open(first_image) as image:  # reads the header only
-                width, height = image.size
+            height, width = image_size(first_image)
         except Exception:  # an unreadable file fails later with its DataError; no estimate
             return
         # + .npy headers; pixel_bytes: the image's bands x bytes per band

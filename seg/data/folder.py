@@ -122,7 +122,7 @@ class FolderDataset(PairedFiles):
         if not images:
             raise DataError(f"{image_dir}: split '{split}' has no images.\n{FOLDER_TREE}")
         self.samples = [(images[stem], masks[stem]) for stem in sorted(images)]
-        self.expect_pixels(self.samples[0][0], bands, in_channels, nodata, scale)
+        self.expect_pixels([image for image, _ in self.samples], bands, in_channels, nodata, scale)
         if not (self.in_channels == 3 and self.dtype == "uint8"):
             self.transform = without_color(transform, f"{self.in_channels} bands of {self.dtype}")
         self.use_cache(cache_dir)  # data.cache_dir: decode each sample once

@@ -45,7 +45,7 @@ class InstanceTask:
     """Instance segmentation with a torchvision detection model taking ``(images, targets)``.
 
     ``num_classes`` counts the background (class 0, never an instance); ``mean``/``std``
-    normalize pixels in [0, 1] once, on the device (the model's own transform neither resizes
+    normalize pixels divided by ``scale`` (``data.scale``) once, on the device (the model's own transform neither resizes
     nor normalizes). Evaluation keeps detections' masks above ``mask_threshold`` (on the pasted
     probabilities, as COCO results are made); pictures show those scored at least
     ``picture_score_threshold``.
@@ -67,6 +67,7 @@ class InstanceTask:
         std: Sequence[float],
         mask_threshold: float = 0.5,
         picture_score_threshold: float = 0.5,
+        scale: float | str = "auto",
     ):
         if len(class_names) != num_classes:
             raise ValueError(
@@ -79,7 +80,7 @@ class InstanceTask:
         self.mean, self.std = list(mean), list(std)
         self.mask_threshold = mask_threshold
         self.picture_score_threshold = picture_score_threshold
-        self.normalize = DeviceNormalize(self.mean, self.std)
+        self.normalize = DeviceNormalize(self.mean, self.std, scale)  # data.scale: auto for uint8
 
     def to(self, device: torch.device) -> "InstanceTask":
         return self  # nothing of its own on the device

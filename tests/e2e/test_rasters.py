@@ -144,6 +144,16 @@ def test_bands_out_of_range_and_auto_scale_of_floats_name_the_file(tmp_path):
     root, data = four_band_root(tmp_path / "data")
     with pytest.raises(Exception, match=r"img0\.tif: data\.bands=\[2, 5\] asks for bands \[5\]"):
         run_training(tmp_path / "out" / "a", "data=folder", *data, "data.bands=[2,5]")
+    with pytest.raises(ValueError, match=r"data\.mean has 4 values but the images have 2 bands"):
+        run_training(tmp_path / "out" / "a", "data=folder", *data, "data.bands=[2,4]")
+    with pytest.raises(ValueError, match=r"data\.rgb_bands=\[4, 3, 5\]: give three input bands"):
+        run_training(tmp_path / "out" / "a", "data=folder", *data, "data.rgb_bands=[4,3,5]")
+    with pytest.raises(ValueError, match=r"data\.mean has 4 values but the images have 2 bands"):
+        run_training(tmp_path / "out" / "a", "data=folder", *data, "data.bands=[2,4]")
+    with pytest.raises(
+        ValueError, match=r"data\.rgb_bands=\[4, 3, 5\]: give three input bands in 1-4"
+    ):
+        run_training(tmp_path / "out" / "a", "data=folder", *data, "data.rgb_bands=[4,3,5]")
     for split in ("train", "val"):
         for path in (root / "images" / split).iterdir():
             write_tiff(path, tifffile.imread(path).astype(np.float32) / 65535)

@@ -1,6 +1,7 @@
 """Images beyond 8-bit RGB (issue 22): readers at every depth and band count, and their errors."""
 
 import logging
+import sys
 
 import cv2
 import numpy as np
@@ -12,6 +13,7 @@ from seg.data.base import DataError, read_image, read_mask
 from seg.data.folder import FolderDataset
 from seg.data.transforms import train_transform
 from seg.inference import Normalize
+from seg.predict import ImageFiles
 from seg.visualize import display_rgb
 
 RNG = np.random.default_rng(0)
@@ -199,3 +201,18 @@ def test_pictures_stretch_the_rgb_bands_or_show_one_band_grey():
     assert picture[0, 0, 0] == 0 and picture[0, 0, -1] == 255 and picture[1:].max() == 0
     grey = display_rgb(bands[3:4].to(torch.uint16))
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[0], picture[0])
+
+
+def test_a_tiff_without_the_geo_extra_names_it(tmp_path, monkeypatch):
+    tifffile.imwrite(tmp_path / "a.tif", STACK[..., 0])
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # as if it were not installed
+    with pytest.raises(DataError, match=r'a\.tif: reading TIFF needs .*pip install -e "\.\[geo\]"'):
+        read_image(tmp_path / "a.tif")
+
+
+def test_predict_skips_an_image_with_other_bands_than_the_model_naming_it(tmp_path):
+    np.save(tmp_path / "a.npy", STACK)
+    files = ImageFiles([tmp_path / "a.npy"], bands=[1, 2, 3], in_channels=3)
+    assert files[0][1].shape == (3, *STACK.shape[:2]) and files[0][2] is None
+    _, image, error = ImageFiles([tmp_path / "a.npy"], in_channels=4)[0]
+    assert image is None and "a.npy: 13 bands but the model takes 4" in error
