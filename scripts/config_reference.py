@@ -35,6 +35,7 @@ PRIMARY = {
     "predict.yaml": "python predict.py",
     "export.yaml": "python scripts/export.py",
     "check_data.yaml": "python scripts/check_data.py",
+    "baseline.yaml": "python scripts/baseline.py",
 }
 # Hydra's own settings rather than seg's keys: Python logging's dictConfig schema.
 EXCLUDED = ("hydra",)

@@ -42,10 +42,67 @@ class SampleReport:
     image_hash: str = ""
     counts: np.ndarray | None = None  # pixels per class after mapping, ignored pixels last
     intensity: list[float] | None = None  # a volume's [min, 0.5th, 99.5th percentile, max]
+    pixels: "BandStats | None" = None  # the image's values per band, nodata left out
 
 
-def inspect(dataset: SegmentationDataset, index: int) -> SampleReport:
-    """Check sample ``index`` as training would read it, and diagnose likely mistakes."""
+@dataclass
+class BandStats:
+    """Per-band pixel statistics that merge across files (Chan et al.'s pairwise update of the
+    mean and the sum of squared deviations, in float64): counts, means, squared deviations,
+    minima and maxima, each (C,); and the dtypes seen with their file counts."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    deviations: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    dtypes: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, image: np.ndarray, nodata: float | str | list[float] | None) -> "BandStats":
+        """Statistics of an (H, W, C) image, leaving out each band's ``nodata`` value (one
+        number, one per band, or "nan") and NaNs."""
+        values = image.reshape(-1, image.shape[-1]).astype(np.float64)
+        valid = ~np.isnan(values)
+        if nodata is not None and nodata != "nan":
+            valid &= values != np.broadcast_to(np.asarray(nodata, np.float64), values.shape[1:])
+        count = valid.sum(0)
+        total = np.where(valid, values, 0).sum(0)
+        mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+        deviations = np.where(valid, (values - mean) ** 2, 0).sum(0)
+        low = np.where(valid, values, np.inf).min(0)
+        high = np.where(valid, values, -np.inf).max(0)
+        return cls(count, mean, deviations, low, high, {str(image.dtype): 1})
+
+    def merge(self, other: "BandStats") -> "BandStats":
+        if len(other.count) != len(self.count):  # the data checks report the band counts
+            return self
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        share = np.divide(other.count, count, out=np.zeros_like(delta), where=count > 0)
+        return BandStats(
+            count,
+            self.mean + delta * share,
+            self.deviations + other.deviations + delta**2 * self.count * share,
+            np.minimum(self.low, other.low),
+            np.maximum(self.high, other.high),
+            dict(Counter(self.dtypes) + Counter(other.dtypes)),
+        )
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(np.divide(self.deviations, self.count, out=np.zeros_like(self.mean),
+                                 where=self.count > 0))  # fmt: skip
+
+
+def inspect(
+    dataset: SegmentationDataset,
+    index: int,
+    statistics: bool = False,
+    nodata: float | str | list[float] | None = None,
+) -> SampleReport:
+    """Check sample ``index`` as training would read it, and diagnose likely mistakes; with
+    ``statistics`` its pixel statistics too, leaving out ``nodata`` (``data.nodata``)."""
     report = SampleReport(dataset.describe(index))
     try:
         image, raw = dataset.load(index)
@@ -53,6 +110,8 @@ def inspect(dataset: SegmentationDataset, index: int) -> SampleReport:
         report.errors.append(_without_file(str(error), report.file))
         return report
     report.size = f"{image.shape[1]}x{image.shape[0]}"
+    if statistics:  # the doctor's scan; not the start-up check, which should stay quick
+        report.pixels = BandStats.of(image if image.ndim == 3 else image[..., None], nodata)
     report.image_hash = hashlib.md5(np.ascontiguousarray(image).tobytes()).hexdigest()
     if image.shape[:2] != raw.shape:
         report.errors.append(
@@ -159,21 +218,22 @@ def _without_file(message: str, file: str) -> str:
 class _Inspect(Dataset):
     """Runs ``inspect`` in DataLoader workers, so that decoding is parallel."""
 
-    def __init__(self, dataset: SegmentationDataset, indices: list[int]):
+    def __init__(self, dataset: SegmentationDataset, indices: list[int], nodata):
         self.dataset = dataset
         self.indices = indices
+        self.nodata = nodata
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> SampleReport:
-        return inspect(self.dataset, self.indices[i])
+        return inspect(self.dataset, self.indices[i], statistics=True, nodata=self.nodata)
 
 
 def inspect_split(
-    dataset: SegmentationDataset, indices: list[int], workers: int
+    dataset: SegmentationDataset, indices: list[int], workers: int, nodata=None
 ) -> list[SampleReport]:
-    loader = DataLoader(_Inspect(dataset, indices), batch_size=None, num_workers=workers)
+    loader = DataLoader(_Inspect(dataset, indices, nodata), batch_size=None, num_workers=workers)
     return list(loader)
 
 
@@ -188,12 +248,23 @@ class SplitSummary:
     sizes: dict[str, int] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     intensity: dict[str, list[float]] = field(default_factory=dict)  # volume -> its range
+    pixels: BandStats | None = None
+    file_pixels: dict[str, dict] = field(default_factory=dict)  # dtype and range per file
 
 
 def summarize(split: str, reports: list[SampleReport], class_names: list[str]) -> SplitSummary:
     summary = SplitSummary(split, files=len(reports))
     counts = np.zeros(len(class_names) + 1, np.int64)
     for report in reports:
+        if report.pixels is not None:
+            stats = report.pixels
+            summary.pixels = stats if summary.pixels is None else summary.pixels.merge(stats)
+            summary.file_pixels[report.file] = {
+                "dtype": next(iter(stats.dtypes)),
+                "bands": len(stats.count),
+                "min": _number(stats.low.min()),
+                "max": _number(stats.high.max()),
+            }
         summary.errors += [{"file": report.file, "message": m} for m in report.errors]
         summary.warnings += [{"file": report.file, "message": m} for m in report.warnings]
         if report.counts is not None:
@@ -216,9 +287,61 @@ def summarize(split: str, reports: list[SampleReport], class_names: list[str]) -
     return summary
 
 
+def _number(value: float) -> float | int | None:
+    """A JSON-friendly statistic: integers as ints, no infinities (a band of nodata only)."""
+    if not np.isfinite(value):
+        return None
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def pixel_statistics(stats: BandStats, scale: float | str) -> tuple[dict, list[str]]:
+    """The per-band report of a split (raw values and, scaled by ``scale``, the mean and std
+    ready to paste as ``data.mean``/``data.std``), and warnings about ``data.scale``."""
+    dtypes = sorted(stats.dtypes)
+    divisor = scale
+    if scale == "auto":  # data.scale=auto's divisors; other dtypes need a number
+        divisor = {"uint8": 255, "uint16": 65535}.get(dtypes[0]) if len(dtypes) == 1 else None
+    report = {
+        "dtypes": stats.dtypes,
+        "min": [_number(v) for v in stats.low],
+        "max": [_number(v) for v in stats.high],
+        "mean": [float(v) for v in stats.mean],
+        "std": [float(v) for v in stats.std],
+        "scale": divisor,
+    }
+    warnings = []
+    if divisor is None:
+        warnings.append(
+            f"pixels are {'/'.join(dtypes)}: data.scale=auto is defined for uint8 (255) and "
+            "uint16 (65535) only; set data.scale to the data's range (e.g. 10000 for Sentinel-2 "
+            "reflectance), then data.mean/data.std are printed scaled"
+        )
+        return report, warnings
+    divisor = float(divisor)
+    # four significant digits: 12-bit data under data.scale=65535 has means near 0.0005
+    report["data.mean"] = [float(f"{v / divisor:.4g}") for v in stats.mean]
+    report["data.std"] = [float(f"{v / divisor:.4g}") for v in stats.std]
+    highest = np.max(stats.high)
+    if highest > divisor:
+        warnings.append(
+            f"values up to {_number(highest)} exceed data.scale={scale} ({divisor:g}): inputs go "
+            f"up to {highest / divisor:.2f} after scaling; set data.scale to the data's range "
+            "(e.g. 10000 for Sentinel-2 reflectance)"
+        )
+    elif highest < divisor / 4:
+        warnings.append(
+            f"the largest value, {_number(highest)}, is under a quarter of data.scale={scale} "
+            f"({divisor:g}): scaled inputs use [0, {highest / divisor:.3f}] only. 12-bit data "
+            "in 16-bit files wants data.scale=4095, Sentinel-2 reflectance 10000; or keep the "
+            "scale and paste the printed data.mean/data.std"
+        )
+    return report, warnings
+
+
 def check_splits(data: DictConfig, splits: list[str], max_files: int | None = None) -> dict:
     """Inspect every pair of ``splits`` (or the first ``max_files``); the report as a dict."""
     summaries, errors = [], []
+    nodata, scale = data.get("nodata"), data.get("scale", "auto")
     for split in splits:
         # Volumes are checked whole, pair by pair: one bad pair must not hide the others.
         volumes = issubclass(get_class(data.dataset._target_), NiftiDataset)
@@ -234,8 +357,13 @@ def check_splits(data: DictConfig, splits: list[str], max_files: int | None = No
             reports = [inspect_volume(*pair, data.num_classes, data.ignore_index)
                        for pair in dataset[:count]]  # fmt: skip
         else:
-            reports = inspect_split(dataset, list(range(count)), data.num_workers)
+            reports = inspect_split(dataset, list(range(count)), data.num_workers, nodata)
         summaries.append(summarize(split, reports, list(data.class_names)))
+    pixels = {}
+    for summary in summaries:
+        if summary.pixels is not None:
+            pixels[summary.split], warnings = pixel_statistics(summary.pixels, scale)
+            summary.warnings += [{"file": summary.split, "message": m} for m in warnings]
     for i, first in enumerate(summaries):  # the same image in two splits leaks the evaluation
         for second in summaries[i + 1 :]:
             for image_hash in first.hashes.keys() & second.hashes.keys():
@@ -254,6 +382,8 @@ def check_splits(data: DictConfig, splits: list[str], max_files: int | None = No
         "image_sizes": {s.split: dict(Counter(s.sizes).most_common()) for s in summaries},
         # volumes: [min, 0.5th, 99.5th percentile, max] of each image volume
         "intensity": {s.split: s.intensity for s in summaries if s.intensity},
+        "pixels": pixels,  # per band: dtypes, min, max, mean, std; data.mean/std scaled
+        "file_pixels": {s.split: s.file_pixels for s in summaries},
     }
 
 
@@ -278,6 +408,7 @@ def format_report(report: dict) -> str:
         width = max(map(len, pixels), default=5)
         for name, count in pixels.items():
             lines.append(f"  {name:<{width}} {count:>14,d} {100 * count / total:6.2f}%")
+        lines += _format_pixels(report["pixels"].get(split))
     for kind in ("errors", "warnings"):
         entries = report[kind]
         lines.append(f"{len(entries)} {kind}")
@@ -297,6 +428,21 @@ def format_report(report: dict) -> str:
             lines.append(f"  ... and {len(files_by_message) - 50} more problems (see the JSON "
                          "report)")  # fmt: skip
     return "\n".join(lines)
+
+
+def _format_pixels(pixels: dict | None) -> list[str]:
+    """A split's band statistics as lines, ending with the keys to paste."""
+    if pixels is None:
+        return []
+    dtypes = ", ".join(f"{dtype} ({n} files)" for dtype, n in pixels["dtypes"].items())
+    lines = [f"  pixels: {dtypes}, {len(pixels['min'])} bands (nodata left out)"]
+    columns = (pixels[key] for key in ("min", "max", "mean", "std"))
+    for band, (low, high, mean, std) in enumerate(zip(*columns, strict=True), 1):
+        lines.append(f"    band {band}: min {low} max {high} mean {mean:.6g} std {std:.6g}")
+    if "data.mean" in pixels:
+        lines.append(f"  scaled by {pixels['scale']:g}: data.mean={pixels['data.mean']} "
+                     f"data.std={pixels['data.std']}")  # fmt: skip
+    return lines
 
 
 def quick_check(dataset: SegmentationDataset, samples: int = 8) -> None:

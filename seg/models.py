@@ -1,6 +1,6 @@
 """Thin adapters over segmentation-models-pytorch and torchvision. Segmenters (semantic) have
-one contract: ``model(images (N, 3, H, W)) -> logits (N, C, H, W)`` at the input resolution,
-any H and W. ``maskrcnn`` (instance) is torchvision's Mask R-CNN, which never resizes."""
+one contract: ``model(images (N, in_channels, H, W)) -> logits (N, C, H, W)`` at the input
+resolution, any H and W. ``maskrcnn`` (instance) is torchvision's Mask R-CNN, which never resizes."""
 
 import difflib
 import inspect
@@ -98,12 +98,15 @@ def smp_model(
     pretrained: bool = False,
     encoder_weights_path: str | None = None,
     in_channels: int = 3,
+    rgb_bands: Sequence[int] | None = None,
     options: dict | None = None,
 ) -> Segmenter:
     """Any segmentation-models-pytorch architecture (Unet, FPN, DeepLabV3Plus, Segformer, ...).
 
     ``pretrained`` loads ImageNet encoder weights; ``options`` are extra keyword arguments of the
-    smp class (e.g. ``decoder_channels``), checked by smp itself.
+    smp class (e.g. ``decoder_channels``), checked by smp itself. With ``in_channels`` != 3,
+    RGB weights (ImageNet's or ``encoder_weights_path``'s) start the input convolution as
+    :func:`rgb_input_filters` says, with ``rgb_bands`` (1-based input channels) as R, G, B.
     """
     options = dict(options or {})
     archs = {name.lower(): name for name in smp.MODEL_ARCHITECTURES_MAPPING}
@@ -122,17 +125,21 @@ def smp_model(
         in inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[archs[arch.lower()]]).parameters
     ):
         options["encoder_depth"] = encoder_depth
+
+    def create(channels: int, weights: str | None) -> nn.Module:
+        return smp.create_model(arch, encoder_name=encoder_name, encoder_weights=weights,
+                                in_channels=channels, classes=num_classes, **options)  # fmt: skip
+
     with _downloads(encoder_name):
-        net = smp.create_model(
-            arch,
-            encoder_name=encoder_name,
-            encoder_weights="imagenet" if pretrained else None,
-            in_channels=in_channels,
-            classes=num_classes,
-            **options,
-        )
+        net = create(3 if pretrained else in_channels, "imagenet" if pretrained else None)
+    if pretrained and in_channels != 3:
+        # smp (and timm) would cycle R,G,B over the bands; the RGB encoder's weights are
+        # adapted here instead, into the same model built for in_channels bands.
+        rgb_weights = net.encoder.state_dict()
+        net = create(in_channels, None)
+        _load_encoder_state(net.encoder, rgb_weights, rgb_bands, "the ImageNet weights")
     if encoder_weights_path is not None:
-        _load_weights(net.encoder, encoder_weights_path)
+        _load_weights(net.encoder, encoder_weights_path, rgb_bands)
     model = Segmenter(net, stride=net.encoder.output_stride)
     if encoder_depth < 5:
         freeze_unused(model, in_channels)
@@ -168,8 +175,11 @@ def torchvision_model(
     pretrained: bool = False,
     encoder_weights_path: str | None = None,
     aux_weight: float = 0.0,
+    in_channels: int = 3,
+    rgb_bands: Sequence[int] | None = None,
 ) -> Segmenter:
-    """torchvision's FCN, DeepLabV3 or LR-ASPP; ``aux_weight`` > 0 adds the auxiliary head's loss."""
+    """torchvision's FCN, DeepLabV3 or LR-ASPP; ``aux_weight`` > 0 adds the auxiliary head's loss.
+    ``in_channels`` and ``rgb_bands`` as for :func:`smp_model`."""
     name = f"{arch}_{encoder_name}"
     builders = torchvision.models.list_models(module=torchvision.models.segmentation)
     if name not in builders:
@@ -186,8 +196,10 @@ def torchvision_model(
             num_classes=num_classes,
             **kwargs,
         )
+    if in_channels != 3:  # torchvision's builders take RGB only
+        _widen_input_conv(net.backbone, in_channels, rgb_bands, pretrained)
     if encoder_weights_path is not None:
-        _load_weights(net.backbone, encoder_weights_path)
+        _load_weights(net.backbone, encoder_weights_path, rgb_bands)
     # torchvision heads upsample to any input size, so no padding is needed (stride 1).
     return Segmenter(net, stride=1, aux_weight=aux_weight)
 
@@ -210,20 +222,115 @@ def _is_smp_encoder(name: str) -> bool:
     return name in smp.encoders.get_encoder_names()
 
 
-def _load_weights(module: nn.Module, path: str) -> None:
+def _load_weights(module: nn.Module, path: str, rgb_bands: Sequence[int] | None) -> None:
     """Load an encoder/backbone state dict from a local file, ignoring classifier keys."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.encoder_weights_path={path}: file not found")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
+    _load_encoder_state(module, state, rgb_bands, f"model.encoder_weights_path={path}")
+
+
+def _load_encoder_state(
+    module: nn.Module, state: dict[str, torch.Tensor], rgb_bands: Sequence[int] | None, source: str
+) -> None:
+    """Load ``state`` into an encoder, its RGB input convolution adapted to the module's bands."""
+    state, adapted = adapt_rgb_input(state, module.state_dict(), rgb_bands)
+    if adapted:
+        log.info("%s: RGB input convolution %s adapted to %d bands (R, G, B on bands %s)",
+                 source, ", ".join(adapted), module.state_dict()[adapted[0]].shape[1],
+                 list(rgb_bands) if rgb_bands else "none")  # fmt: skip
     # nn.Module's own method: smp's encoders override it without returning the key lists.
-    missing, unexpected = nn.Module.load_state_dict(module, state, strict=False)
+    try:
+        missing, unexpected = nn.Module.load_state_dict(module, state, strict=False)
+    except RuntimeError as error:  # tensors of another shape: torch's message names them
+        raise ValueError(
+            f"{source} does not fit encoder {type(module).__name__}: {error}"
+        ) from None
     unexpected = [k for k in unexpected if not k.startswith("fc.")]  # ImageNet classifier head
     if missing or unexpected:
         raise ValueError(
-            f"model.encoder_weights_path={path} does not fit encoder {type(module).__name__}: "
+            f"{source} does not fit encoder {type(module).__name__}: "
             f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
         )
+
+
+def rgb_input_filters(
+    weight: torch.Tensor, in_channels: int, rgb_bands: Sequence[int] | None
+) -> torch.Tensor:
+    """An input convolution's RGB filters (O, 3, kh, kw) made into filters for ``in_channels``
+    bands (O, in_channels, kh, kw): the red, green and blue filters on ``rgb_bands`` (1-based
+    input channels, in R, G, B order; None: no band is red, green or blue), the mean of the
+    three on every other band, all scaled by 3 / in_channels. An image equal on every band
+    thus gets the response the RGB layer gives a grey image (smp and timm scale alike, but
+    cycle R, G, B, R, ... over the bands: a coastal-aerosol band 1 would get the red filter).
+    """
+    bands = _checked_rgb_bands(rgb_bands, in_channels)
+    out_channels, _, *kernel = weight.shape
+    adapted = weight.mean(dim=1, keepdim=True).expand(out_channels, in_channels, *kernel).clone()
+    for colour, band in enumerate(bands):
+        adapted[:, band - 1] = weight[:, colour]
+    return adapted * (3 / in_channels)
+
+
+def _checked_rgb_bands(rgb_bands: Sequence[int] | None, in_channels: int) -> list[int]:
+    if rgb_bands is None and in_channels >= 3:
+        log.warning(
+            "data.rgb_bands is not set: each of the %d input bands gets the mean of the "
+            "pretrained red, green and blue filters. Set data.rgb_bands=[r,g,b] (counted from "
+            "1, after data.bands) to give the red, green and blue bands their own",
+            in_channels,
+        )
+    bands = [] if rgb_bands is None else list(rgb_bands)
+    if bands and (
+        len(bands) != 3
+        or len(set(bands)) != 3
+        or not all(isinstance(b, int) and 1 <= b <= in_channels for b in bands)
+    ):
+        raise ValueError(
+            f"data.rgb_bands={bands}: give three distinct input bands, red, green, blue, "
+            f"counted from 1 (1..{in_channels}), or null when none is"
+        )
+    return bands
+
+
+def adapt_rgb_input(
+    weights: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor],
+    rgb_bands: Sequence[int] | None,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``weights`` with each RGB input convolution, a weight (O, 3, kh, kw) where the model's
+    state ``own`` has (O, C, kh, kw), C != 3, replaced by :func:`rgb_input_filters`; and the
+    keys so adapted. Other tensors are returned as they are."""
+    adapted = [
+        key
+        for key, value in weights.items()
+        if key in own
+        and value.ndim == 4
+        and value.shape[1] == 3
+        and own[key].shape[1] != 3
+        and own[key].shape[:1] + own[key].shape[2:] == value.shape[:1] + value.shape[2:]
+    ]
+    return {
+        key: rgb_input_filters(value, own[key].shape[1], rgb_bands) if key in adapted else value
+        for key, value in weights.items()
+    }, adapted
+
+
+def _widen_input_conv(
+    backbone: nn.Module, in_channels: int, rgb_bands: Sequence[int] | None, pretrained: bool
+) -> None:
+    """Give a torchvision backbone's first convolution ``in_channels`` inputs: its pretrained
+    RGB filters adapted (:func:`rgb_input_filters`), or fresh ones initialised as torchvision
+    initialises them (Kaiming normal over fan-out, which the band count does not change)."""
+    conv = next(module for module in backbone.modules() if isinstance(module, nn.Conv2d))
+    if pretrained:
+        weight = rgb_input_filters(conv.weight.detach(), in_channels, rgb_bands)
+    else:
+        weight = conv.weight.new_empty(conv.out_channels, in_channels, *conv.kernel_size)
+        nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+    conv.in_channels = in_channels
+    conv.weight = nn.Parameter(weight)
 
 
 def encoder_prefix(model: nn.Module) -> str:
@@ -280,15 +387,17 @@ def load_checkpoint_weights(
     model.load_state_dict(weights)
 
 
-def init_from(model: Segmenter, path: str) -> None:
+def init_from(model: Segmenter, path: str, rgb_bands: Sequence[int] | None = None) -> None:
     """Start ``model`` from the weights at ``path`` (``init_from=``, a new run's starting point):
     a seg checkpoint (.pt) or a directory written by smp's ``save_pretrained``.
 
     Weights whose names and shapes fit are loaded; the model's others keep their fresh
     initialisation (e.g. the head for another number of classes); the file's others are
-    ignored. Raises a ValueError when none of the encoder's weights fit (another encoder).
+    ignored. An RGB file's input convolution is adapted to a model of other input channels
+    (:func:`rgb_input_filters`, ``rgb_bands`` as R, G, B). Raises a ValueError when none of
+    the encoder's weights fit (another encoder).
     """
-    weights = _read_weights(path)
+    weights, adapted = adapt_rgb_input(_read_weights(path), model.state_dict(), rgb_bands)
     fitting, reshaped, missing, unexpected = _match_weights(model.state_dict(), weights)
     encoder = encoder_prefix(model) + "."
     if not any(key.startswith(encoder) for key in fitting):
@@ -305,16 +414,22 @@ def init_from(model: Segmenter, path: str) -> None:
     # Encoder weights the model lacks: a deeper encoder of the same family (resnet34 into
     # resnet18) fits in part, and only a partial copy of it loads.
     other_encoder = any(key.startswith(encoder) for key in unexpected)
-    # Tensors of the model that the file lacks train from scratch: worth a warning, unlike a
-    # head of another shape, which is what fine-tuning to other classes means.
+    # An encoder tensor of another shape (the input convolution of a file with other bands
+    # than RGB and the model's) trains from scratch, unlike a head of another shape, which is
+    # what fine-tuning to other classes means; so do tensors the file lacks: worth a warning.
+    other_bands = any(key.startswith(encoder) for key in reshaped)
     log.log(
-        logging.WARNING if missing or other_encoder else logging.INFO,
-        "init_from=%s:%s\n  loaded %d tensors: %s\n  re-initialised %d of another shape: %s"
+        logging.WARNING if missing or other_encoder or other_bands else logging.INFO,
+        "init_from=%s:%s%s\n  loaded %d tensors: %s%s\n  re-initialised %d of another shape: %s"
         "\n  re-initialised %d absent from the file: %s\n  ignored %d the model lacks: %s",
         path,
         " its encoder has weights the model lacks: another encoder than model.encoder_name? "
         "Only a partial copy of it is loaded" * other_encoder,
+        " encoder weights of another shape start fresh: the file has other input bands than "
+        "the model, and only an RGB file's input convolution adapts" * other_bands,
         len(fitting), _grouped(fitting, every),
+        f"; of which {', '.join(adapted)} RGB, adapted to the model's bands (R, G, B on "
+        f"{list(rgb_bands) if rgb_bands else 'none'})" * bool(adapted),
         len(reshaped), _grouped(reshaped, every),
         len(missing), _grouped(missing, every),
         len(unexpected), _grouped(unexpected, every),

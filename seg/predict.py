@@ -127,6 +127,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     The task's writer (``task.writer``) predicts and writes each batch. Under torchrun each
     process predicts its share of the images; all return the counts of the whole input, and
     rank 0 alone logs them."""
+    if cfg.window < 16 or cfg.window % 16 or cfg.overlap < 0:
+        raise ValueError(
+            f"window={cfg.window}, overlap={cfg.overlap}: the window is a multiple of 16 (the "
+            "TIFF tiles it is written as), the overlap >= 0"
+        )
     checkpoint, train_cfg = restore.load(cfg, overrides, OWN_KEYS)
     task = restore.task_from(train_cfg)
     formats = requested_formats(cfg.format, task)
@@ -140,6 +145,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     files = [file for file in files if not case_name(file)]
     slicing = volume_slicing(train_cfg, cfg.checkpoint) if volumes else None
     relatives, renamed = output_paths(files, base)
+    bands = OmegaConf.select(train_cfg.data, "bands")
     settings = PredictSettings(
         checkpoint=str(cfg.checkpoint),
         output=Path(cfg.output),
@@ -153,6 +159,10 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         # the dataset's own category ids (COCO's have gaps), kept in the checkpoint's config
         category_ids=OmegaConf.select(train_cfg, "data.category_ids", default=None),
         annotations=None if cfg.annotations is None else Path(cfg.annotations),
+        window=cfg.window,
+        overlap=cfg.overlap,
+        bands=None if bands is None else list(bands),  # as trained: selected, checked
+        in_channels=OmegaConf.select(train_cfg.data, "in_channels", default=3),
     )
     device = dist.init(resolve_device(train_cfg.trainer.device))  # this rank's, under torchrun
     try:
@@ -171,10 +181,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
                     "outputs keep it (img.jpg.png, img.png.png) so that none replaces another: %s",
                     len(renamed), shown,
                 )  # fmt: skip
-        bands = OmegaConf.select(train_cfg.data, "bands")  # as trained: selected, checked
         share = predict_share(writer, files, cfg.batch_size, train_cfg.data.num_workers,
-                              None if bands is None else list(bands),
-                              OmegaConf.select(train_cfg.data, "in_channels", default=3))  # fmt: skip
+                              settings.bands, settings.in_channels)  # fmt: skip
         if volumes:
             share = (share[0] + predict_volumes(predictor, volumes, base, Path(cfg.output),
                                                 slicing, cfg.batch_size), share[1])  # fmt: skip
@@ -241,17 +249,26 @@ def predict_share(
     """Predict this rank's share of ``files`` (all of them in one process) and write their
     outputs; returns how many were written and the (index, error) of those skipped."""
     dataset = ImageFiles(files, bands, in_channels)
+    share = dist.shard(range(len(files)))
+    windowed = writer.windowed(list(share))  # read by the writer, window by window
     loader = DataLoader(
-        Subset(dataset, dist.shard(range(len(files)))),  # items keep their index into files
+        Subset(dataset, [i for i in share if i not in windowed]),  # items keep their file index
         batch_size=1,
         num_workers=num_workers,
         collate_fn=list,  # sizes may differ: batches are formed below
     )
     written, skipped = 0, []
     # One progress display, of all the files, fed by rank 0's share.
-    share = len(loader.dataset)
-    bar = progress("predict", len(files), share=share) if dist.is_main() else nullcontext()
+    bar = progress("predict", len(files), share=len(share)) if dist.is_main() else nullcontext()
     with bar:
+        for index in windowed:
+            try:
+                writer.write_windowed(index)
+                written += 1
+            except DataError as error:
+                skipped.append((index, str(error)))
+            if dist.is_main():
+                bar.update(1)
         for batch in same_size_batches(loader, batch_size):
             index, _, error = batch[0]
             if error is not None:

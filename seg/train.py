@@ -207,7 +207,7 @@ def start(
             log.info("init_from=%s is ignored: the run resumes with its checkpoint's weights",
                      cfg.init_from)  # fmt: skip
     elif cfg.init_from is not None:  # a new run from other weights, with its own schedule
-        init_from(model, cfg.init_from)
+        init_from(model, cfg.init_from, cfg.model.get("rgb_bands"))
     # Rank 0 alone reports, like every file of the run; a tracker's missing package fails here.
     trackers = [build(tracker) for tracker in cfg.tracker.values()] if dist.is_main() else []
 

@@ -43,6 +43,13 @@ class RandomScaleCrop(A.DualTransform):
     The image resizes bilinearly, the mask nearest; where the scaled image would be smaller
     than the crop the image is padded with ``fill_image`` (``data.nodata``, else 0: one value,
     one per band, or NaN) and the mask with ``fill_mask``.
+
+    ``cat_max_ratio`` < 1 is mmsegmentation's ``RandomCrop(cat_max_ratio=...)`` for small
+    structures: while one class covers ``cat_max_ratio`` or more of the crop's labelled pixels
+    (``fill_mask``, the ignore index, left out), or the crop holds one class only, another
+    position is drawn at the same scale, up to 10 times; the last one drawn is kept. Drawn
+    from the same seeded stream, so a sample's crop stays reproducible; at 1 nothing more is
+    drawn, and the crops are those of before.
     """
 
     def __init__(
@@ -53,15 +60,17 @@ class RandomScaleCrop(A.DualTransform):
         fill_mask: int,
         p: float = 1.0,
         fill_image: float | Sequence[float] = 0,
+        cat_max_ratio: float = 1.0,
     ):
         super().__init__(p=p)
         self.height, self.width = height, width
         self.scale_range = tuple(scale_range)
         self.fill_mask = fill_mask
         self.fill_image = fill_image
+        self.cat_max_ratio = cat_max_ratio
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("height", "width", "scale_range", "fill_mask", "fill_image")
+        return ("height", "width", "scale_range", "fill_mask", "fill_image", "cat_max_ratio")
 
     def get_params_dependent_on_data(self, params: dict, data: dict) -> dict[str, Any]:
         height, width = params["shape"][:2]
@@ -71,6 +80,16 @@ class RandomScaleCrop(A.DualTransform):
         scale = 1.0 if (low, high) == (1.0, 1.0) else self.py_random.uniform(low - 1, high - 1) + 1
         # A.RandomScale's rounding (at least one pixel, where it would fail on tiny images)
         scaled_h, scaled_w = max(1, int(height * scale)), max(1, int(width * scale))
+        window = self._window(height, width, scaled_h, scaled_w)
+        if self.cat_max_ratio < 1:
+            for _ in range(10):  # mmsegmentation's number of retries
+                if self._balanced(self.apply_to_mask(data["mask"], **window)):
+                    break
+                window = self._window(height, width, scaled_h, scaled_w)
+        return {**window, "scale": scale}
+
+    def _window(self, height: int, width: int, scaled_h: int, scaled_w: int) -> dict[str, tuple]:
+        """A random crop position on the scaled image, as a source region and its valid size."""
         # A.RandomCrop's position on the image padded (bottom/right) to at least the crop size
         top = int((max(scaled_h, self.height) - self.height + 1) * self.py_random.random())
         left = int((max(scaled_w, self.width) - self.width + 1) * self.py_random.random())
@@ -80,7 +99,14 @@ class RandomScaleCrop(A.DualTransform):
         y0, x0 = round(top * height / scaled_h), round(left * width / scaled_w)
         y1 = max(y0 + 1, min(height, round((top + valid_h) * height / scaled_h)))
         x1 = max(x0 + 1, min(width, round((left + valid_w) * width / scaled_w)))
-        return {"region": (y0, y1, x0, x1), "valid": (valid_h, valid_w), "scale": scale}
+        return {"region": (y0, y1, x0, x1), "valid": (valid_h, valid_w)}
+
+    def _balanced(self, mask: np.ndarray) -> bool:
+        """Whether no class covers ``cat_max_ratio`` or more of the labelled pixels of a mask
+        crop holding two classes or more (mmsegmentation's test)."""
+        labels, counts = np.unique(mask, return_counts=True)
+        counts = counts[labels != self.fill_mask]
+        return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
     def apply(self, img: np.ndarray, region, valid, **params) -> np.ndarray:
         return self._crop_resize(img, region, valid, cv2.INTER_LINEAR, self.fill_image)
@@ -89,6 +115,8 @@ class RandomScaleCrop(A.DualTransform):
         return self._crop_resize(mask, region, valid, cv2.INTER_NEAREST, self.fill_mask)
 
     def _crop_resize(self, array, region, valid, interpolation: int, fill) -> np.ndarray:
+        if array.ndim == 3 and array.shape[2] == 1:  # cv2 returns (H, W) for one band: keep C
+            return self._crop_resize(array[..., 0], region, valid, interpolation, fill)[..., None]
         y0, y1, x0, x1 = region
         valid_h, valid_w = valid
         source = array[y0:y1, x0:x1]
@@ -112,6 +140,7 @@ def train_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     fill: float | str | Sequence[float] | None = None,
+    cat_max_ratio: float = 1.0,
 ) -> A.Compose:
     """Random scale + crop to ``crop_size`` (height, width) (``RandomScaleCrop``), flip, jitter.
 
@@ -119,6 +148,7 @@ def train_transform(
     pixels are no data, not a valid value such as 0 (water in CT, a valid reflectance).
 
     ``color_jitter`` is the probability of a brightness/contrast/saturation/hue jitter (0 = off).
+    ``cat_max_ratio`` < 1 redraws crops that one class dominates (``RandomScaleCrop``).
     ``mean``/``std`` are accepted and unused: the configs stored in checkpoints written before
     normalization moved to the device pass them (issue 11).
     """
@@ -126,6 +156,11 @@ def train_transform(
     low, high = scale_range
     if not 0 < low <= high:
         raise ValueError(f"scale_range must be 0 < low <= high, got {list(scale_range)}")
+    if not 0 < cat_max_ratio <= 1:
+        raise ValueError(
+            f"data.train_transform.cat_max_ratio={cat_max_ratio}: give the largest share of a "
+            "crop one class may cover, in (0, 1] (1: off; mmsegmentation's configs use 0.75)"
+        )
     return A.Compose(
         [
             # padded mask pixels are ignored by loss and metrics
@@ -135,6 +170,7 @@ def train_transform(
                 (low, high),
                 fill_mask=ignore_index,
                 fill_image=pad_value(fill),
+                cat_max_ratio=cat_max_ratio,
             ),
             A.HorizontalFlip(p=hflip),
             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=color_jitter),

@@ -79,6 +79,10 @@ class PredictSettings:
     mask_threshold: float | None = None  # instances: mask probability cut; None: the task's
     category_ids: list[int] | None = None  # class -> the dataset's category id (COCO's)
     annotations: Path | None = None  # a COCO annotation file: its image ids name the inputs
+    window: int = 2048  # semantic: TIFF inputs larger than this are predicted window by window
+    overlap: int = 64  # semantic: context pixels on each side of such a window
+    bands: list[int] | None = None  # the 1-based input bands the model was trained on (None: all)
+    in_channels: int | None = None  # the bands the model takes
 
 
 class PredictionWriter(Protocol):
@@ -86,6 +90,14 @@ class PredictionWriter(Protocol):
 
     def write(self, images: torch.Tensor, indices: list[int]) -> None:
         """Predict uint8 ``images`` (N, 3, H, W), the inputs at ``indices``, and write them."""
+
+    def windowed(self, indices: list[int]) -> list[int]:
+        """Those of the inputs at ``indices`` that the writer reads itself, window by window
+        (rasters too large for one pass; ``write_windowed``), not through ``write``."""
+
+    def write_windowed(self, index: int) -> None:
+        """Read, predict and write the input at ``index``, one of ``windowed``'s, piece by
+        piece; a DataError naming it when it cannot."""
 
     def finish(self) -> None:
         """After this rank's last batch, on every rank (a collective under torchrun): what

@@ -361,6 +361,9 @@ class InstanceWriter:
             save_png(caption_boxes(picture, shown["boxes"].tolist(), texts, colors),
                      output / "overlay" / relative)  # fmt: skip
 
+    def windowed(self, indices: list[int]) -> list[int]:
+        return []  # every image whole: detections are not cut at window edges
+
     def finish(self) -> None:
         """Rank 0 writes ``coco_results.json`` of every rank's results, in input order."""
         if "coco" not in self.settings.formats:

@@ -5,7 +5,7 @@ at their stored dtype (uint8 RGB for photos) and masks (N, H, W) of class indice
 import csv
 import heapq
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -16,7 +16,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from seg.data.base import DataError, select_bands
 from seg.data.cityscapes import LABEL_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID
+from seg.data.geotiff import GeoRaster, Tag, write_geotiff, write_tiled
 from seg.engine import dist
 from seg.engine.evaluation import evaluate as run_evaluation
 from seg.engine.task import PredictSettings, Report
@@ -262,16 +264,36 @@ class SemanticWriter:
         self.rgb_bands = rgb_bands  # 1-based input bands the overlays show (None: RGB / grey)
         predict.advice = memory_advice(predict.predictor, "batch_size")  # predict.py's key
         self.written, self.nonfinite = 0, 0
+        self.rasters: dict[int, GeoRaster] = {}  # TIFF inputs: their georeferencing tags
+
+    def windowed(self, indices: list[int]) -> list[int]:
+        """The TIFF inputs larger than ``settings.window``: predicted window by window, never
+        read whole. Every TIFF's header is read here: its tags go to the index and colour
+        outputs (GeoTIFFs)."""
+        for index in indices:
+            path = self.settings.inputs[index]
+            if path.suffix.lower() in (".tif", ".tiff"):
+                try:
+                    self.rasters[index] = GeoRaster(path)
+                except DataError:
+                    continue  # left to the reader, which names why
+        window = self.settings.window
+        return [i for i, r in self.rasters.items() if max(r.height, r.width) > window]
 
     def write(self, images: torch.Tensor, indices: list[int]) -> None:
         names = [str(self.settings.inputs[index]) for index in indices]
         labels, nonfinite = self.predict.labels(images, names)
         self.nonfinite = self.nonfinite + nonfinite  # on the device: read once, at the end
         for index, image, label in zip(indices, images, labels.cpu(), strict=True):
-            self.write_one(label, image, self.settings.relatives[index])
+            tags = self.rasters[index].tags if index in self.rasters else []
+            self.write_one(label, image, self.settings.relatives[index], tags)
         self.written += len(indices)
 
-    def write_one(self, label: torch.Tensor, image: torch.Tensor, relative: Path) -> None:
+    def write_one(
+        self, label: torch.Tensor, image: torch.Tensor, relative: Path, tags: list[Tag]
+    ) -> None:
+        """With the georeferencing ``tags`` of a GeoTIFF input, ``index`` and ``color`` are
+        GeoTIFFs (.tif) carrying them."""
         output, palette = self.settings.output, self.palette
         for name in self.settings.formats:
             # cityscapes: <city>_<seq>_<frame>_leftImg8bit.png, the name the official tools match
@@ -279,9 +301,12 @@ class SemanticWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             if name == "cityscapes":
                 Image.fromarray(TRAIN_ID_TO_LABEL_ID[label.numpy()]).save(path)
-            elif name == "index":
-                dtype = np.uint8 if len(palette) <= 256 else np.uint16  # 16-bit past 256 classes
-                Image.fromarray(label.numpy().astype(dtype)).save(path)
+            elif name in ("index", "color") and tags:
+                array = (label.numpy().astype(index_dtype(palette)) if name == "index"
+                         else colorize(label, palette).permute(1, 2, 0).numpy())  # fmt: skip
+                write_geotiff(path.with_suffix(".tif"), array, tags)
+            elif name == "index":  # 16-bit PNG past 256 classes
+                Image.fromarray(label.numpy().astype(index_dtype(palette))).save(path)
             elif name == "color":
                 Image.fromarray(colorize(label, palette).permute(1, 2, 0).numpy()).save(path)
             else:
@@ -289,11 +314,76 @@ class SemanticWriter:
                 blended = overlay(picture, colorize(label, palette), self.settings.alpha)
                 Image.fromarray(blended.permute(1, 2, 0).numpy()).save(path)
 
+    def write_windowed(self, index: int) -> None:
+        """Predict a raster larger than ``settings.window`` window by window: each window x
+        window tile with ``settings.overlap`` pixels of context on every side (cropped away),
+        read from one band of rows at a time, and written as it comes into a tiled GeoTIFF
+        with the raster's tags (``index``; ``color`` is made from it the same way)."""
+        raster, window, overlap = self.rasters[index], self.settings.window, self.settings.overlap
+        bands, in_channels, palette = self.settings.bands, self.settings.in_channels, self.palette
+        if in_channels is not None and len(bands or range(raster.bands)) != in_channels:
+            raise DataError(
+                f"{raster.path}: {raster.bands} bands but the model takes {in_channels} "
+                f"(data.in_channels, data.bands={bands} of its training)"
+            )
+
+        def tiles() -> Iterator[np.ndarray]:
+            for top in range(0, raster.height, window):
+                first = max(0, top - overlap)  # the rows of this band of tiles, with context
+                last = min(raster.height, top + window + overlap)
+                rows = raster.read(first, 0, last - first, raster.width)
+                if bands is not None:
+                    rows = select_bands(rows, bands, raster.path)
+                for left in range(0, raster.width, window):
+                    start = max(0, left - overlap)
+                    part = rows[:, start : min(raster.width, left + window + overlap)]
+                    image = torch.from_numpy(np.ascontiguousarray(part)).permute(2, 0, 1)[None]
+                    labels, count = self.predict.labels(image, [str(raster.path)])
+                    self.nonfinite = self.nonfinite + count
+                    label = labels[0, top - first : top - first + window,
+                                   left - start : left - start + window].cpu().numpy()  # fmt: skip
+                    tile = np.zeros((window, window), index_dtype(palette))  # edges: padded
+                    tile[: label.shape[0], : label.shape[1]] = label
+                    yield tile
+
+        relative, output = self.settings.relatives[index], self.settings.output
+        index_path = output / "index" / relative.with_suffix(".tif")
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        write_tiled(index_path, tiles(), raster.height, raster.width, index_dtype(palette), window,
+                    raster.tags)  # fmt: skip
+        if "color" in self.settings.formats:  # from the index raster, a window at a time
+            indices = GeoRaster(index_path)
+            colours = np.asarray(palette, np.uint8)
+
+            def coloured() -> Iterator[np.ndarray]:
+                for top in range(0, raster.height, window):
+                    for left in range(0, raster.width, window):
+                        height = min(window, raster.height - top)
+                        width = min(window, raster.width - left)
+                        tile = np.zeros((window, window, 3), np.uint8)
+                        tile[:height, :width] = colours[
+                            indices.read(top, left, height, width)[..., 0]
+                        ]
+                        yield tile
+
+            color_path = output / "color" / relative.with_suffix(".tif")
+            color_path.parent.mkdir(parents=True, exist_ok=True)
+            write_tiled(color_path, coloured(), raster.height, raster.width, np.uint8, window,
+                        raster.tags, bands=3)  # fmt: skip
+        if "index" not in self.settings.formats:
+            index_path.unlink()
+        self.written += 1
+
     def finish(self) -> None:
         """Warn, on rank 0, of the images whose class scores were not finite."""
         shares = dist.gather((self.written, int(self.nonfinite)))
         if dist.is_main():
             warn_nonfinite(sum(count for _, count in shares), sum(count for count, _ in shares))
+
+
+def index_dtype(palette: list) -> type:
+    """Class indices in 8 bits, 16 past 256 classes."""
+    return np.uint8 if len(palette) <= 256 else np.uint16
 
 
 def _cell(value: float) -> str:

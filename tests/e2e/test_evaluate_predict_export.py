@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -383,3 +384,54 @@ def test_data_overrides_reach_the_keys_that_copied_them(folder_root, tmp_path):
     )  # fmt: skip
     assert result["images"] == 2
     assert any(cache.rglob("*.npy"))
+
+
+LANDSAT = (
+    Path(os.environ.get("SEG_SHARED_DATA", "/work/shared/data")) / "landsat_geotiff/RGB.byte.tif"
+)
+
+
+def test_predict_keeps_a_geotiffs_georeferencing_and_goes_window_by_window(checkpoint, tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    from seg.data.geotiff import GEO_TAGS, GeoRaster
+
+    image = np.concatenate([SyntheticScenes("test", image_size=96).load(i)[0] for i in (0, 1)], 1)
+    tags = [  # pixel scale, tie point, GeoKeys (UTM 33N), GDAL nodata
+        (33550, 12, 3, (10.0, 10.0, 0.0), True),
+        (33922, 12, 6, (0.0, 0.0, 0.0, 500000.0, 4000000.0, 0.0), True),
+        (34735, 3, 8, (1, 1, 0, 1, 3072, 0, 1, 32633), True),
+        (42113, 2, 0, "255", True),
+    ]
+    tifffile.imwrite(tmp_path / "scene.tif", image, photometric="rgb", extratags=tags)
+    outputs = {}
+    # windows of 48 with context enough to see the whole image: the whole image's prediction,
+    # cropped and stitched back (with less context they differ near window edges)
+    for name, window, overlap in (("whole", 2048, 0), ("windows", 48, 192), ("narrow", 48, 8)):
+        out = tmp_path / name
+        run_entry(predict, "predict", f"checkpoint={checkpoint}", f"input={tmp_path / 'scene.tif'}",
+                  f"output={out}", "format=[index,color]", f"window={window}",
+                  f"overlap={overlap}")  # fmt: skip
+        for kind in ("index", "color"):
+            raster = GeoRaster(out / kind / "scene.tif")  # GeoTIFFs, not PNGs
+            assert {code: raster.tag(code) for code in GEO_TAGS} == {
+                code: GeoRaster(tmp_path / "scene.tif").tag(code) for code in GEO_TAGS
+            }  # the input's tags, verbatim
+        outputs[name] = tifffile.imread(out / "index" / "scene.tif")
+        color = tifffile.imread(out / "color" / "scene.tif")
+        assert np.array_equal(color, np.array(PALETTE, np.uint8)[outputs[name]])
+        assert outputs[name].shape == (96, 192)
+    assert np.array_equal(outputs["whole"], outputs["windows"])
+
+
+@pytest.mark.skipif(not LANDSAT.is_file(), reason="needs ../shared/data/landsat_geotiff")
+def test_predict_on_the_landsat_scene_window_by_window(checkpoint, tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    from seg.data.geotiff import GEO_TAGS, GeoRaster
+
+    run_entry(predict, "predict", f"checkpoint={checkpoint}", f"input={LANDSAT}",
+              f"output={tmp_path}", "format=[index]", "window=256", "overlap=32")  # fmt: skip
+    index = GeoRaster(tmp_path / "index" / "RGB.byte.tif")
+    scene = GeoRaster(LANDSAT)
+    assert (index.height, index.width, index.bands) == (718, 791, 1)
+    assert all(index.tag(code) == scene.tag(code) for code in GEO_TAGS)
+    assert tifffile.imread(tmp_path / "index" / "RGB.byte.tif").max() < len(PALETTE)

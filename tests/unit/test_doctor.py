@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from seg.data.base import DataError
 from seg.data.cityscapes import Cityscapes
@@ -164,3 +165,47 @@ def test_an_unwritable_report_fails_before_the_scan(folder_root, tmp_path, monke
     monkeypatch.setattr(seg.doctor, "check_splits", lambda *args: pytest.fail("scanned"))
     with pytest.raises(OSError):
         seg.doctor.run(cfg)
+
+
+def write_tiff_pair(root, split, name, image, mask):
+    tifffile = pytest.importorskip("tifffile")
+    for folder, array in (("images", image), ("masks", mask)):
+        (root / folder / split).mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(root / folder / split / f"{name}.tif", array)
+
+
+def data_with(root, **keys):
+    """data=folder at ``root`` with ``keys`` set, whether or not the config declares them."""
+    data = folder_config(root)
+    for key, value in keys.items():
+        OmegaConf.update(data, key, value, force_add=True)
+    return data
+
+
+def test_band_statistics_over_files_leave_out_nodata_and_are_ready_to_paste(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(1, 4096, (16, 20, 4)).astype(np.uint16) for _ in range(3)]
+    images[1][:5, :, 2] = 0  # nodata in band 3 of one file
+    for i, image in enumerate(images):
+        write_tiff_pair(tmp_path, "train", f"s{i}", image, (image[..., 0] > 2000).astype(np.uint8))
+    report = check_splits(data_with(tmp_path, nodata=0), ["train"])
+    pixels = report["pixels"]["train"]
+    stacked = np.concatenate([image.reshape(-1, 4) for image in images]).astype(np.float64)
+    band3 = stacked[:, 2][stacked[:, 2] != 0]
+    assert pixels["dtypes"] == {"uint16": 3}
+    assert pixels["min"][2] == band3.min() > 0 and pixels["max"][0] == stacked[:, 0].max()
+    np.testing.assert_allclose(pixels["mean"], [*stacked[:, :2].mean(0), band3.mean(),
+                                                stacked[:, 3].mean()])  # fmt: skip
+    np.testing.assert_allclose(pixels["std"][2], band3.std())
+    assert pixels["scale"] == 65535  # auto for uint16
+    np.testing.assert_allclose(pixels["data.mean"][2], band3.mean() / 65535, atol=1e-4)
+    first = report["file_pixels"]["train"][str(tmp_path / "masks" / "train" / "s0.tif")]
+    assert first == {"dtype": "uint16", "bands": 4, "min": int(images[0].min()),
+                     "max": int(images[0].max())}  # fmt: skip
+    # 12-bit values in uint16 scaled by 65535: the maximum is far below the scale
+    assert any("under a quarter of data.scale=auto" in w["message"] for w in report["warnings"])
+    scaled = check_splits(data_with(tmp_path, scale=4095), ["train"])
+    assert not any("data.scale" in w["message"] for w in scaled["warnings"])
+    too_small = check_splits(data_with(tmp_path, scale=1000), ["train"])
+    assert any("exceed data.scale=1000" in w["message"] for w in too_small["warnings"])
+    assert "data.mean=[" in format_report(scaled) and "data.std=[" in format_report(scaled)

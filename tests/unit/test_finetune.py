@@ -17,6 +17,7 @@ from seg.models import (
     freeze_batchnorm,
     init_from,
     maskrcnn,
+    rgb_input_filters,
     smp_model,
     torchvision_model,
 )
@@ -289,3 +290,31 @@ def test_non_finite_and_absurd_rates_are_refused(override):
     # An infinite encoder LR made the weights NaN at the first update while the loss was finite.
     with pytest.raises(ValueError, match=rf"{override.split('=')[0]}=.* is not allowed: .* and <"):
         check_values(compose_config(override))
+
+
+def test_init_from_an_rgb_checkpoint_adapts_its_input_convolution_to_the_bands(source, caplog):
+    model, path = source
+    target = smp_model("Unet", 6, encoder_name="resnet18", in_channels=4)
+    with caplog.at_level(logging.INFO, logger="seg.models"):
+        init_from(target, str(path), rgb_bands=[1, 2, 3])
+    expected = rgb_input_filters(model.net.encoder.conv1.weight, 4, [1, 2, 3])
+    assert torch.equal(target.net.encoder.conv1.weight, expected)
+    for key, value in model.state_dict().items():
+        if key != "net.encoder.conv1.weight":
+            assert torch.equal(target.state_dict()[key], value), key
+    assert caplog.records[-1].levelno == logging.INFO
+    assert "net.encoder.conv1.weight RGB, adapted" in caplog.records[-1].getMessage()
+
+
+def test_init_from_a_file_of_other_bands_warns_that_its_input_convolution_starts_fresh(
+    tmp_path, caplog
+):
+    path = tmp_path / "four_bands.pt"
+    torch.save({"model": smp_model("Unet", 2, "resnet18", in_channels=4).state_dict()}, path)
+    target = smp_model("Unet", 2, encoder_name="resnet18", in_channels=5)
+    fresh = target.net.encoder.conv1.weight.clone()
+    with caplog.at_level(logging.INFO, logger="seg.models"):
+        init_from(target, str(path))
+    assert torch.equal(target.net.encoder.conv1.weight, fresh)
+    assert caplog.records[-1].levelno == logging.WARNING
+    assert "other input bands than the model" in caplog.records[-1].getMessage()

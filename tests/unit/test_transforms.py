@@ -180,3 +180,54 @@ def test_a_seed_gives_the_crop_window_of_scale_then_crop():
     # source position: the region is rounded to whole source pixels, and the fit reads uint8
     np.testing.assert_allclose(new[:, 1:3], old[:, 1:3], atol=1.5)
     np.testing.assert_array_equal(new[:, 3:], old[:, 3:])  # the valid (unpadded) part
+
+
+def small_structure(height=64, width=64):
+    """Background with one small square of class 1, as in a cell or a building."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[40:56, 10:26] = 1
+    return COLORS[mask], mask
+
+
+def foreground_shares(transform, seeds) -> np.ndarray:
+    image, mask = small_structure()
+    return np.array([(apply(transform, image, mask, (3, s))[1] == 1).float().mean() for s in seeds])
+
+
+def test_cat_max_ratio_redraws_crops_one_class_dominates():
+    crop = dict(crop_size=(24, 24), ignore_index=IGNORE, scale_range=(1, 1), hflip=0.0)
+    plain = foreground_shares(train_transform(**crop), range(60))
+    aware = foreground_shares(train_transform(**crop, cat_max_ratio=0.75), range(60))
+    assert (plain > 0.25).mean() < 0.4  # the square is mostly outside a random crop
+    assert (aware > 0.25).mean() > 0.8  # up to 10 redraws mostly find it
+    again = foreground_shares(train_transform(**crop, cat_max_ratio=0.75), range(60))
+    np.testing.assert_array_equal(aware, again)  # seeded: resuming gives the same crops
+
+
+def test_cat_max_ratio_leaves_out_the_ignore_index_and_1_changes_nothing():
+    mask = (np.indices((64, 64)).sum(0) % 2).astype(np.uint8)  # classes 0 and 1, half each
+    mask[np.arange(64) % 10 < 7] = IGNORE  # 70 % ignored: more than the ratio below
+    image = COLORS[np.minimum(mask, 2)]
+    crop = dict(crop_size=(20, 20), ignore_index=IGNORE, scale_range=(1, 1))
+    for seed in range(10):
+        plain = apply(train_transform(**crop), image, mask, (0, seed))
+        accepted = apply(train_transform(**crop, cat_max_ratio=0.6), image, mask, (0, seed))
+        off = apply(train_transform(**crop, cat_max_ratio=1.0), image, mask, (0, seed))
+        assert torch.equal(plain[1], accepted[1]) and torch.equal(plain[0], accepted[0])
+        assert torch.equal(plain[0], off[0]) and torch.equal(plain[1], off[1])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.5])
+def test_a_cat_max_ratio_outside_0_1_is_refused(ratio):
+    with pytest.raises(ValueError, match="cat_max_ratio"):
+        train_transform(crop_size=(8, 8), ignore_index=IGNORE, cat_max_ratio=ratio)
+
+
+@pytest.mark.parametrize("scale_range", [(1, 1), (0.5, 0.5)])  # cropped, and padded
+def test_one_band_images_keep_their_band_axis_and_values(scale_range):
+    image = np.arange(40 * 48, dtype=np.uint16).reshape(40, 48, 1) * 30  # past 8 bits
+    mask = (image[..., 0] % 2).astype(np.uint8)
+    transform = train_transform((32, 32), IGNORE, scale_range=scale_range, hflip=0.0)
+    out_image, out_mask = apply(transform, image, mask, seed=(0, 1))
+    assert out_image.shape == (1, 32, 32) and out_image.dtype == torch.uint16
+    assert out_image.numpy().max() > 255 and out_mask.shape == (32, 32)
