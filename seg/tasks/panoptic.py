@@ -142,8 +142,9 @@ class PanopticTask:
     def evaluator(
         self, device: torch.device, num_pictures: int = 0, num_worst: int | None = None
     ) -> "PanopticEvaluator":
-        """PQ over the split; ``num_pictures`` examples (``num_worst``: the semantic task's)."""
-        return PanopticEvaluator(self.categories, num_pictures)
+        """PQ over the split, the first ``num_pictures`` images shown (evaluate.py's
+        ``num_worst`` when given: it shows the first images, not the worst)."""
+        return PanopticEvaluator(self.categories, num_pictures if num_worst is None else num_worst)
 
     def metrics(self, result: "PanopticEvaluation") -> dict:
         """PQ, SQ, RQ (All), ``_things`` and ``_stuff`` and per-class lists, in [0, 1]."""
