@@ -15,7 +15,6 @@ from torch.utils.data import Dataset
 from seg.checkpoint import check_compatible, load_checkpoint, validated_weights
 from seg.config import ABSENT, apply_overrides, build, linked_keys, override_keys
 from seg.device import resolve_channels_last, resolve_precision
-from seg.tasks.panoptic import Part
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +127,8 @@ def predictor_from(cfg: DictConfig, train_cfg: DictConfig, checkpoint: dict, dev
     ``scales``, ``flip``, ``window_batch``: the semantic task's)."""
     precision = resolve_precision(train_cfg.trainer.precision, device, inference=True)
     if "parts" in checkpoint:  # a task merged from its parts' predictions (task=panoptic)
-        parts = {name: Part(predictor_from(cfg, part_cfg, part, device),
-                            list(part_cfg.data.class_names))
+        parts = {name: (predictor_from(cfg, part_cfg, part, device),
+                        list(part_cfg.data.class_names))
                  for name, (part, part_cfg) in checkpoint["parts"].items()}  # fmt: skip
         return task_from(train_cfg).predictor(parts, device, precision, False)
     channels_last = resolve_channels_last(train_cfg.trainer.channels_last, device)

@@ -33,7 +33,8 @@ GROUPS = {"All": "", "Things": "_things", "Stuff": "_stuff"}  # pq_from_stats' -
 
 
 class Part(NamedTuple):
-    """One checkpoint's share of the panoptic prediction: its task's predictor and classes."""
+    """One checkpoint's share of the panoptic prediction: its task's predictor and classes
+    (``seg.restore`` passes plain tuples)."""
 
     predict: Callable  # the task's predictor (``Task.predictor``)
     class_names: list[str]  # its classes, in its own order
@@ -131,12 +132,15 @@ class PanopticTask:
     ) -> "PanopticPredict":
         """The merge over the parts' predictors (built by ``seg.restore.predictor_from``, which
         applies ``inference`` to the semantic one); their classes matched by name."""
-        semantic, instance = parts["semantic"], parts["instance"]
+        (semantic, semantic_names), (instance, instance_names) = (
+            parts["semantic"],
+            parts["instance"],
+        )
         things = [name for name, thing in zip(self.class_names, self.isthing, strict=True) if thing]
-        semantic_lookup = self.lookup("semantic", semantic.class_names, self.class_names)
+        semantic_lookup = self.lookup("semantic", semantic_names, self.class_names)
         # the instance classes from 1: 0 is its background
-        instance_lookup = self.lookup("instance", instance.class_names[1:], things)
-        return PanopticPredict(self, semantic.predict, instance.predict, semantic_lookup,
+        instance_lookup = self.lookup("instance", instance_names[1:], things)
+        return PanopticPredict(self, semantic, instance, semantic_lookup,
                                np.concatenate([[-1], instance_lookup]))  # fmt: skip
 
     def evaluator(

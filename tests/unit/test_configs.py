@@ -69,6 +69,9 @@ def test_data_configs_build(
         "ade20k": ade20k_root,
         "synthetic": None,
         "synthetic_instances": None,
+        "synthetic_panoptic": None,
+        "synthetic_panoptic_semantic": None,
+        "synthetic_panoptic_instances": None,
     }
     assert set(roots) == set(group_options("data"))
     for option, root in roots.items():

@@ -28,6 +28,7 @@ ALLOWED = {
         "seg.checkpoint",
         "seg.device",
         "seg.models",
+        "seg.panoptic",
     ),
 }
 
