@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seg.data.coco import categories
+from seg.data.panoptic import panoptic_categories
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver(
     "coco", lambda *args: OmegaConf.create(value) if isinstance(value := categories(*args), list)
     else value, replace=True)  # fmt: skip
+# ${coco_panoptic:<json>,names|ids|things|count|palette|instance_...}: the same for a COCO
+# panoptic JSON (data=coco_panoptic, cityscapes_panoptic): stuff and things, isthing kept.
+OmegaConf.register_new_resolver(
+    "coco_panoptic", lambda *args: OmegaConf.create(value)
+    if isinstance(value := panoptic_categories(*args), list) else value, replace=True)  # fmt: skip
 
 # What a user can fix (a bad value, a missing or unreadable file, a missing optional package,
 # out of memory with advice): these end a command with their own one-line message. DataError is

@@ -14,8 +14,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
+
+from seg.data.panoptic import id_to_rgb, rgb_to_id
 
 VOID = 0  # the segment id of unlabelled pixels, in ground truth and prediction
 TP, FP, FN, IOU = range(4)  # the columns of the statistics array
@@ -35,17 +38,12 @@ def categories_from_json(coco: dict, path: str = "the JSON") -> list[Category]:
     return [Category(int(c["id"]), str(c["name"]), c["isthing"] == 1) for c in coco["categories"]]
 
 
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 colours -> (H, W) int64 segment ids, id = R + 256 G + 256^2 B."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """(H, W) segment ids -> (H, W, 3) uint8 colours of the COCO panoptic PNG (``rgb_to_id``'s
-    inverse)."""
-    ids = ids.astype(np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], -1).astype(np.uint8)
+def encode_ids(ids: np.ndarray) -> bytes:
+    """Segment ids as the COCO panoptic PNG's bytes (id = R + 256 G + 256^2 B)."""
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(id_to_rgb(ids)[..., ::-1]))
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {ids.shape} segment map as PNG")
+    return png.tobytes()
 
 
 def merge(

@@ -17,14 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
 from seg.engine import dist
 from seg.engine.task import Report
-from seg.panoptic import Category, format_table, id_to_rgb, match_image, merge, pq_from_stats
+from seg.panoptic import (
+    Category,
+    encode_ids,
+    format_table,
+    match_image,
+    merge,
+    pq_from_stats,
+)
 from seg.visualize import gallery, panoptic_picture, save_png
 
 log = logging.getLogger(__name__)
@@ -286,14 +292,6 @@ class PanopticEvaluation:
     stats: np.ndarray  # (C, 4), summed over the split
     images: list[ImageResult]
     examples: list[tuple] = field(default_factory=list)
-
-
-def encode_ids(ids: np.ndarray) -> bytes:
-    """Segment ids as the COCO panoptic PNG (id = R + 256 G + 256^2 B)."""
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(id_to_rgb(ids)[..., ::-1]))
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode a {ids.shape} segment map as PNG")
-    return png.tobytes()
 
 
 class PanopticEvaluator:
