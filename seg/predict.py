@@ -3,41 +3,27 @@ with a checkpoint alone (no run directory, no dataset)."""
 
 import glob
 import logging
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-from PIL import Image
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from seg import restore
 from seg.config import report_user_errors, run_command
 from seg.data.base import IMAGE_SUFFIXES, DataError, read_image
-from seg.data.cityscapes import LABEL_TO_TRAIN_ID
 from seg.device import resolve_device
 from seg.engine import dist
-from seg.inference import (
-    Predictor,
-    memory_advice,
-    progress,
-    warn_nonfinite,
-)
-from seg.visualize import colorize, overlay
+from seg.engine.task import PredictionWriter, PredictSettings
+from seg.inference import progress
+from seg.prediction import output_paths
 
 log = logging.getLogger(__name__)
 
-# trainId (0-18) -> labelId, the inverse of the mapping the Cityscapes dataset applies
-TRAIN_ID_TO_LABEL_ID = np.zeros(len(LABEL_TO_TRAIN_ID), np.uint8)
-for _label_id, _train_id in LABEL_TO_TRAIN_ID.items():
-    TRAIN_ID_TO_LABEL_ID[_train_id] = _label_id
-
-FORMATS = ("index", "color", "overlay", "cityscapes")
 # predict.yaml's own keys: everything else on the command line edits the checkpoint's config.
 OWN_KEYS = restore.own_keys("predict")
 
@@ -65,39 +51,6 @@ def find_inputs(pattern: str) -> tuple[list[Path], Path]:
     files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     base = Path(glob.escape(pattern).split("*")[0].split("?")[0] or ".")
     return files, base if base.is_dir() else base.parent
-
-
-def output_paths(files: list[Path], base: Path) -> tuple[list[Path], list[Path]]:
-    """Each input's output path inside a format folder: its path under ``base`` with the suffix
-    .png. Inputs that would share one (``img.jpg`` and ``img.png``) keep their own suffix
-    (``img.jpg.png``, ``img.png.png``), so that no output replaces another. Returns the paths
-    and the inputs so renamed."""
-    plain = [file.relative_to(base).with_suffix(".png") for file in files]
-    uses = Counter(plain)
-    paths, renamed = [], []
-    for file, path in zip(files, plain, strict=True):
-        if uses[path] > 1:
-            path = path.with_name(file.name + ".png")
-            renamed.append(file)
-        paths.append(path)
-    refuse_clashes(files, paths, "")
-    return paths, renamed
-
-
-def refuse_clashes(files: list[Path], paths: list[Path], why: str) -> None:
-    """Refuse inputs whose output ``paths`` are one file, naming them (``why``: which format)."""
-    inputs: dict[Path, list[str]] = {}
-    for file, path in zip(files, paths, strict=True):
-        inputs.setdefault(path, []).append(str(file))
-    clashes = [
-        f"{' and '.join(names)} -> {path}" for path, names in inputs.items() if len(names) > 1
-    ]
-    if clashes:
-        more = f" and {len(clashes) - 5} more" if len(clashes) > 5 else ""
-        raise ValueError(
-            f"inputs written to the same output file{why}: {'; '.join(clashes[:5])}{more}; "
-            "rename them or predict them in separate runs"
-        )
 
 
 class ImageFiles(Dataset):
@@ -135,39 +88,53 @@ def same_size_batches(loader: DataLoader, batch_size: int) -> Iterator[list]:
         yield batch
 
 
+def requested_formats(value, task) -> list[str]:
+    """``format=``'s list (``[index,color]``, ``index,color`` or one name); null: the task's
+    default formats."""
+    if value is None:
+        return list(task.default_predict_formats)
+    formats = [value] if isinstance(value, str) else list(value)
+    formats = [f.strip() for name in formats for f in name.split(",")]
+    unknown = sorted(set(formats) - set(task.predict_formats))
+    if unknown:
+        raise ValueError(
+            f"format={unknown} unknown for a checkpoint of the {task.name} task; options: "
+            f"{list(task.predict_formats)} (e.g. format=[{','.join(task.default_predict_formats)}])"
+        )
+    return formats
+
+
 def run(cfg: DictConfig, overrides: list[str]) -> dict:
     """Write the requested formats for every input image; returns counts of written/skipped.
 
-    Under torchrun each process predicts its share of the images; all return the counts of
-    the whole input, and rank 0 alone logs them."""
-    formats = [cfg.format] if isinstance(cfg.format, str) else list(cfg.format)
-    formats = [f.strip() for name in formats for f in name.split(",")]
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        raise ValueError(
-            f"format={unknown} unknown; options: {list(FORMATS)} (e.g. format=[index,color])"
-        )
+    The task's writer (``task.writer``) predicts and writes each batch. Under torchrun each
+    process predicts its share of the images; all return the counts of the whole input, and
+    rank 0 alone logs them."""
+    checkpoint, train_cfg = restore.load(cfg, overrides, OWN_KEYS)
+    task = restore.task_from(train_cfg)
+    formats = requested_formats(cfg.format, task)
     files, base = find_inputs(str(cfg.input))
     if not files:
         raise FileNotFoundError(f"input={cfg.input}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    checkpoint, train_cfg = restore.load(cfg, overrides, OWN_KEYS)
-    task = restore.task_from(train_cfg)
-    if not set(formats) <= set(task.predict_formats):
-        writes = list(task.predict_formats) or "nothing yet (evaluate.py scores such checkpoints)"
-        raise ValueError(
-            f"format={formats}: predict.py writes {writes} for a checkpoint of the "
-            f"{task.name} task ({cfg.checkpoint})"
-        )
-    if "cityscapes" in formats and len(checkpoint["class_names"]) != len(LABEL_TO_TRAIN_ID):
-        raise ValueError(
-            f"format=cityscapes writes the 19 Cityscapes classes as labelIds, but checkpoint "
-            f"{cfg.checkpoint} has {len(checkpoint['class_names'])} classes"
-        )
     relatives, renamed = output_paths(files, base)
-    if "cityscapes" in formats:  # one flat folder: names from different folders may meet
-        refuse_clashes(files, [Path(path.name) for path in relatives], " by format=cityscapes")
+    settings = PredictSettings(
+        checkpoint=str(cfg.checkpoint),
+        output=Path(cfg.output),
+        formats=formats,
+        inputs=files,
+        base=base,
+        relatives=relatives,
+        alpha=cfg.alpha,
+        score_threshold=cfg.score_threshold,
+        mask_threshold=cfg.mask_threshold,
+        # the dataset's own category ids (COCO's have gaps), kept in the checkpoint's config
+        category_ids=OmegaConf.select(train_cfg, "data.category_ids", default=None),
+        annotations=None if cfg.annotations is None else Path(cfg.annotations),
+    )
     device = dist.init(resolve_device(train_cfg.trainer.device))  # this rank's, under torchrun
     try:
+        predictor = restore.predictor_from(cfg, train_cfg, checkpoint, device)
+        writer = task.writer(predictor, settings)  # refuses what it cannot write, before any
         if dist.is_main():
             log.info(
                 "Predicting %d images from %s into %s (%s)",
@@ -180,15 +147,14 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
                     "outputs keep it (img.jpg.png, img.png.png) so that none replaces another: %s",
                     len(renamed), shown,
                 )  # fmt: skip
-        predictor = restore.predictor_from(cfg, train_cfg, checkpoint, device)
-        share = predict_share(cfg, predictor, files, relatives, formats, checkpoint, train_cfg)
+        share = predict_share(writer, files, cfg.batch_size, train_cfg.data.num_workers)
+        writer.finish()
         shares = dist.gather(share)
-        written = sum(count for count, _, _ in shares)
+        written = sum(count for count, _ in shares)
         # (index, error) of every rank, in the inputs' order
-        skipped = [error for _, error in sorted(item for _, errors, _ in shares for item in errors)]
+        skipped = [error for _, error in sorted(item for _, errors in shares for item in errors)]
         if dist.is_main():
             log.info("Wrote predictions for %d images to %s", written, cfg.output)
-            warn_nonfinite(sum(count for _, _, count in shares), written)
             if skipped:
                 log.warning(
                     "Skipped %d unreadable files:\n%s",
@@ -200,67 +166,28 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
 
 
 def predict_share(
-    cfg: DictConfig,
-    predictor: Predictor,
-    files: list[Path],
-    relatives: list[Path],
-    formats: list[str],
-    checkpoint: dict,
-    train_cfg: DictConfig,
-) -> tuple[int, list[tuple[int, str]], int]:
+    writer: PredictionWriter, files: list[Path], batch_size: int, num_workers: int
+) -> tuple[int, list[tuple[int, str]]]:
     """Predict this rank's share of ``files`` (all of them in one process) and write their
-    outputs; returns how many were written, the (index, error) of those skipped and how many
-    had non-finite class scores."""
-    predictor.advice = memory_advice(predictor.predictor, "batch_size")
-    nonfinite_count = 0
-    palette = checkpoint["palette"]
-    output = Path(cfg.output)
+    outputs; returns how many were written and the (index, error) of those skipped."""
     dataset = ImageFiles(files)
     loader = DataLoader(
         Subset(dataset, dist.shard(range(len(files)))),  # items keep their index into files
         batch_size=1,
-        num_workers=train_cfg.data.num_workers,
+        num_workers=num_workers,
         collate_fn=list,  # sizes may differ: batches are formed below
     )
     written, skipped = 0, []
     # One progress display, rank 0's over its share: the ranks' would garble one another.
     bar = progress("predict", len(loader.dataset)) if dist.is_main() else nullcontext()
     with bar:
-        for batch in same_size_batches(loader, cfg.batch_size):
+        for batch in same_size_batches(loader, batch_size):
             index, _, error = batch[0]
             if error is not None:
                 skipped.append((index, error))  # listed once, at the end
             else:
-                images = torch.stack([item[1] for item in batch])  # (N, 3, H, W) uint8
-                names = [str(files[item[0]]) for item in batch]
-                labels, nonfinite = predictor.labels(images, names)
-                labels, nonfinite_count = labels.cpu(), nonfinite_count + nonfinite
-                for (index, image, _), label in zip(batch, labels, strict=True):
-                    write_outputs(
-                        label, image, formats, output, relatives[index], palette, cfg.alpha
-                    )
-                    written += 1
+                writer.write(torch.stack([item[1] for item in batch]), [item[0] for item in batch])
+                written += len(batch)
             if dist.is_main():
                 bar.update(len(batch))
-    return written, skipped, int(nonfinite_count)
-
-
-def write_outputs(label, image, formats, output: Path, relative: Path, palette, alpha: float):
-    """One PNG per format under ``output/<format>/``: ``index`` holds class indices (8-bit,
-    one channel), ``color`` the palette colours, ``overlay`` the colours blended on ``image``
-    (the input, (3, H, W) uint8), ``cityscapes`` the official labelIds, in one flat folder as
-    the evaluation server wants."""
-    for name in formats:
-        # cityscapes: <city>_<seq>_<frame>_leftImg8bit.png, the name the official tools match
-        path = output / name / (relative.name if name == "cityscapes" else relative)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if name == "cityscapes":
-            Image.fromarray(TRAIN_ID_TO_LABEL_ID[label.numpy()]).save(path)
-        elif name == "index":
-            dtype = np.uint8 if len(palette) <= 256 else np.uint16  # 16-bit PNG past 256 classes
-            Image.fromarray(label.numpy().astype(dtype)).save(path)
-        elif name == "color":
-            Image.fromarray(colorize(label, palette).permute(1, 2, 0).numpy()).save(path)
-        else:
-            blended = overlay(image, colorize(label, palette), alpha)
-            Image.fromarray(blended.permute(1, 2, 0).numpy()).save(path)
+    return written, skipped

@@ -11,6 +11,9 @@ LABEL_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }  # fmt: skip
+# trainId (0-18) -> labelId, the inverse of the mapping above (predict.py's format=cityscapes)
+TRAIN_ID_TO_LABEL_ID = np.zeros(len(LABEL_TO_TRAIN_ID), np.uint8)
+TRAIN_ID_TO_LABEL_ID[list(LABEL_TO_TRAIN_ID.values())] = list(LABEL_TO_TRAIN_ID)
 
 CITYSCAPES_TREE = """expected (the official layout; get leftImg8bit_trainvaltest.zip and
 gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/ and unzip both into root):

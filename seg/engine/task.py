@@ -16,17 +16,27 @@ batch becomes losses, how outputs are scored and shown. The loop uses it exactly
     report = task.report(result, "val")                           # scalars, pictures, table
     report.score                                                  # task.metric, for best.pt
 
+``predict.py`` hands each batch of input images to the task's writer, which predicts and
+writes them in the task's own formats::
+
+    writer = task.writer(predict, settings)                       # PredictSettings
+    for images, indices in batches:                               # this rank's share
+        writer.write(images, indices)                             # (N, 3, H, W) uint8
+    writer.finish()                                               # every rank: whole-input files
+
 Members every task has (``Task``): ``name``, ``metric`` and ``mode`` (the primary metric and
 whether higher (``max``) or lower is better: best.pt, early stopping and sweeps follow it),
 ``compile_auto`` (whether ``trainer.compile=auto`` compiles it), ``collate`` (the
-DataLoader's), ``prepare``, ``loss``, ``predictor``, ``evaluator``, ``report`` and, for
-``evaluate.py``, ``summary`` and ``write_report``. ``seg.tasks.semantic`` (a class per pixel) and
+DataLoader's), ``prepare``, ``loss``, ``predictor``, ``evaluator``, ``report``, for
+``evaluate.py`` ``summary`` and ``write_report``, and for ``predict.py`` ``predict_formats``,
+``default_predict_formats`` and ``writer``. ``seg.tasks.semantic`` (a class per pixel) and
 ``seg.tasks.instance`` (a mask per object, Mask R-CNN) are the two tasks; docs/extending.md says
 how to add one.
 """
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,6 +64,34 @@ class Evaluator(Protocol):
         """The whole split's result, on every rank (a collective under torchrun)."""
 
 
+@dataclass
+class PredictSettings:
+    """What ``predict.py`` asks of a task's writer: the inputs and where their outputs go."""
+
+    checkpoint: str  # the checkpoint's path, for messages
+    output: Path  # the output folder
+    formats: list[str]  # among the task's ``predict_formats``
+    inputs: list[Path]  # every input image, all ranks' (writers get indices into it)
+    base: Path  # the folder the inputs' relative paths start from
+    relatives: list[Path]  # each input's path (.png) under a format folder
+    alpha: float = 0.5  # opacity of overlays' colours
+    score_threshold: float = 0.5  # instances: those scored at least this are drawn and mapped
+    mask_threshold: float | None = None  # instances: mask probability cut; None: the task's
+    category_ids: list[int] | None = None  # class -> the dataset's category id (COCO's)
+    annotations: Path | None = None  # a COCO annotation file: its image ids name the inputs
+
+
+class PredictionWriter(Protocol):
+    """A task's ``predict.py`` outputs, written as the batches come."""
+
+    def write(self, images: torch.Tensor, indices: list[int]) -> None:
+        """Predict uint8 ``images`` (N, 3, H, W), the inputs at ``indices``, and write them."""
+
+    def finish(self) -> None:
+        """After this rank's last batch, on every rank (a collective under torchrun): what
+        the whole input makes (one results file, the warnings)."""
+
+
 class Task(Protocol):
     name: str
     metric: str
@@ -75,3 +113,8 @@ class Task(Protocol):
     def evaluator(self, device: torch.device, num_pictures: int = 0) -> Evaluator: ...
 
     def report(self, result: Any, prefix: str) -> Report: ...
+
+    predict_formats: tuple[str, ...]  # what predict.py can write (format=...)
+    default_predict_formats: tuple[str, ...]  # what it writes when format is not given
+
+    def writer(self, predict: Callable, settings: PredictSettings) -> PredictionWriter: ...

@@ -57,6 +57,7 @@ class InstanceTask:
     compile_auto = False  # data-dependent shapes (proposals, detections): compile=auto stays off
     exportable = False
     predict_formats = ()
+    default_predict_formats = ()
 
     def __init__(
         self,
@@ -131,6 +132,12 @@ class InstanceTask:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return InstancePredict(model, lambda images: self.normalize_each(images, device, memory_format),
                                device, precision)  # fmt: skip
+
+    def writer(self, predict: "InstancePredict", settings) -> None:
+        raise ValueError(
+            "predict.py writes nothing yet (evaluate.py scores such checkpoints) for a "
+            f"checkpoint of the {self.name} task ({settings.checkpoint})"
+        )
 
     def evaluator(
         self, device: torch.device, num_pictures: int = 0, num_worst: int | None = None

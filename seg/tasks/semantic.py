@@ -12,12 +12,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from seg.data.cityscapes import LABEL_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID
 from seg.engine import dist
 from seg.engine.evaluation import evaluate as run_evaluation
-from seg.engine.task import Report
+from seg.engine.task import PredictSettings, Report
 from seg.inference import (
     DeviceNormalize,
     Predictor,
@@ -33,7 +35,16 @@ from seg.metrics import (
     named,
     per_image_counts,
 )
-from seg.visualize import comparison, confusion_figure, gallery, iou_figure, save_png
+from seg.prediction import refuse_clashes
+from seg.visualize import (
+    colorize,
+    comparison,
+    confusion_figure,
+    gallery,
+    iou_figure,
+    overlay,
+    save_png,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,7 @@ class SemanticTask:
     compile_auto = True  # fixed crop sizes: one graph
     exportable = True  # scripts/export.py: ONNX and TorchScript of the logits
     predict_formats = ("index", "color", "overlay", "cityscapes")  # what predict.py writes
+    default_predict_formats = ("index", "color", "overlay")
 
     def __init__(
         self,
@@ -143,6 +155,10 @@ class SemanticTask:
             table=format_table(metrics, self.class_names),
         )
 
+    def writer(self, predict: "SemanticPredict", settings: PredictSettings) -> "SemanticWriter":
+        """predict.py's PNGs (``settings.formats``: index, color, overlay, cityscapes)."""
+        return SemanticWriter(predict, settings, self.palette)
+
     def summary(self, result: "Evaluation", bootstrap: int) -> dict:
         """evaluate.py's ``out=`` JSON: metrics by class name, the image count and, with
         ``bootstrap`` resamples, the mIoU's 95% interval."""
@@ -172,6 +188,60 @@ class SemanticTask:
                 )
         for name, array in report.pictures.items():
             save_png(array, report_dir / f"{name}.png")
+
+
+class SemanticWriter:
+    """One PNG per input and format under ``output/<format>/``: ``index`` holds class indices
+    (8-bit, one channel; 16-bit past 256 classes), ``color`` the palette colours, ``overlay``
+    the colours blended on the input, ``cityscapes`` the official labelIds, in one flat folder
+    as the evaluation server wants."""
+
+    def __init__(
+        self, predict: "SemanticPredict", settings: PredictSettings, palette: list[list[int]]
+    ):
+        if "cityscapes" in settings.formats:
+            if len(palette) != len(LABEL_TO_TRAIN_ID):
+                raise ValueError(
+                    f"format=cityscapes writes the 19 Cityscapes classes as labelIds, but "
+                    f"checkpoint {settings.checkpoint} has {len(palette)} classes"
+                )
+            # one flat folder: names from different folders may meet
+            refuse_clashes(settings.inputs, [Path(path.name) for path in settings.relatives],
+                           " by format=cityscapes")  # fmt: skip
+        self.predict, self.settings, self.palette = predict, settings, palette
+        predict.advice = memory_advice(predict.predictor, "batch_size")  # predict.py's key
+        self.written, self.nonfinite = 0, 0
+
+    def write(self, images: torch.Tensor, indices: list[int]) -> None:
+        names = [str(self.settings.inputs[index]) for index in indices]
+        labels, nonfinite = self.predict.labels(images, names)
+        self.nonfinite = self.nonfinite + nonfinite  # on the device: read once, at the end
+        for index, image, label in zip(indices, images, labels.cpu(), strict=True):
+            self.write_one(label, image, self.settings.relatives[index])
+        self.written += len(indices)
+
+    def write_one(self, label: torch.Tensor, image: torch.Tensor, relative: Path) -> None:
+        output, palette = self.settings.output, self.palette
+        for name in self.settings.formats:
+            # cityscapes: <city>_<seq>_<frame>_leftImg8bit.png, the name the official tools match
+            path = output / name / (relative.name if name == "cityscapes" else relative)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if name == "cityscapes":
+                Image.fromarray(TRAIN_ID_TO_LABEL_ID[label.numpy()]).save(path)
+            elif name == "index":
+                dtype = np.uint8 if len(palette) <= 256 else np.uint16  # 16-bit past 256 classes
+                Image.fromarray(label.numpy().astype(dtype)).save(path)
+            elif name == "color":
+                Image.fromarray(colorize(label, palette).permute(1, 2, 0).numpy()).save(path)
+            else:
+                blended = overlay(image, colorize(label, palette), self.settings.alpha)
+                Image.fromarray(blended.permute(1, 2, 0).numpy()).save(path)
+
+    def finish(self) -> None:
+        """Warn, on rank 0, of the images whose class scores were not finite."""
+        shares = dist.gather((self.written, int(self.nonfinite)))
+        if dist.is_main():
+            warn_nonfinite(sum(count for _, count in shares), sum(count for count, _ in shares))
 
 
 def _cell(value: float) -> str:

@@ -10,9 +10,8 @@ from hydra import compose
 from PIL import Image
 
 from seg import predict
-from seg.data.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes
+from seg.data.cityscapes import LABEL_TO_TRAIN_ID, TRAIN_ID_TO_LABEL_ID, Cityscapes
 from seg.metrics import ConfusionMatrix
-from seg.predict import TRAIN_ID_TO_LABEL_ID
 from tests.conftest import hydra_context, run_evaluation, run_training
 
 # cityscapesscripts 2.3.0 calls np.in1d, which NumPy 2.4 removed: give it back, here only.

@@ -17,7 +17,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from seg import export, predict
+from seg import export, predict, prediction
 from seg.checkpoint import load_checkpoint
 from seg.data.synthetic import PALETTE, SyntheticScenes
 from seg.inference import Predictor
@@ -272,12 +272,12 @@ def test_predict_keeps_the_suffix_where_outputs_would_clash(checkpoint, tmp_path
 def test_output_names_that_would_still_clash_are_refused(tmp_path):
     base = tmp_path / "in"
     files = [base / "a" / "x.png", base / "b" / "x.jpg", base / "b" / "x.png"]
-    paths, renamed = predict.output_paths(files, base)
+    paths, renamed = prediction.output_paths(files, base)
     assert [str(path) for path in paths] == ["a/x.png", "b/x.jpg.png", "b/x.png.png"]
     assert renamed == files[1:]
     # format=cityscapes writes one flat folder: a/x.png and b/x.png meet there
     with pytest.raises(ValueError, match=r"a/x.png and .*b/x.png -> x.png"):
-        predict.refuse_clashes([files[0], files[2]], [files[0].relative_to(base / "a")] * 2, "")
+        prediction.refuse_clashes([files[0], files[2]], [files[0].relative_to(base / "a")] * 2, "")
 
 
 def test_predict_skips_a_zero_byte_image_and_lists_it_at_the_end(checkpoint, tmp_path, caplog):

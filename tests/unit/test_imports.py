@@ -19,8 +19,11 @@ ALLOWED = {
     "seg.device": (),
     "seg.models": ("seg.checkpoint",),
     "seg.restore": ("seg.checkpoint", "seg.config", "seg.device"),
+    "seg.prediction": (),
     "seg.tasks": (
         "seg.tasks",
+        "seg.data",  # what a dataset's files mean (Cityscapes' label ids) for predictions
+        "seg.prediction",
         "seg.engine",
         "seg.inference",
         "seg.metrics",
