@@ -118,7 +118,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
         raise FileNotFoundError(f"input={cfg.input}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     relatives, renamed = output_paths(files, base)
     settings = PredictSettings(
-        checkpoint=str(cfg.checkpoint),
+        checkpoint=str(restore.checkpoint_path(cfg, checkpoint)),
         output=Path(cfg.output),
         formats=formats,
         inputs=files,

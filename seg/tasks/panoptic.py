@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from seg.engine import dist
-from seg.engine.task import Report
+from seg.engine.task import PredictSettings, Report
 from seg.panoptic import (
     Category,
     encode_ids,
@@ -61,7 +61,9 @@ class PanopticTask:
     mode = "max"
     compile_auto = False
     exportable = False
-    predict_formats = ()
+    # predict.py: panoptic (COCO panoptic PNGs + panoptic.json), overlay (the picture)
+    predict_formats = ("panoptic", "overlay")
+    default_predict_formats = ("panoptic", "overlay")
 
     def __init__(
         self,
@@ -148,6 +150,10 @@ class PanopticTask:
         instance_lookup = self.lookup("instance", instance_names[1:], things)
         return PanopticPredict(self, semantic, instance, semantic_lookup,
                                np.concatenate([[-1], instance_lookup]))  # fmt: skip
+
+    def writer(self, predict: "PanopticPredict", settings: PredictSettings) -> "PanopticWriter":
+        """predict.py's outputs (``settings.formats``: panoptic, overlay)."""
+        return PanopticWriter(predict, settings, self)
 
     def evaluator(
         self, device: torch.device, num_pictures: int = 0, num_worst: int | None = None
@@ -253,6 +259,7 @@ class PanopticPredict:
     def describe(self) -> str:
         return f"semantic: {self.semantic.describe()}; instance: {self.instance.describe()}"
 
+    @torch.inference_mode()  # predict.py calls it outside evaluate()'s inference mode
     def __call__(self, batch: tuple, names: list[str]) -> list[tuple[np.ndarray, list[dict]]]:
         outputs = []
         for image, name in zip(batch[0], names, strict=True):
@@ -273,6 +280,56 @@ class PanopticPredict:
             detections["scores"].numpy(),
             task.isthing, task.score_threshold, task.overlap_threshold, int(np.ceil(min_area)),
         )  # fmt: skip
+
+
+class PanopticWriter:
+    """``output/panoptic/<input>.png``: COCO panoptic PNGs (id = R + 256 G + 256^2 B), with
+    ``output/panoptic.json`` (written once, by rank 0: ``annotations`` with each PNG's
+    ``segments_info``, ``categories`` with ``isthing``; ``image_id`` is the input's path under
+    the input folder without its suffix, category ids the data's ``category_ids`` where it has
+    them, else the class indices); ``output/overlay/<input>.png``: each segment in its own
+    colour over the image, things outlined."""
+
+    def __init__(self, predict: PanopticPredict, settings: PredictSettings, task: PanopticTask):
+        self.predict, self.settings, self.task = predict, settings, task
+        self.category_ids = list(settings.category_ids or range(len(task.class_names)))
+        if len(self.category_ids) != len(task.class_names):
+            raise ValueError(f"data.category_ids has {len(self.category_ids)} entries for "
+                             f"{len(task.class_names)} classes")  # fmt: skip
+        self.annotations: list[tuple[int, dict]] = []
+
+    def write(self, images: torch.Tensor, indices: list[int]) -> None:
+        settings = self.settings
+        names = [str(settings.inputs[index]) for index in indices]
+        for index, image, (ids, segments) in zip(
+            indices, images, self.predict((images,), names), strict=True
+        ):
+            relative = settings.relatives[index]
+            if "panoptic" in settings.formats:
+                path = settings.output / "panoptic" / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(encode_ids(ids))
+                info = [{"id": s["id"], "category_id": self.category_ids[s["category_id"]],
+                         "score": s["score"]} for s in segments]  # fmt: skip
+                self.annotations.append((index, {"image_id": str(relative.with_suffix("")),
+                                                 "file_name": str(relative),
+                                                 "segments_info": info}))  # fmt: skip
+            if "overlay" in settings.formats:
+                picture = panoptic_picture(image, ids, segments, self.task.palette,
+                                           self.task.isthing, settings.alpha)  # fmt: skip
+                save_png(picture.permute(1, 2, 0).numpy(), settings.output / "overlay" / relative)
+
+    def finish(self) -> None:
+        """``panoptic.json``, on rank 0, the annotations of every rank in the inputs' order."""
+        shares = dist.gather(self.annotations)
+        if "panoptic" not in self.settings.formats or not dist.is_main():
+            return
+        annotations = [annotation for _, annotation in sorted(
+            (item for share in shares for item in share), key=lambda item: item[0])]  # fmt: skip
+        categories = [{"id": self.category_ids[c.id], "name": c.name, "isthing": int(c.isthing)}
+                      for c in self.task.categories]  # fmt: skip
+        path = self.settings.output / "panoptic.json"
+        path.write_text(json.dumps({"annotations": annotations, "categories": categories}))
 
 
 @dataclass

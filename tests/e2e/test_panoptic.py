@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from seg import panoptic
+from seg import panoptic, predict
 from seg.data.synthetic import SyntheticPanoptic
 from seg.tasks.panoptic import PanopticTask
 from tests.conftest import REPO, run_evaluation, run_training
 from tests.e2e.test_distributed_eval import torchrun
+from tests.e2e.test_evaluate_predict_export import run_entry
 
 VAL = "data.dataset.num_samples.val=5"  # odd: the two processes' shares differ
 
@@ -54,6 +56,31 @@ def test_evaluate_merges_two_checkpoints_and_its_files_score_the_same(checkpoint
         )
     assert (report / "per_image.csv").read_text().count("\n") == 6
     assert (report / "examples.png").is_file()
+
+
+def test_predict_writes_the_panoptic_pngs_evaluate_scored_and_their_json(checkpoints, tmp_path):
+    report = tmp_path / "report"
+    run_evaluation("task=panoptic", *checkpoints, VAL, f"report_dir={report}")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(2):
+        image, _ = SyntheticPanoptic("val").load(i)
+        Image.fromarray(image).save(inputs / f"{i:06d}.png")
+    out = tmp_path / "out"
+    counts = run_entry(predict, "predict", "task=panoptic", *checkpoints, f"input={inputs}",
+                       f"output={out}")  # fmt: skip
+    assert counts == {"written": 2, "skipped": 0}
+    written = json.loads((out / "panoptic.json").read_text())
+    assert [a["image_id"] for a in written["annotations"]] == ["000000", "000001"]
+    assert {c["name"]: c["isthing"] for c in written["categories"]}["disc"] == 1
+    for annotation in written["annotations"]:
+        ids = panoptic.read_ids(out / "panoptic", annotation)
+        # the merge evaluate scored, pixel for pixel; every PNG id listed, and only those
+        assert np.array_equal(ids, panoptic.read_ids(report / "panoptic_pred", annotation))
+        listed = {s["id"] for s in annotation["segments_info"]}
+        assert listed == set(np.unique(ids).tolist()) - {0}
+        picture = np.asarray(Image.open(out / "overlay" / annotation["file_name"]))
+        assert picture.shape == (*ids.shape, 3)
 
 
 def test_the_default_report_goes_beside_the_semantic_run_under_the_tasks_name(checkpoints):
