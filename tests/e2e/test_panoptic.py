@@ -91,6 +91,8 @@ def test_the_default_report_goes_beside_the_semantic_run_under_the_tasks_name(ch
         "panoptic_pred.json",
     ]
     assert not (report.parent / "eval_val_last").exists()  # the semantic report's name stays free
+    # PQ and the per-class values in the semantic run's TensorBoard, under the report's name
+    assert len(list((report.parent / "tb" / report.name).glob("events.*"))) == 1
 
 
 def test_a_missing_part_or_a_training_attempt_is_a_clear_error(checkpoints):
