@@ -72,14 +72,20 @@ class SyntheticScenes(SegmentationDataset):
         image, mask, _, _ = self.scene(index)
         return image, mask
 
+    def canvas(self, index: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray]:
+        """Scene ``index``'s random stream, its (H, W) coordinates x and y in [0, 1) and its
+        (H, W, 3) float32 background."""
+        rng = np.random.default_rng((self.seed, self.split_key, index))
+        size = self.image_size
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        return rng, xx, yy, _background(rng, size, xx, yy)
+
     def scene(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
         """Scene ``index``: the (H, W, 3) uint8 image, the (H, W) class mask, the (H, W) int16
         instance-ID map (shape k drawn is id k + 1; 0 background) and each shape's class. Later
         shapes occlude earlier ones: an id may cover fewer pixels than its shape, or none."""
-        rng = np.random.default_rng((self.seed, self.split_key, index))
+        rng, xx, yy, image = self.canvas(index)
         size = self.image_size
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-        image = _background(rng, size, xx, yy)
         mask = np.zeros((size, size), np.uint8)
         ids = np.zeros((size, size), np.int16)
         labels = []
@@ -259,10 +265,8 @@ class SyntheticPanoptic(PanopticDataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         scenes = self.scenes
-        rng = np.random.default_rng((scenes.seed, scenes.split_key, index))
+        rng, xx, yy, image = scenes.canvas(index)
         size = scenes.image_size
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-        image = _background(rng, size, xx, yy)
         keys = np.zeros((size, size), np.int64)
         classes = np.zeros((size, size), np.int64)
         stuff = rng.permutation(len(_STUFF_TEXTURES))[: rng.integers(1, len(_STUFF_TEXTURES) + 1)]
