@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose
 from PIL import Image
 
-from seg import panoptic, predict
+from seg import panoptic, predict, train
 from seg.data.synthetic import SyntheticPanoptic
 from seg.tasks.panoptic import PanopticTask
-from tests.conftest import REPO, run_evaluation, run_training
+from tests.conftest import REPO, hydra_context, run_evaluation, run_training
 from tests.e2e.test_distributed_eval import torchrun
 from tests.e2e.test_evaluate_predict_export import run_entry
 
@@ -100,6 +101,13 @@ def test_a_missing_part_or_a_training_attempt_is_a_clear_error(checkpoints):
         run_evaluation("task=panoptic", checkpoints[0], VAL)
     with pytest.raises(ValueError, match="task=panoptic does not train"):
         PanopticTask(["a", "b"], [1], [[0, 0, 0]] * 2).prepare(None, None, None)
+
+
+def test_training_task_panoptic_stops_before_writing_anything(tmp_path):
+    overrides = ["task=panoptic", f"output_root={tmp_path}"]
+    with hydra_context(), pytest.raises(ValueError, match="merges the checkpoints of semantic and"):
+        train.run(compose("train", overrides=overrides), tmp_path / "run", overrides)
+    assert not (tmp_path / "run").exists()
 
 
 # Each rank matches its share of 5 images (ground truth against a perturbed copy) and the
