@@ -11,7 +11,6 @@ indexing ``class_names``. Its predictor is built from the two parts' predictors
 
 import csv
 import json
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,6 @@ from seg.panoptic import (
     pq_from_stats,
 )
 from seg.visualize import gallery, panoptic_picture, save_png
-
-log = logging.getLogger(__name__)
 
 GROUPS = {"All": "", "Things": "_things", "Stuff": "_stuff"}  # pq_from_stats' -> metric suffix
 
