@@ -89,6 +89,10 @@ def test_coco_panoptic_is_read_as_its_segments_and_derives_both_training_targets
     assert (id_map[ids == 0] == 0).all() and len(table) == 6
     _, mask = coco_dataset(tmp_path, "semantic")[0]
     assert mask[0, 0] == 3 and mask[23, 0] == 255 and mask[19, 28] == 0  # sky, void, crowd
+    # data.cache_dir keeps the decoded annotation map: read back, every target is the same
+    for _ in range(2):  # written, then read
+        cached = coco_dataset(tmp_path, cache_dir=str(tmp_path / "cache"))[0]
+        assert torch.equal(cached[1], id_map) and torch.equal(cached[2], table)
     _, thing_ids, things = coco_dataset(tmp_path, "instance")[0]
     # the cars (class 2 of background, person, car), the person, the crowd (ignored in training)
     assert sorted(things.tolist()) == [[1, 0], [1, 1], [2, 0], [2, 0]]
