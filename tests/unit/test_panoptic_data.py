@@ -89,7 +89,7 @@ def test_coco_panoptic_is_read_as_its_segments_and_derives_both_training_targets
     assert (id_map[ids == 0] == 0).all() and len(table) == 6
     _, mask = coco_dataset(tmp_path, "semantic")[0]
     assert mask[0, 0] == 3 and mask[23, 0] == 255 and mask[19, 28] == 0  # sky, void, crowd
-    # data.cache_dir keeps the decoded annotation map: read back, every target is the same
+    # data.cache_dir keeps the decoded annotation map: read back, the same segments
     for _ in range(2):  # written, then read
         cached = coco_dataset(tmp_path, cache_dir=str(tmp_path / "cache"))[0]
         assert torch.equal(cached[1], id_map) and torch.equal(cached[2], table)
