@@ -364,9 +364,12 @@ class PanopticEvaluator:
             images, ids, tables, outputs, names, strict=True
         ):
             id_map, table = id_map.cpu().numpy().astype(np.int32), table.cpu().numpy()
-            present = set(np.unique(id_map).tolist())
-            segments = [{"id": k + 1, "category_id": int(c), "iscrowd": int(crowd)}
-                        for k, (c, crowd) in enumerate(table) if k + 1 in present]  # fmt: skip
+            numbers, areas = np.unique(id_map, return_counts=True)
+            area = dict(zip(numbers.tolist(), areas.tolist(), strict=True))
+            # the COCO panoptic ground truth's entries (the official code reads "area")
+            segments = [{"id": k + 1, "category_id": int(c), "iscrowd": int(crowd),
+                         "area": area[k + 1]}
+                        for k, (c, crowd) in enumerate(table) if k + 1 in area]  # fmt: skip
             predicted = [{"id": s["id"], "category_id": s["category_id"]} for s in pred_segments]
             stats = match_image(id_map, segments, pred_ids, predicted, self.categories, name)
             picture = None

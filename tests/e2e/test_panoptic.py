@@ -31,7 +31,9 @@ def checkpoints(tmp_path_factory):
             f"instance={root / 'instance/checkpoints/last.pt'}")  # fmt: skip
 
 
-def test_evaluate_merges_two_checkpoints_and_its_files_score_the_same(checkpoints, tmp_path):
+def test_evaluate_merges_two_checkpoints_and_its_files_score_the_same(
+    checkpoints, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "pq.json"
     result = run_evaluation("task=panoptic", *checkpoints, VAL, f"out={out}",
                             f"report_dir={tmp_path / 'report'}")  # fmt: skip
@@ -55,6 +57,13 @@ def test_evaluate_merges_two_checkpoints_and_its_files_score_the_same(checkpoint
         assert result["PQ_class"][category.name] == pytest.approx(
             scored["per_class"][category.id]["pq"], nan_ok=True
         )
+    # and the official code (cityscapesscripts) on seg's own predictions
+    pytest.importorskip("cityscapesscripts.evaluation.evalPanopticSemanticLabeling")
+    from tests.unit.test_panoptic_quality import assert_equal, official
+
+    files = [report / name for name in ("panoptic_gt.json", "panoptic_gt", "panoptic_pred.json",
+                                        "panoptic_pred")]  # fmt: skip
+    assert_equal(scored, official(monkeypatch, capsys, tmp_path, *files))
     assert (report / "per_image.csv").read_text().count("\n") == 6
     assert (report / "examples.png").is_file()
 
