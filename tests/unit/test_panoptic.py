@@ -80,6 +80,10 @@ def test_classes_are_matched_by_name_whatever_their_order():
     ((ids, segments),) = predict(([torch.zeros(3, 2, 2, dtype=torch.uint8)],), ["x"])
     named = {s["id"]: task().class_names[s["category_id"]] for s in segments}
     assert [[named.get(i) for i in row] for row in ids.tolist()] == [["sky", "road"], ["car", None]]
+    # min_stuff_area below 1: a fraction of the image, 0.3 of 4 pixels -> 2: 1-pixel stuff is void
+    predict = task(min_stuff_area=0.3).predictor(parts, torch.device("cpu"), "fp32", False)
+    ((ids, segments),) = predict(([torch.zeros(3, 2, 2, dtype=torch.uint8)],), ["x"])
+    assert [s["category_id"] for s in segments] == [2] and (ids == 0).sum() == 3
 
 
 @pytest.mark.parametrize(
