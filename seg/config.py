@@ -207,6 +207,9 @@ def check_required(cfg: DictConfig) -> None:
     the job (through an interpolation it names another key)."""
     # Not OmegaConf.missing_keys: it resolves interpolations, and fails at one to a missing key.
     missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    if OmegaConf.select(cfg, "task.parts", default=None):
+        # task=panoptic: the keys its parts name give the checkpoints (seg.restore.load_parts)
+        missing = [key for key in missing if key != "checkpoint"]
     if missing:
         raise ValueError(
             f"Required but not set: {', '.join(missing)}. Give "

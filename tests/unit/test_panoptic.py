@@ -143,3 +143,12 @@ def test_the_evaluator_sums_the_images_matchings():
     report = pq_task.report(result, "val")
     assert report.score == result.pq["All"]["pq"] and report.scalars["val/PQ"] == report.score
     assert "val_class/PQ/sky" in report.scalars and report.pictures["examples"].shape[1] == 3 * 96
+
+
+def test_evaluate_task_panoptic_needs_its_parts_not_a_checkpoint():
+    from seg.config import check_required
+    from tests.conftest import compose_config
+
+    check_required(compose_config("task=panoptic", config_name="evaluate"))  # what the CLI checks
+    with pytest.raises(ValueError, match="Required but not set: checkpoint"):
+        check_required(compose_config(config_name="evaluate"))
