@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seg.data.coco import categories
+from seg.data.panoptic import panoptic_categories
 from seg.device import usable_cpus
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver(
     "coco", lambda *args: OmegaConf.create(value) if isinstance(value := categories(*args), list)
     else value, replace=True)  # fmt: skip
+# ${coco_panoptic:<json>,names|ids|things|count|palette|instance_...}: the same for a COCO
+# panoptic JSON (data=coco_panoptic, cityscapes_panoptic): stuff and things, isthing kept.
+OmegaConf.register_new_resolver(
+    "coco_panoptic", lambda *args: OmegaConf.create(value)
+    if isinstance(value := panoptic_categories(*args), list) else value, replace=True)  # fmt: skip
 
 # ${cpus:<n>}: n, or the CPUs this process may use where fewer (data.num_workers: 4 DataLoader
 # workers on 2 cores would only compete with the training process for them).
@@ -206,6 +212,9 @@ def check_required(cfg: DictConfig) -> None:
     the job (through an interpolation it names another key)."""
     # Not OmegaConf.missing_keys: it resolves interpolations, and fails at one to a missing key.
     missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    if OmegaConf.select(cfg, "task.parts", default=None):
+        # task=panoptic: the keys its parts name give the checkpoints (seg.restore.load_parts)
+        missing = [key for key in missing if key != "checkpoint"]
     if missing:
         raise ValueError(
             f"Required but not set: {', '.join(missing)}. Give "

@@ -91,7 +91,7 @@ def evaluate_split(
     trackers: list[Tracker],
 ) -> dict:
     """``run`` once the checkpoint is loaded and the process group joined."""
-    checkpoint_path = Path(cfg.checkpoint)
+    checkpoint_path = restore.checkpoint_path(cfg, checkpoint)
     data = train_cfg.data
     task = restore.task_from(train_cfg)
     dataset = restore.split_dataset(train_cfg, cfg.split)
@@ -142,7 +142,12 @@ def evaluate_split(
     if cfg.out is not None:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"checkpoint": str(checkpoint_path), "split": cfg.split, **summary}
+        source = (
+            {"checkpoints": checkpoint["sources"]}
+            if "sources" in checkpoint
+            else {"checkpoint": str(checkpoint_path)}
+        )
+        record = {**source, "split": cfg.split, **summary}
         out.write_text(json.dumps(record, indent=2) + "\n")
         log.info("Metrics written to %s", out)
     return summary

@@ -14,8 +14,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
+
+from seg.data.panoptic import id_to_rgb, rgb_to_id
 
 VOID = 0  # the segment id of unlabelled pixels, in ground truth and prediction
 TP, FP, FN, IOU = range(4)  # the columns of the statistics array
@@ -35,10 +38,60 @@ def categories_from_json(coco: dict, path: str = "the JSON") -> list[Category]:
     return [Category(int(c["id"]), str(c["name"]), c["isthing"] == 1) for c in coco["categories"]]
 
 
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 colours -> (H, W) int64 segment ids, id = R + 256 G + 256^2 B."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+def encode_ids(ids: np.ndarray) -> bytes:
+    """Segment ids as the COCO panoptic PNG's bytes (id = R + 256 G + 256^2 B)."""
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(id_to_rgb(ids)[..., ::-1]))
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {ids.shape} segment map as PNG")
+    return png.tobytes()
+
+
+def merge(
+    semantic: np.ndarray,
+    masks: np.ndarray,
+    classes: np.ndarray,
+    scores: np.ndarray,
+    isthing: np.ndarray,
+    score_threshold: float = 0.5,
+    overlap_threshold: float = 0.5,
+    min_stuff_area: int = 0,
+) -> tuple[np.ndarray, list[dict]]:
+    """Panoptic FPN's inference: a semantic and an instance prediction -> one panoptic one.
+
+    ``semantic`` (H, W) class indices; ``masks`` (N, H, W) bool instance masks with their
+    ``classes`` (N,) (semantic class indices, things) and ``scores`` (N,); ``isthing`` (C,) bool
+    per class. Instances are painted by descending score, skipping those scored below
+    ``score_threshold`` and those more than ``overlap_threshold`` of whose pixels a higher-scoring
+    one took (the rest keeps its free pixels); then each stuff class of the semantic prediction
+    gets the pixels still free, if at least ``min_stuff_area`` of them. Thing pixels of the
+    semantic prediction that no instance covers stay void (0).
+
+    Returns the (H, W) int32 segment ids (0 void, from 1) and their ``segments_info`` entries
+    (``id``, ``category_id``: the class index, ``isthing``, ``score``: 1 for stuff).
+    """
+    ids = np.zeros(semantic.shape, np.int32)
+    segments = []
+    for k in np.argsort(-np.asarray(scores), kind="stable"):
+        if scores[k] < score_threshold:
+            break  # sorted: the rest score lower still
+        mask = masks[k]
+        area = int(mask.sum())
+        taken = int((mask & (ids > 0)).sum())
+        if area == 0 or taken / area > overlap_threshold:
+            continue
+        ids[mask & (ids == 0)] = len(segments) + 1
+        segments.append({"id": len(segments) + 1, "category_id": int(classes[k]), "isthing": True,
+                         "score": float(scores[k])})  # fmt: skip
+    for label in np.unique(semantic).tolist():
+        if label >= len(isthing) or isthing[label]:
+            continue  # thing pixels no instance took, or an index past the classes: void
+        mask = (semantic == label) & (ids == 0)
+        if mask.sum() < max(min_stuff_area, 1):
+            continue
+        ids[mask] = len(segments) + 1
+        segments.append({"id": len(segments) + 1, "category_id": label, "isthing": False,
+                         "score": 1.0})  # fmt: skip
+    return ids, segments
 
 
 def match_image(

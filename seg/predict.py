@@ -147,7 +147,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict:
     relatives, renamed = output_paths(files, base)
     bands = OmegaConf.select(train_cfg.data, "bands")
     settings = PredictSettings(
-        checkpoint=str(cfg.checkpoint),
+        checkpoint=str(restore.checkpoint_path(cfg, checkpoint)),
         output=Path(cfg.output),
         formats=formats,
         inputs=files,

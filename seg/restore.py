@@ -4,6 +4,7 @@ Predictor, and the dataset of a split."""
 
 import logging
 from importlib import resources
+from pathlib import Path
 
 import torch
 from hydra import compose
@@ -31,13 +32,51 @@ def own_keys(config_name: str) -> tuple[str, ...]:
 
 def load(cfg: DictConfig, overrides: list[str], own: tuple[str, ...]) -> tuple[dict, DictConfig]:
     """``cfg.checkpoint`` (loaded safely, onto the CPU) and its training config with this
-    command line's keys applied, all but the entry point's ``own`` keys (``own_keys``)."""
+    command line's keys applied, all but the entry point's ``own`` keys (``own_keys``).
+
+    A task merged from other tasks' checkpoints (``task.parts``: panoptic's semantic and
+    instance) has its own config instead, ``cfg`` itself, and ``load_parts``' checkpoint."""
+    if OmegaConf.select(cfg, "task.parts", default=None):
+        return load_parts(cfg), cfg
     checkpoint = load_checkpoint(cfg.checkpoint)
     train_cfg = apply_overrides(OmegaConf.create(checkpoint["config"]), cfg, overrides, own)
     changed = [key for key in override_keys(overrides) if key not in own]
     follow_links(train_cfg, checkpoint["overrides"], changed)
     check_compatible(checkpoint, train_cfg, cfg.checkpoint)
     return checkpoint, train_cfg
+
+
+def load_parts(cfg: DictConfig) -> dict:
+    """The checkpoints that ``cfg.task.parts`` names, by the keys of the same names
+    (``semantic=<path> instance=<path>``), each with its training config, as ``{"parts": {name:
+    (checkpoint, config)}, "path": ..., "iteration": ...}``: ``path`` names the evaluation (its
+    first part's path with the task's name), ``iteration`` is the first part's. This command
+    line's ``trainer.precision`` and ``trainer.channels_last`` apply to every part."""
+    parts, paths, task = {}, [], task_from(cfg).name
+    for name in cfg.task.parts:
+        path = OmegaConf.select(cfg, name, default=None)
+        if not path:
+            given = " ".join(f"{part}=<checkpoint>" for part in cfg.task.parts)
+            raise ValueError(f"task={task} needs {given}: {name} is not given")
+        checkpoint = load_checkpoint(path)
+        part_cfg = OmegaConf.create(checkpoint["config"])
+        for key in ("precision", "channels_last"):
+            part_cfg.trainer[key] = cfg.trainer[key]
+        check_compatible(checkpoint, part_cfg, path)
+        parts[name] = (checkpoint, part_cfg)
+        paths.append(Path(path))
+    first = paths[0]
+    return {
+        "parts": parts,
+        "path": first.with_name(f"{first.stem}_{task}{first.suffix}"),
+        "iteration": parts[cfg.task.parts[0]][0]["iteration"],
+        "sources": [str(path) for path in paths],
+    }
+
+
+def checkpoint_path(cfg: DictConfig, checkpoint: dict) -> Path:
+    """The checkpoint an evaluation is named after: ``cfg.checkpoint``, or ``load_parts``'."""
+    return Path(checkpoint["path"] if "parts" in checkpoint else cfg.checkpoint)
 
 
 def follow_links(train_cfg: DictConfig, training_overrides: list[str], changed: list[str]):
@@ -81,11 +120,17 @@ INFERENCE_KEYS = ("mode", "crop", "stride", "scales", "flip", "window_batch")
 
 
 def predictor_from(cfg: DictConfig, train_cfg: DictConfig, checkpoint: dict, device: torch.device):
-    """The task's predictor over the checkpoint's model on ``device``, with the configured
+    """The task's predictor over the checkpoint's model on ``device`` (for ``load_parts``'
+    checkpoint: over its parts' predictors, each built so), with the configured
     precision and memory layout (``trainer.precision``, ``trainer.channels_last``) and the
     inference settings of evaluate.yaml/predict.yaml (``mode``, ``crop``, ``stride``,
     ``scales``, ``flip``, ``window_batch``: the semantic task's)."""
     precision = resolve_precision(train_cfg.trainer.precision, device, inference=True)
+    if "parts" in checkpoint:  # a task merged from its parts' predictions (task=panoptic)
+        parts = {name: (predictor_from(cfg, part_cfg, part, device),
+                        list(part_cfg.data.class_names))
+                 for name, (part, part_cfg) in checkpoint["parts"].items()}  # fmt: skip
+        return task_from(train_cfg).predictor(parts, device, precision, False)
     channels_last = resolve_channels_last(train_cfg.trainer.channels_last, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model_from(checkpoint, train_cfg).to(device, memory_format=memory_format)

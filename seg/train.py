@@ -147,6 +147,13 @@ def start(
     """Check, build, place the run, train: in that order, so that a failed check writes nothing.
     ``device`` is the one this process joined torchrun's group for (or the command line's)."""
     check_values(cfg)
+    if OmegaConf.select(cfg, "task.parts", default=None):  # task=panoptic: before any work
+        parts = list(cfg.task.parts)
+        raise ValueError(
+            f"this task merges the checkpoints of {' and '.join(parts)} runs and does not train: "
+            f"train those, then evaluate.py with {' '.join(f'{p}=<checkpoint>' for p in parts)} "
+            "(docs/panoptic.md)"
+        )
     identity = run_identity(overrides, cfg.run_name)
     found = None
 

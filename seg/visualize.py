@@ -170,6 +170,36 @@ def instance_comparison(
     return torch.cat(panels, dim=2)
 
 
+def panoptic_picture(
+    image: torch.Tensor,
+    ids: np.ndarray,
+    segments: Sequence[dict],
+    palette: Sequence[Sequence[int]],
+    isthing: Sequence[bool],
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """A panoptic segmentation over a (3, H, W) uint8 image: each segment of the (H, W) id map
+    (``segments``: ``id``, ``category_id``) in its own colour (its class's, things' shifted per
+    segment so that neighbours of one class differ) and things outlined in white; void (0) and
+    ids without an entry stay as the image is."""
+    colors = np.zeros((int(ids.max(initial=0)) + 1, 3), np.float32)
+    shown = np.zeros(len(colors), bool)
+    edges = np.zeros(ids.shape, bool)
+    for segment in segments:
+        color = np.asarray(palette[segment["category_id"]], np.float32)
+        if isthing[segment["category_id"]]:
+            shift = np.random.default_rng(segment["id"]).uniform(-60, 60, 3)
+            color = np.clip(color + shift, 0, 255)
+            mask = (ids == segment["id"]).astype(np.uint8)
+            edges |= (mask > 0) & (cv2.erode(mask, np.ones((3, 3), np.uint8)) == 0)
+        colors[segment["id"]], shown[segment["id"]] = color, True
+    out = image.permute(1, 2, 0).numpy().astype(np.float32)
+    covered = shown[ids]
+    out[covered] = out[covered] * (1 - alpha) + colors[ids][covered] * alpha
+    out[edges] = 255.0
+    return torch.from_numpy(out.round().astype(np.uint8)).permute(2, 0, 1)
+
+
 def _figure_to_array(figure) -> np.ndarray:
     """Render a matplotlib figure to (H, W, 3) uint8 RGB and close it."""
     import matplotlib.pyplot as plt

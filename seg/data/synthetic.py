@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from seg.data.base import SegmentationDataset
+from seg.data.instance_layouts import encode
+from seg.data.panoptic import PanopticDataset
 from seg.data.transforms import apply, to_tensors
 
 CLASS_NAMES = ("background", "disc", "box", "triangle", "ring", "cross")
@@ -70,14 +72,20 @@ class SyntheticScenes(SegmentationDataset):
         image, mask, _, _ = self.scene(index)
         return image, mask
 
+    def canvas(self, index: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray]:
+        """Scene ``index``'s random stream, its (H, W) coordinates x and y in [0, 1) and its
+        (H, W, 3) float32 background."""
+        rng = np.random.default_rng((self.seed, self.split_key, index))
+        size = self.image_size
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        return rng, xx, yy, _background(rng, size, xx, yy)
+
     def scene(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
         """Scene ``index``: the (H, W, 3) uint8 image, the (H, W) class mask, the (H, W) int16
         instance-ID map (shape k drawn is id k + 1; 0 background) and each shape's class. Later
         shapes occlude earlier ones: an id may cover fewer pixels than its shape, or none."""
-        rng = np.random.default_rng((self.seed, self.split_key, index))
+        rng, xx, yy, image = self.canvas(index)
         size = self.image_size
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-        image = _background(rng, size, xx, yy)
         mask = np.zeros((size, size), np.uint8)
         ids = np.zeros((size, size), np.int16)
         labels = []
@@ -212,3 +220,72 @@ class SyntheticInstances(SyntheticScenes):
         if self.transform is None:
             return (*to_tensors(image, ids), table)
         return (*apply(self.transform, image, ids, seed), table)
+
+
+# data=synthetic_panoptic's classes: stuff bands first, then the things (shapes 1-3 above)
+PANOPTIC_CLASS_NAMES = ("sky", "grass", "sand", "disc", "box", "triangle")
+PANOPTIC_THINGS = (3, 4, 5)
+# Each stuff class's texture, distinct from the things' (stripes, checks, dots)
+_STUFF_TEXTURES = {0: None, 1: _speckle, 2: _lattice}
+
+
+class SyntheticPanoptic(PanopticDataset):
+    """Scenes for the panoptic task (``seg.data.panoptic`` gives the targets): 1 to 3 horizontal
+    bands of stuff (sky, grass, sand: one segment per class) under 1 to ``max_objects`` shapes
+    (disc, box, triangle: one segment each). Every pixel has a class: no void. ``num_classes``
+    is the target's: 6, or 4 for ``instance`` (the background and the three things)."""
+
+    def __init__(
+        self,
+        split: str,
+        target: str = "panoptic",
+        num_classes: int = len(PANOPTIC_CLASS_NAMES),
+        image_size: int = 96,
+        num_samples: Mapping[str, int] | None = None,
+        max_objects: int = 4,
+        ignore_index: int = 255,
+        seed: int = 0,
+        transform=None,
+    ):
+        expected = len(PANOPTIC_THINGS) + 1 if target == "instance" else len(PANOPTIC_CLASS_NAMES)
+        if num_classes != expected:
+            raise ValueError(f"synthetic panoptic scenes have {expected} classes for target "
+                             f"{target}, got data.num_classes={num_classes}")  # fmt: skip
+        super().__init__(len(PANOPTIC_CLASS_NAMES), PANOPTIC_THINGS, target, ignore_index,
+                         max_instances=64, transform=transform, skip_bad_samples=0.0)  # fmt: skip
+        # the scenes' splits, sizes and random streams: SyntheticScenes'
+        self.scenes = SyntheticScenes(split, image_size=image_size, num_samples=num_samples,
+                                      max_objects=max_objects, seed=seed)  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def describe(self, index: int) -> str:
+        return f"synthetic_panoptic/{self.scenes.split}/{index}"
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        scenes = self.scenes
+        rng, xx, yy, image = scenes.canvas(index)
+        size = scenes.image_size
+        keys = np.zeros((size, size), np.int64)
+        classes = np.zeros((size, size), np.int64)
+        stuff = rng.permutation(len(_STUFF_TEXTURES))[: rng.integers(1, len(_STUFF_TEXTURES) + 1)]
+        bounds = np.sort(rng.uniform(0.2, 0.8, len(stuff) - 1)) * size
+        band = np.searchsorted(bounds, yy * size + 4 * np.sin(2 * np.pi * rng.uniform(1, 3) * xx))
+        for key, label in enumerate(stuff.tolist(), 1):
+            pixels = band == key - 1
+            if _STUFF_TEXTURES[label] is not None:
+                colors = _contrasting_colors(rng)
+                texture = _STUFF_TEXTURES[label](rng, xx, yy)
+                image[pixels] = np.where(texture[pixels, None], colors[0], colors[1])
+            keys[pixels], classes[pixels] = key, label
+        for key in range(len(stuff) + 1, len(stuff) + 1 + rng.integers(1, scenes.max_objects + 1)):
+            shape = int(rng.integers(1, len(PANOPTIC_THINGS) + 1))
+            pixels = _shape(rng, shape, size) > 0
+            colors = _contrasting_colors(rng)
+            texture = _TEXTURES[shape](rng, xx, yy)
+            image[pixels] = np.where(texture[pixels, None], colors[0], colors[1])
+            keys[pixels], classes[pixels] = key, PANOPTIC_THINGS[shape - 1]
+        image += rng.uniform(2.0, 8.0) * rng.standard_normal(image.shape, np.float32)
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        return image, encode(keys, classes, np.zeros_like(keys), self, index)

@@ -30,8 +30,9 @@ whether higher (``max``) or lower is better: best.pt, early stopping and sweeps 
 DataLoader's), ``prepare``, ``loss``, ``predictor``, ``evaluator``, ``report``, for
 ``evaluate.py`` ``summary`` and ``write_report``, and for ``predict.py`` ``predict_formats``,
 ``default_predict_formats`` and ``writer``. ``seg.tasks.semantic`` (a class per pixel) and
-``seg.tasks.instance`` (a mask per object, Mask R-CNN) are the two tasks; docs/extending.md says
-how to add one.
+``seg.tasks.instance`` (a mask per object, Mask R-CNN) are the tasks that train;
+``seg.tasks.panoptic`` merges their checkpoints' predictions (its ``predictor`` takes the parts'
+predictors in place of a model, ``seg.restore.load_parts``); docs/extending.md says how to add one.
 """
 
 from collections.abc import Callable, Mapping

@@ -13,6 +13,11 @@ from tests.conftest import CONFIG_GROUPS, compose_config, group_options, hydra_c
 from tests.unit.test_instance_data import write_coco
 from tests.unit.test_instance_layouts import write_cityscapes_instances, write_instance_folder
 from tests.unit.test_nifti import write_nifti
+from tests.unit.test_panoptic_data import (
+    write_cityscapes_panoptic,
+    write_coco_panoptic,
+    write_panoptic_folder,
+)
 
 
 def test_every_group_has_its_required_options():
@@ -59,6 +64,10 @@ def test_data_configs_build(
     for split in ("train", "val"):
         write_instance_folder(tmp_path / "instance_folder", split, classes=False)
         write_cityscapes_instances(tmp_path / "cityscapes_instances", split)
+        write_cityscapes_panoptic(tmp_path / "cityscapes_panoptic", split)
+        write_panoptic_folder(tmp_path / "panoptic_folder", split)
+    for split in ("train2017", "train", "val"):
+        write_coco_panoptic(tmp_path / "coco_panoptic", split)
     roots = {
         "coco_instances": tmp_path / "coco",
         "instance_folder": tmp_path / "instance_folder",
@@ -71,6 +80,14 @@ def test_data_configs_build(
         "nifti": write_nifti(tmp_path / "nifti"),
         "synthetic": None,
         "synthetic_instances": None,
+        "coco_panoptic": tmp_path / "coco_panoptic",
+        "coco_panoptic_semantic": tmp_path / "coco_panoptic",
+        "coco_panoptic_instances": tmp_path / "coco_panoptic",
+        "cityscapes_panoptic": tmp_path / "cityscapes_panoptic",
+        "panoptic_folder": tmp_path / "panoptic_folder",
+        "synthetic_panoptic": None,
+        "synthetic_panoptic_semantic": None,
+        "synthetic_panoptic_instances": None,
     }
     assert set(roots) == set(group_options("data"))
     for option, root in roots.items():

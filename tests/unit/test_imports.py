@@ -31,6 +31,7 @@ ALLOWED = {
         "seg.checkpoint",
         "seg.device",
         "seg.models",
+        "seg.panoptic",
     ),
 }
 
