@@ -152,10 +152,15 @@ class PanopticTask:
         return PanopticWriter(predict, settings, self)
 
     def evaluator(
-        self, device: torch.device, num_pictures: int = 0, num_worst: int | None = None
+        self,
+        device: torch.device,
+        num_pictures: int = 0,
+        num_worst: int | None = None,
+        dataset: object = None,
     ) -> "PanopticEvaluator":
         """PQ over the split, the first ``num_pictures`` images shown (evaluate.py's
-        ``num_worst`` when given: it shows the first images, not the worst)."""
+        ``num_worst`` when given: it shows the first images, not the worst). ``dataset``: not
+        needed, each batch carries its panoptic ground truth."""
         return PanopticEvaluator(self.categories, num_pictures if num_worst is None else num_worst)
 
     def metrics(self, result: "PanopticEvaluation") -> dict:
