@@ -1,13 +1,15 @@
-"""Cut the StarDist nuclei image into a train half (left) and a val half (right), as a
-data=instance_folder tree, for the instance measurement in docs/results/instance_nuclei:
+"""Cut the StarDist nuclei image into a train half (left) and a val half (right), one tree for
+data=folder (nucleus vs background, docs/results/nuclei_baselines) and data=instance_folder
+(the nuclei, docs/results/instance_nuclei):
 
     python scripts/nuclei_halves.py ../shared/data/nuclei_stardist /tmp/nuclei
 
-writes <out>/images/{train,val}/nuclei.tif (the image's columns, uint16 as stored) and
+writes <out>/images/{train,val}/nuclei.tif (the image's columns, uint16 as stored),
+<out>/masks/{train,val}/nuclei.tif (uint8, 1 on every nucleus pixel, 0 background) and
 <out>/instances/{train,val}/nuclei.tif (uint16 instance ids, 0 background). Nuclei crossing
-the split line belong to neither half: their pixels get the id CROWD in both, which
-data.dataset.crowd_value=65535 makes crowd regions (never trained on; detections on them are
-neither hits nor misses in COCOeval).
+the split line belong to neither half: their pixels get the id CROWD in both instance maps,
+which data.dataset.crowd_value=65535 makes crowd regions (never trained on; detections on them
+are neither hits nor misses in COCOeval). The masks keep them as nucleus pixels.
 """
 
 import argparse
@@ -45,9 +47,13 @@ def main() -> None:
                          "must be one 2D grid")  # fmt: skip
     left_ids, right_ids, crossing = halves(ids)
     middle = image.shape[1] // 2
-    parts = {"train": (image[:, :middle], left_ids), "val": (image[:, middle:], right_ids)}
-    for split, (pixels, instance_map) in parts.items():
-        for folder, array in (("images", pixels), ("instances", instance_map)):
+    foreground = (ids > 0).astype(np.uint8)
+    parts = {
+        "train": (image[:, :middle], foreground[:, :middle], left_ids),
+        "val": (image[:, middle:], foreground[:, middle:], right_ids),
+    }
+    for split, (pixels, mask, instance_map) in parts.items():
+        for folder, array in (("images", pixels), ("masks", mask), ("instances", instance_map)):
             path = args.out / folder / split / "nuclei.tif"
             path.parent.mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(path, np.ascontiguousarray(array))

@@ -298,9 +298,10 @@ def export_instance(
     # The heads' float32 hooks matter under autocast only, and neither exporter takes them.
     for module in model.modules():
         module._forward_hooks.clear()
+    channels = OmegaConf.select(train_cfg, "data.in_channels", default=3)  # the model's input bands
     generator = torch.Generator().manual_seed(0)
-    images = [torch.randn(3, *size, generator=generator) for _ in range(3)]
-    log.info("Exporting at the fixed size %s (3, height, width)", list(images[0].shape))
+    images = [torch.randn(channels, *size, generator=generator) for _ in range(3)]
+    log.info("Exporting at the fixed size %s (bands, height, width)", list(images[0].shape))
     output.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' tracer and deprecation notes
@@ -323,7 +324,7 @@ def export_instance(
                f"FAILED: {'; '.join(check['why'] for check in checks if not check['passed'])}")  # fmt: skip
     verification = {"images": checks, "tolerance": cfg.tolerance, "mask_iou": MASK_IOU,
                     "passed": passed, "summary": summary}  # fmt: skip
-    fixed = [3, *size]
+    fixed = [channels, *size]
     described = {
         "input": normalized_input(train_cfg.data, "image", "CHW (one image)", f"exactly {fixed}"),
         "output": {
@@ -343,7 +344,7 @@ def export_instance(
 
 
 class ExportedDetector:
-    """An exported Mask R-CNN file, for verification: one (3, H, W) image -> its detections."""
+    """An exported Mask R-CNN file, for verification: one (C, H, W) image -> its detections."""
 
     def __init__(self, path: Path, format: str):
         self.format = format

@@ -330,7 +330,7 @@ def _widen_input_conv(
         weight = conv.weight.new_empty(conv.out_channels, in_channels, *conv.kernel_size)
         nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
     conv.in_channels = in_channels
-    conv.weight = nn.Parameter(weight)
+    conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)  # frozen stays
 
 
 def encoder_prefix(model: nn.Module) -> str:
@@ -551,6 +551,8 @@ def maskrcnn(
     score_threshold: float = 0.05,
     rpn_batch_size: int = 256,
     roi_batch_size: int = 512,
+    in_channels: int = 3,
+    rgb_bands: Sequence[int] | None = None,
 ) -> MaskRCNN:
     """torchvision's Mask R-CNN for ``num_classes`` classes, background included (class 0).
 
@@ -564,6 +566,8 @@ def maskrcnn(
     FPN level (5 for ResNets, 3 for MobileNets), each with ``aspect_ratios``;
     ``detections_per_image`` and ``score_threshold`` bound what inference returns;
     ``rpn_batch_size``/``roi_batch_size`` are the sampled anchors and proposals per image.
+    ``in_channels`` bands in: the backbone's first convolution takes them (with COCO weights,
+    its RGB filters adapted as :func:`rgb_input_filters` adapts them, on ``rgb_bands``).
     """
     if backbone not in MASKRCNN_BACKBONES:
         raise ValueError(f"model.backbone={backbone!r}; options: {list(MASKRCNN_BACKBONES)}")
@@ -604,6 +608,8 @@ def maskrcnn(
     model.transform = KeepSize()
     if pretrained:
         _load_coco_weights(model, weights_path, backbone, num_classes)
+    if in_channels != 3:  # after the weights: their RGB filters are adapted, not dropped
+        _widen_input_conv(model.backbone.body, in_channels, rgb_bands, pretrained)
     for head in (model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor):
         head.register_forward_hook(in_float32)
     return model

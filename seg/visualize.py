@@ -113,11 +113,12 @@ def instance_overlay(
     labels: Sequence[int],
     palette: Sequence[Sequence[int]],
     alpha: float = 0.5,
+    rgb_bands: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """(K, H, W) bool instance ``masks`` over a (3, H, W) uint8 image: each filled with its
-    class's colour (``labels``) and outlined in white, so that touching instances of one class
-    stay apart. Later masks are drawn over earlier ones."""
-    out = image.float()
+    """(K, H, W) bool instance ``masks`` over a (C, H, W) image shown as RGB (``display_rgb``
+    with ``rgb_bands``): each filled with its class's colour (``labels``) and outlined in white,
+    so that touching instances of one class stay apart. Later masks are drawn over earlier ones."""
+    out = display_rgb(image, rgb_bands).float()
     if len(masks):
         masks = masks.bool()
         colors = torch.tensor([palette[label] for label in labels], dtype=torch.float32)
@@ -159,13 +160,16 @@ def instance_comparison(
     truth: tuple[torch.Tensor, Sequence[int]],
     prediction: tuple[torch.Tensor, Sequence[int]],
     palette: Sequence[Sequence[int]],
+    rgb_bands: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Image | ground-truth instances | predicted instances, side by side: (3, H, 3W) uint8;
-    ``truth`` and ``prediction`` are (masks (K, H, W) bool, class labels)."""
+    ``truth`` and ``prediction`` are (masks (K, H, W) bool, class labels); the (C, H, W) image
+    is shown as ``display_rgb`` shows it."""
+    shown = display_rgb(image, rgb_bands)
     panels = [
-        image,
-        instance_overlay(image, *truth, palette),
-        instance_overlay(image, *prediction, palette),
+        shown,
+        instance_overlay(shown, *truth, palette),
+        instance_overlay(shown, *prediction, palette),
     ]
     return torch.cat(panels, dim=2)
 

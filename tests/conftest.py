@@ -1,7 +1,10 @@
 """Shared fixtures: config composition, tiny dataset trees written on the fly, tiny runs."""
 
+import importlib.util
+import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -26,6 +29,15 @@ CONFIG_GROUPS = (
     "debug",
     "experiment",
 )
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module: scripts/ is no package, its files run as commands."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it is executed
+    spec.loader.exec_module(module)
+    return module
 
 
 def semantic_models() -> list[str]:

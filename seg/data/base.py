@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from seg.data.cache import DecodedCache
-from seg.data.transforms import apply, to_tensors
+from seg.data.transforms import apply, to_tensors, without_color
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ IMAGE_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
 # Read by tifffile (TIFF/GeoTIFF) or numpy (.npy, channels last), at their dtype and band count;
 # every other suffix is a photo format decoded by OpenCV.
 RASTER_SUFFIXES = (".tif", ".tiff", ".npy")
+# Class-index masks (read_mask): index PNGs and integer label rasters.
+CLASS_MASK_SUFFIXES = (".png", *RASTER_SUFFIXES)
 GEO_EXTRA = 'pip install -e ".[geo]"'
 
 
@@ -107,26 +109,30 @@ def read_tiff(path: Path, kind: str) -> np.ndarray:
         raise DataError(
             f"{path}: cannot decode {kind} ({type(error).__name__}: {error}){hint}"
         ) from error
-    # Axes of length 1 say nothing about the layout (tifffile keeps the shape an (H, W, 1) array
-    # was written with, as YXQ)
-    kept = [
-        i
-        for i, (axis, size) in enumerate(zip(axes, array.shape, strict=True))
-        if size > 1 or axis in "YX"
-    ]
-    axes, array = "".join(axes[i] for i in kept), array.reshape([array.shape[i] for i in kept])
+    axes, shape = tiff_layout(path, kind, axes, array.shape)
+    array = array.reshape(shape)
     if axes == "YX":
         return array[..., None]
     if axes == "YXS":
         return array
-    if axes in ("SYX", "CYX"):  # planar: one plane per band
-        return np.ascontiguousarray(array.transpose(1, 2, 0))
-    raise DataError(
-        f"{path}: {kind} has axes {axes} (shape {list(array.shape)}); expected one image of "
-        "axes YX, YXS or SYX (bands as samples of one page). A stack of pages (Q, I, Z, T axes) "
-        "is not read as bands: write it with tifffile.imwrite(path, array_hwc, "
-        "photometric='minisblack', planarconfig='contig'), or with GDAL/rasterio"
-    )
+    return np.ascontiguousarray(array.transpose(1, 2, 0))  # planar (SYX, CYX): a plane per band
+
+
+def tiff_layout(path: Path, kind: str, axes: str, shape: Sequence[int]) -> tuple[str, list[int]]:
+    """A TIFF series' ``axes`` and ``shape`` (tifffile's ``series.axes``) without the axes of
+    length 1 other than Y and X, which say nothing about the layout (tifffile keeps the shape an
+    (H, W, 1) array was written with, as YXQ): YX, YXS or planar SYX/CYX, or a DataError."""
+    kept = [i for i, (axis, size) in enumerate(zip(axes, shape, strict=True))
+            if size > 1 or axis in "YX"]  # fmt: skip
+    axes, shape = "".join(axes[i] for i in kept), [shape[i] for i in kept]
+    if axes not in ("YX", "YXS", "SYX", "CYX"):
+        raise DataError(
+            f"{path}: {kind} has axes {axes} (shape {shape}); expected one image of axes YX, "
+            "YXS or SYX (bands as samples of one page). A stack of pages (Q, I, Z, T axes) is "
+            "not read as bands: write it with tifffile.imwrite(path, array_hwc, "
+            "photometric='minisblack', planarconfig='contig'), or with GDAL/rasterio"
+        )
+    return axes, shape
 
 
 def read_npy(path: Path, kind: str) -> np.ndarray:
@@ -220,11 +226,14 @@ def image_info(path: Path) -> tuple[int, np.dtype]:
 
             with tifffile.TiffFile(path) as tiff:
                 series = tiff.series[0]
+                axes, shape = tiff_layout(path, "image", series.axes, series.shape)
                 # the length of the bands' axis (S or C), or one band
-                sizes = dict(zip(series.axes, series.shape, strict=True))
+                sizes = dict(zip(axes, shape, strict=True))
                 return sizes.get("S", sizes.get("C", 1)), series.dtype
         with open(path, "rb") as file:
             header = file.read(26)
+    except DataError:
+        raise
     except ImportError as error:
         raise DataError(
             f"{path}: reading TIFF needs tifffile and imagecodecs: {GEO_EXTRA}"
@@ -396,7 +405,8 @@ class SegmentationDataset(Dataset):
         and the data keys: ``bands`` (1-based), ``in_channels`` (None: ``len(bands)`` or that
         image's band count), ``nodata`` (a number, one per band, or ``"nan"``), ``scale``
         (``auto`` needs uint8 or uint16). Called by a subclass before ``use_cache``; a DataError
-        names the file. Unreadable images before it fail (or are skipped) when read, as any."""
+        names the file. Unreadable images before it fail (or are skipped) when read, as any.
+        Colour augmentations leave the transform unless the images are 3 bands of uint8."""
         self.bands = [int(b) for b in bands] if bands is not None else None
         if nodata is not None and not isinstance(nodata, int | float | str):
             nodata = [float(value) for value in nodata]
@@ -433,6 +443,8 @@ class SegmentationDataset(Dataset):
                 "e.g. data.scale=10000 for Sentinel-2 reflectance, 4095 for 12-bit data, 1 for "
                 "floats in [0, 1]"
             )
+        if not (self.in_channels == 3 and self.dtype == "uint8"):  # albumentations: RGB uint8
+            self.transform = without_color(self.transform, f"{count} bands of {self.dtype}")
 
     def read_pixels(self, path: Path) -> np.ndarray:
         """``read_image`` with ``bands``, checked against the pixels every sample must have:

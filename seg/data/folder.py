@@ -11,7 +11,6 @@ from seg.data.base import (
     PairedFiles,
     read_mask,
 )
-from seg.data.transforms import without_color
 
 FOLDER_TREE = """expected:
   <root>/images/<split>/<name>.png|.jpg|.tif|.npy   images (TIFF/.npy: any band count and depth)
@@ -123,8 +122,6 @@ class FolderDataset(PairedFiles):
             raise DataError(f"{image_dir}: split '{split}' has no images.\n{FOLDER_TREE}")
         self.samples = [(images[stem], masks[stem]) for stem in sorted(images)]
         self.expect_pixels([image for image, _ in self.samples], bands, in_channels, nodata, scale)
-        if not (self.in_channels == 3 and self.dtype == "uint8"):
-            self.transform = without_color(transform, f"{self.in_channels} bands of {self.dtype}")
         self.use_cache(cache_dir)  # data.cache_dir: decode each sample once
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,13 +6,21 @@ number k + 1 (0 background) in the low 16 bits and ``class * 2 + iscrowd`` above
 ID map and the [class, iscrowd] table of ``seg.tasks.instance`` come from it in one pass.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from seg.data.base import IMAGE_SUFFIXES, DataError, read_file, read_image, read_mask
+from seg.data.base import (
+    CLASS_MASK_SUFFIXES,
+    IMAGE_SUFFIXES,
+    DataError,
+    read_file,
+    read_image,
+    read_mask,
+)
 from seg.data.cityscapes import cityscapes_pairs
 from seg.data.folder import list_files
 from seg.data.instances import InstanceDataset
@@ -20,11 +28,15 @@ from seg.data.instances import InstanceDataset
 INSTANCE_FOLDER_TREE = """expected:
   <root>/images/<split>/<name>.png|.jpg     RGB images
   <root>/instances/<split>/<name>.png|.tif  instance-ID images, 8 or 16 bit, 0 = background
-  <root>/masks/<split>/<name>.png           optional: class-index PNGs (without: one class)"""
+  <root>/masks/<split>/<name>.png|.tif|.npy optional: each pixel's class (without: one class)"""
 
 # Cityscapes' 8 thing classes, label id -> class (from 1, in label id order; cityscapesscripts'
 # labels.py). Caravan (29) and trailer (30) carry instance ids but are not evaluated: background.
 THING_LABELS = {24: 1, 25: 2, 26: 3, 27: 4, 28: 5, 31: 6, 32: 7, 33: 8}
+
+
+# Instance-ID maps (read_id_map): 8- or 16-bit single-channel PNG or TIFF.
+ID_MAP_SUFFIXES = (".png", ".tif", ".tiff")
 
 
 def read_id_map(path: Path) -> np.ndarray:
@@ -103,7 +115,9 @@ class InstanceFolder(PixelInstances):
     each value an instance, 0 the background) and, when ``<root>/masks/<split>`` exists, the
     class of each instance from ``masks/<split>/x.png`` (one class per instance); without it
     every instance is class 1. Pixels of value ``crowd_value`` in the instance map are crowd
-    regions (one per class they cover): scored as ``iscrowd``, never trained on."""
+    regions (one per class they cover): scored as ``iscrowd``, never trained on. Images may
+    have any band count and depth, as in ``data=folder``: ``bands``, ``in_channels`` and
+    ``scale`` are its data keys (``SegmentationDataset.expect_pixels``)."""
 
     def __init__(
         self,
@@ -115,6 +129,9 @@ class InstanceFolder(PixelInstances):
         transform=None,
         skip_bad_samples: float = 0.0,
         cache_dir: str | None = None,
+        bands: Sequence[int] | None = None,
+        in_channels: int | None = None,
+        scale: float | str = "auto",
     ):
         super().__init__(num_classes, max_instances, transform, skip_bad_samples)
         self.crowd_value = crowd_value
@@ -133,8 +150,8 @@ class InstanceFolder(PixelInstances):
                 "masks every instance is class 1 (num_classes=2, the background included)"
             )
         images = list_files(image_dir, IMAGE_SUFFIXES)
-        maps = list_files(instance_dir, (".png", ".tif", ".tiff"))
-        classes = list_files(class_dir, (".png",)) if self.with_classes else {}
+        maps = list_files(instance_dir, ID_MAP_SUFFIXES)
+        classes = list_files(class_dir, CLASS_MASK_SUFFIXES) if self.with_classes else {}
         lonely = sorted(images.keys() ^ maps.keys()) + sorted(maps.keys() - classes.keys()
                                                               if self.with_classes else [])  # fmt: skip
         if lonely:
@@ -145,11 +162,12 @@ class InstanceFolder(PixelInstances):
         if not images:
             raise DataError(f"{image_dir}: no images.\n{INSTANCE_FOLDER_TREE}")
         self.samples = [(images[s], maps[s], classes.get(s)) for s in sorted(images)]
+        self.expect_pixels([image for image, _, _ in self.samples], bands, in_channels, None, scale)
         self.use_cache(cache_dir)  # data.cache_dir: decode each image and annotation map once
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, map_path, class_path = self.samples[index]
-        image, keys = read_image(image_path), read_id_map(map_path)
+        image, keys = self.read_pixels(image_path), read_id_map(map_path)
         if class_path is None:
             classes = np.ones(keys.shape, np.uint8)
         else:

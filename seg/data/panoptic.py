@@ -20,10 +20,23 @@ import cv2
 import numpy as np
 import torch
 
-from seg.data.base import IMAGE_SUFFIXES, DataError, read_file, read_image, read_mask
+from seg.data.base import (
+    CLASS_MASK_SUFFIXES,
+    IMAGE_SUFFIXES,
+    DataError,
+    read_file,
+    read_image,
+    read_mask,
+)
 from seg.data.coco import read_annotations
 from seg.data.folder import list_files
-from seg.data.instance_layouts import PixelInstances, decode, encode, read_id_map
+from seg.data.instance_layouts import (
+    ID_MAP_SUFFIXES,
+    PixelInstances,
+    decode,
+    encode,
+    read_id_map,
+)
 from seg.data.transforms import apply, to_tensors
 
 TARGETS = ("panoptic", "semantic", "instance")
@@ -37,7 +50,7 @@ CITYSCAPES_PANOPTIC_TREE = """expected (cityscapesscripts' createPanopticImgs wr
   <root>/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png   the images"""
 PANOPTIC_FOLDER_TREE = """expected:
   <root>/images/<split>/<name>.png|.jpg     RGB images
-  <root>/masks/<split>/<name>.png           class-index PNGs, ignore_index = void
+  <root>/masks/<split>/<name>.png|.tif|.npy class-index PNGs or label rasters, ignore_index = void
   <root>/instances/<split>/<name>.png|.tif  instance-ID images of the things, 0 = none"""
 
 
@@ -273,8 +286,8 @@ class PanopticFolder(PanopticDataset):
             if not folder.is_dir():
                 raise DataError(f"{folder}: not found (data.root={root}).\n{PANOPTIC_FOLDER_TREE}")
         images = list_files(folders[0], IMAGE_SUFFIXES)
-        masks = list_files(folders[1], (".png",))
-        maps = list_files(folders[2], (".png", ".tif", ".tiff"))
+        masks = list_files(folders[1], CLASS_MASK_SUFFIXES)
+        maps = list_files(folders[2], ID_MAP_SUFFIXES)
         lonely = sorted(
             (images.keys() | masks.keys() | maps.keys())
             - (images.keys() & masks.keys() & maps.keys())

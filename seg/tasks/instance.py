@@ -61,7 +61,8 @@ class InstanceTask:
     normalize pixels divided by ``scale`` (``data.scale``) once, on the device (the model's own transform neither resizes
     nor normalizes). Evaluation keeps detections' masks above ``mask_threshold`` (on the pasted
     probabilities, as COCO results are made); pictures show those scored at least
-    ``picture_score_threshold``.
+    ``picture_score_threshold``, over the input's ``rgb_bands`` (1-based; images other than
+    3-band uint8 are stretched, one band is grey: ``seg.visualize.display_rgb``).
     """
 
     name = "instance"
@@ -81,6 +82,7 @@ class InstanceTask:
         mask_threshold: float = 0.5,
         picture_score_threshold: float = 0.5,
         scale: float | str = "auto",
+        rgb_bands: Sequence[int] | None = None,
     ):
         if len(class_names) != num_classes:
             raise ValueError(
@@ -93,6 +95,7 @@ class InstanceTask:
         self.mean, self.std = list(mean), list(std)
         self.mask_threshold = mask_threshold
         self.picture_score_threshold = picture_score_threshold
+        self.rgb_bands = list(rgb_bands) if rgb_bands is not None else None  # 1-based, pictures
         self.normalize = DeviceNormalize(self.mean, self.std, scale)  # data.scale: auto for uint8
 
     def to(self, device: torch.device) -> "InstanceTask":
@@ -181,7 +184,7 @@ class InstanceTask:
                 scalars[f"{prefix}_class/{kind}_AP/{name}"] = value
         pictures = {}
         for i, (image, truth, prediction) in enumerate(result.examples):
-            panel = instance_comparison(image, truth, prediction, self.palette)
+            panel = instance_comparison(image, truth, prediction, self.palette, self.rgb_bands)
             pictures[f"example_{i}"] = panel.permute(1, 2, 0).numpy()
         if result.examples:
             pictures["examples"] = gallery(
@@ -304,7 +307,7 @@ class InstanceWriter:
 
     def __init__(self, predict: "InstancePredict", settings: PredictSettings, task: "InstanceTask"):
         self.predict, self.settings = predict, settings
-        self.class_names = task.class_names
+        self.class_names, self.rgb_bands = task.class_names, task.rgb_bands
         self.mask_threshold = (task.mask_threshold if settings.mask_threshold is None
                                else settings.mask_threshold)  # fmt: skip
         self.category_ids = settings.category_ids or list(range(task.num_classes))
@@ -354,7 +357,7 @@ class InstanceWriter:
         if "overlay" in self.settings.formats:
             colors = instance_colors(len(labels))[::-1]  # the highest score: the first colour
             picture = instance_overlay(
-                image, masks, range(len(labels)), colors, self.settings.alpha
+                image, masks, range(len(labels)), colors, self.settings.alpha, self.rgb_bands
             )
             texts = [f"{self.class_names[label]} {score:.2f}"
                      for label, score in zip(labels, shown["scores"].tolist(), strict=True)]  # fmt: skip

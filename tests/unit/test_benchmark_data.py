@@ -1,17 +1,14 @@
 """benchmark.py's input-path figures: end to end per model (data_bound) and the per-core data
 pipeline with the decoded-sample cache, on tiny sizes."""
 
-import importlib.util
 from argparse import Namespace
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-benchmark = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(benchmark)
+benchmark = load_script("benchmark")
 
 
 @pytest.fixture

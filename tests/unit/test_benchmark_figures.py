@@ -1,16 +1,13 @@
 """benchmark.py's figures: the Trainer's overhead like with like, the share of the GEMM ceiling."""
 
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-benchmark = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(benchmark)
+benchmark = load_script("benchmark")
 
 
 def test_the_overhead_compares_eager_with_eager_and_compiled_with_compiled():

@@ -2,19 +2,14 @@
 seg's Trainer step, from the same weights on the same batch, make the same update."""
 
 import copy
-import importlib.util
 import itertools
 
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-spec = importlib.util.spec_from_file_location(
-    "benchmark_instance", REPO / "scripts" / "benchmark_instance.py"
-)
-benchmark_instance = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(benchmark_instance)
+benchmark_instance = load_script("benchmark_instance")
 
 
 def test_the_reference_loop_and_the_trainer_make_the_same_fp32_update():

@@ -1,6 +1,5 @@
 """benchmark.py --scaling: the worker under torchrun (2 gloo processes) and the figures' definitions."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,11 +8,9 @@ from argparse import Namespace
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
-spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-benchmark = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(benchmark)
+benchmark = load_script("benchmark")
 
 TINY = Namespace(size=[64, 64], batch=2, reps=1, warmup=1)
 

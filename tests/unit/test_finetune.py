@@ -181,6 +181,26 @@ def test_mask_rcnn_starts_from_coco_like_weights_with_new_class_heads(tmp_path, 
     )
 
 
+def test_mask_rcnn_takes_any_band_count_and_adapts_coco_rgb_filters(tmp_path):
+    coco = coco_like_weights(tmp_path / "coco.pth")
+    first = "backbone.body.0.0.weight"  # MobileNetV3's stem convolution
+    model = maskrcnn(6, weights_path=str(tmp_path / "coco.pth"), in_channels=4,
+                     rgb_bands=[3, 2, 1], **SMALL_MASK_RCNN)  # fmt: skip
+    weight, rgb = model.state_dict()[first], coco[first]
+    assert weight.shape[1] == 4
+    # red on band 3, green on 2, blue on 1, their mean on band 4, all scaled by 3/4
+    for band, colour in ((3, 0), (2, 1), (1, 2)):
+        assert torch.allclose(weight[:, band - 1], rgb[:, colour] * 3 / 4)
+    assert torch.allclose(weight[:, 3], rgb.mean(1) * 3 / 4)
+    # the builder's frozen stem stays frozen with its adapted filters
+    assert not model.get_parameter(first).requires_grad
+    scratch = maskrcnn(2, in_channels=1, **SMALL_MASK_RCNN).eval()
+    assert scratch.get_parameter(first).requires_grad
+    with torch.no_grad():  # one grey band in, detections out
+        (detections,) = scratch([torch.rand(1, 64, 64)])
+    assert detections["masks"].shape[1:] == (1, 64, 64)
+
+
 def test_weights_of_another_backbone_are_refused_naming_it(tmp_path):
     coco_like_weights(tmp_path / "coco.pth")
     with pytest.raises(ValueError, match=r"does not fit a Mask R-CNN with backbone resnet18"):

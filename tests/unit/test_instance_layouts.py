@@ -8,11 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
 from seg.data.base import DataError
 from seg.data.instance_layouts import CityscapesInstances, InstanceFolder
+from seg.data.transforms import COLOR_TRANSFORMS, train_transform
 from seg.doctor import check_splits
 from seg.tasks.instance import CocoEvaluator, training_target
 from tests.conftest import compose_config, write_png
@@ -20,7 +22,8 @@ from tests.conftest import compose_config, write_png
 
 def write_instance_folder(root: Path, split="train", dtype=np.uint16, classes=True, suffix=".png"):
     """Two 24x32 images: instances 300 and 7 (16-bit; 200 and 7 for 8-bit) of classes 1 and 2,
-    and a crowd region of value 9 over class 1; the second image holds no instance."""
+    and a crowd region of value 9 over class 1; the second image holds no instance. Instance
+    maps and class masks are written as ``suffix`` files."""
     big = 300 if dtype == np.uint16 else 200
     ids = np.zeros((24, 32), dtype)
     ids[2:8, 2:10], ids[12:20, 4:8], ids[14:22, 20:30] = big, 7, 9
@@ -31,8 +34,10 @@ def write_instance_folder(root: Path, split="train", dtype=np.uint16, classes=Tr
         path = root / "instances" / split / f"{name}{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(path), id_map)  # 16-bit PNG or TIFF, as cell tools write them
-        if classes:
-            write_png(root / "masks" / split / f"{name}.png", class_mask * (id_map > 0))
+        if classes:  # class masks in the same format: index PNGs or integer TIFF rasters
+            path = root / "masks" / split / f"{name}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), class_mask * (id_map > 0))
     return ids
 
 
@@ -63,6 +68,29 @@ def test_folder_without_class_masks_is_one_class(tmp_path):
     assert table.tolist() == [[1, 0], [1, 0], [1, 0]]
     with pytest.raises(ValueError, match=r"masks/train does not exist: without class masks"):
         InstanceFolder(str(tmp_path), "train", num_classes=3)
+
+
+def test_folder_images_of_any_band_count_and_depth(tmp_path):
+    write_instance_folder(tmp_path)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):  # 2-band 16-bit TIFFs (values past 8 bits) instead of the photos
+        (tmp_path / "images" / "train" / f"{name}.png").unlink()
+        bands = rng.integers(1000, 60000, (24, 32, 2), dtype=np.uint16)
+        tifffile.imwrite(tmp_path / "images" / "train" / f"{name}.tif", bands,
+                         photometric="minisblack", planarconfig="contig")  # fmt: skip
+    jitter = train_transform([24, 32], 0, color_jitter=1.0)
+    dataset = InstanceFolder(str(tmp_path), "train", 3, crowd_value=9, bands=[2],
+                             transform=jitter)  # fmt: skip
+    assert (dataset.in_channels, dataset.dtype) == (1, "uint16")
+    image, _, table = InstanceFolder(str(tmp_path), "train", 3, crowd_value=9, bands=[2])[0]
+    stored = tifffile.imread(tmp_path / "images" / "train" / "a.tif")[..., 1]
+    assert image.dtype == torch.uint16 and torch.equal(image[0], torch.from_numpy(stored))
+    assert table.tolist() == [[2, 0], [1, 1], [1, 0]]  # the annotations as with RGB photos
+    # albumentations' colour jitter takes RGB uint8 only: left out for these images
+    assert not any(isinstance(t, COLOR_TRANSFORMS) for t in dataset.transform.transforms)
+    assert dataset[0][0].shape == (1, 24, 32)
+    with pytest.raises(DataError, match=r"a\.tif: 2 bands but data\.in_channels=3"):
+        InstanceFolder(str(tmp_path), "train", 3, in_channels=3)
 
 
 def test_folder_errors_name_the_file(tmp_path):

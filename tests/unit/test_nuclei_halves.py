@@ -1,16 +1,10 @@
 """scripts/nuclei_halves.py: a nucleus on both sides of the split line belongs to neither half."""
 
-import importlib.util
-
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-spec = importlib.util.spec_from_file_location(
-    "nuclei_halves", REPO / "scripts" / "nuclei_halves.py"
-)
-nuclei_halves = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(nuclei_halves)
+nuclei_halves = load_script("nuclei_halves")
 
 
 def test_nuclei_crossing_the_middle_become_crowd_in_both_halves():

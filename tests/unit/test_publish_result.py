@@ -1,17 +1,14 @@
 """scripts/publish_result.py: a run's evidence copied unchanged, with the command and machine."""
 
-import importlib.util
 import json
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 sys.path.insert(0, str(REPO / "scripts"))  # publish_result imports benchmark's cpu_name
-spec = importlib.util.spec_from_file_location("publish", REPO / "scripts" / "publish_result.py")
-publish = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(publish)
+publish = load_script("publish_result")
 
 
 def fake_run(run_dir):

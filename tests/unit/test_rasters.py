@@ -9,7 +9,7 @@ import pytest
 import tifffile
 import torch
 
-from seg.data.base import DataError, read_image, read_mask
+from seg.data.base import DataError, image_info, read_image, read_mask
 from seg.data.folder import FolderDataset
 from seg.data.transforms import train_transform
 from seg.inference import Normalize
@@ -62,6 +62,8 @@ def test_a_page_stack_is_refused_not_guessed_into_bands(tmp_path):
     tifffile.imwrite(tmp_path / "stack.tif", STACK)  # tifffile's default: 12 pages of 10x13
     with pytest.raises(DataError, match=r"stack\.tif.*axes QYX"):
         read_image(tmp_path / "stack.tif")
+    with pytest.raises(DataError, match=r"stack\.tif.*axes QYX"):  # from the header alike
+        image_info(tmp_path / "stack.tif")
 
 
 def test_unsupported_dtypes_and_shapes_are_named(tmp_path):
