@@ -16,10 +16,11 @@ from hydra import compose
 from omegaconf import OmegaConf
 
 from seg import evaluate, export, predict
-from tests.conftest import hydra_context, run_training
+from tests.conftest import hydra_context, load_script, run_training
 
 SHARED = Path(os.environ.get("SEG_SHARED_DATA", "/work/shared/data"))  # ../shared/data
 SENTINEL2 = SHARED / "sentinel2_eolearn"
+sentinel2_split = load_script("sentinel2_split")
 
 
 def write_tiff(path: Path, array: np.ndarray) -> None:
@@ -47,25 +48,15 @@ def four_band_root(root: Path) -> tuple[Path, list[str]]:
 
 
 def sentinel2_root(root: Path) -> tuple[Path, list[str]]:
-    """Scene 2 (clear) as 13-band uint16 GeoTIFF chips (reflectance x 10000) with the land
-    cover mask (0: no data, ignored): the top rows train, the bottom rows validate."""
+    """Clear scenes 2 and 3 as 13-band uint16 GeoTIFFs (reflectance x 10000) with the land
+    cover mask (0: no data, ignored), split by rows (scripts/sentinel2_split.py)."""
     if not SENTINEL2.is_dir():
         pytest.skip(f"{SENTINEL2} not present")
-    scene = np.load(SENTINEL2 / "REFERENCE_SCENES.npy")[2]  # (101, 100, 13) float32
-    image = np.round(scene * 10000).astype(np.uint16)
-    labels = np.load(SENTINEL2 / "LULC.npy")[..., 0]  # (101, 100) uint16
-    for split, rows in (("train", slice(0, 48)), ("val", slice(53, 101))):
-        for i, cols in enumerate((slice(0, 50), slice(50, 100))):
-            write_tiff(root / "images" / split / f"chip{i}.tif", image[rows, cols])
-            write_tiff(root / "masks" / split / f"chip{i}.tif", labels[rows, cols])
-    names = ["nodata", "cultivated", "forest", "grassland", "shrubland", "water", "wetlands",
-             "tundra", "artificial", "bareland", "snow"]  # fmt: skip
+    sentinel2_split.write_split(SENTINEL2, root, [2, 3])
     palette = [[i * 20, 255 - i * 20, (i * 70) % 256] for i in range(11)]
     return root, [
-        f"data.root={root}", "data.num_classes=11", "data.ignore_index=0",
-        f"data.class_names=[{','.join(names)}]",
+        *sentinel2_split.DATA_KEYS[1:], f"data.root={root}",
         f"data.palette=[{','.join(f'[{r},{g},{b}]' for r, g, b in palette)}]",
-        "data.scale=10000", "data.rgb_bands=[4,3,2]",
         f"data.mean=[{','.join(['0.1'] * 13)}]", f"data.std=[{','.join(['0.05'] * 13)}]",
     ]  # fmt: skip
 
