@@ -18,40 +18,22 @@ from seg.data.nifti import (
     to_uint16,
 )
 from seg.doctor import check_splits, format_report
-from tests.conftest import compose_config
+from tests.conftest import compose_config, load_script
 
 nib = pytest.importorskip("nibabel")
-ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"  # 33x41x25, LAS
+nifti_sample = load_script("nifti_sample")
+ANATOMICAL = nifti_sample.anatomical_path()  # 33x41x25, LAS
+threshold_labels, write_case = nifti_sample.threshold_labels, nifti_sample.write_case
 
 
 def anatomical():
     return nib.load(ANATOMICAL)
 
 
-def threshold_labels(data: np.ndarray) -> np.ndarray:
-    """Foreground: the brightest quarter of the voxels (a stand-in for an organ's label), in
-    the middle 15 of the 25 axial slices: the others have none."""
-    labels = (data > np.percentile(data, 75)).astype(np.uint8)
-    labels[..., :5] = labels[..., -5:] = 0
-    return labels
-
-
-def write_case(root: Path, split: str, case: str, data: np.ndarray, affine, labels=None) -> None:
-    """``case``'s image (int16, as stored) and label volumes (the threshold of ``data``)."""
-    for kind, array in (("images", data.astype(np.int16)),
-                        ("labels", threshold_labels(data) if labels is None else labels)):  # fmt: skip
-        (root / kind / split).mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(array, affine), root / kind / split / f"{case}.nii.gz")
-
-
 def write_nifti(root: Path) -> Path:
-    """Two training cases and one validation case, from the sample MRI (LAS, not canonical)."""
-    image = anatomical()
-    data = np.asanyarray(image.dataobj).astype(np.float32)
-    write_case(root, "train", "a", data, image.affine)
-    write_case(root, "train", "b", data[:, ::-1].copy(), image.affine)
-    write_case(root, "val", "c", data[::-1].copy(), image.affine)
-    return root
+    """Two training cases and one validation case, from the sample MRI (LAS, not canonical):
+    the volume, it mirrored front to back, and mirrored left to right (no noise)."""
+    return nifti_sample.write_sample(root, train=2, val=1)
 
 
 @pytest.fixture
@@ -235,3 +217,14 @@ def test_the_doctor_checks_every_volume_pair(nifti_root):
     low, p_low, p_high, high = report["intensity"]["train"][str(labels / "train/a.nii.gz")]
     assert (low, high) == (-610.0, 30393.0) and low < p_low < p_high < high  # the sample's range
     assert "intensity: -610 to 30393" in format_report(report)
+
+
+def test_the_sample_cases_take_noise_but_keep_the_clean_labels(tmp_path):
+    """scripts/nifti_sample.py: noisy cases (docs/results/nifti_example) are labelled from the
+    clean volume, so the label is the same rule in every case."""
+    nifti_sample.write_sample(tmp_path, train=1, val=1, noise=0.1)
+    clean = np.asanyarray(nib.load(ANATOMICAL).dataobj).astype(np.float32)
+    noisy = np.asanyarray(nib.load(tmp_path / "images/train/a.nii.gz").dataobj)
+    labels = np.asanyarray(nib.load(tmp_path / "labels/val/b.nii.gz").dataobj)
+    assert not np.array_equal(noisy, clean.astype(np.int16))
+    assert np.array_equal(labels, threshold_labels(clean[:, ::-1]))  # case b: mirrored in y
